@@ -1,0 +1,358 @@
+"""The ``metronome-watcher`` command line.
+
+Exit codes: 0 success, 1 a run that failed (API down, poll refused), 2 bad usage or bad config.
+Configuration errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+
+from ._logging import configure_logging
+from ._time import format_ts, parse_ts, utcnow
+from .config import Config, load_config, parse_duration, resolve_token
+from .errors import ConfigError, StoreError, WatcherError
+
+__all__ = ["main"]
+
+PROG = "metronome-watcher"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="PATH", help="TOML config file (default: $WATCHER_CONFIG)")
+    p = _Parser(prog=PROG, description="Watch Metronome customers and emit an event for every change.",
+                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    sub.add_parser("run", parents=[common], help="run the daemon: poll on a schedule and deliver events")
+    s = sub.add_parser("poll", parents=[common], help="one poll cycle, then deliver what is due, then exit")
+    s.add_argument("--no-deliver", action="store_true", help="record events but do not deliver them now")
+
+    s = sub.add_parser("events", parents=[common], help="query the audit log")
+    s.add_argument("--customer", metavar="ID", help="only this customer")
+    s.add_argument("--type", action="append", default=[], metavar="TYPE",
+                   help="only this event type (repeatable), e.g. customer.archived")
+    s.add_argument("--since", metavar="WHEN", help="detected at or after: RFC 3339 time, or an age such as 24h")
+    s.add_argument("--until", metavar="WHEN", help="detected before: RFC 3339 time, or an age such as 1h")
+    s.add_argument("--after-sequence", type=int, metavar="N", help="only events with a sequence above N")
+    s.add_argument("--limit", type=int, metavar="N", help="at most N events")
+    s.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
+
+    s = sub.add_parser("demo", parents=[common],
+                       help="run the whole watcher against the built-in simulated Metronome (no token needed)")
+    s.add_argument("--for", dest="seconds", type=float, metavar="SECONDS", help="stop by itself after SECONDS")
+    s.add_argument("--customers", type=int, default=300, metavar="N", help="customers in the simulation")
+    s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="poll interval")
+    s.add_argument("--db", metavar="PATH", help="database file (default: a temporary one)")
+    s.add_argument("--seed", type=int, help="random seed for a repeatable demo")
+
+    sub.add_parser("check-config", parents=[common], help="validate the config file and exit")
+
+    s = sub.add_parser("deliveries", parents=[common], help="per sink: pending, delivered, dead, last error")
+    s.add_argument("--format", choices=("table", "json"), default="table")
+
+    s = sub.add_parser("replay", parents=[common], help="re-queue dead or chosen events for a sink")
+    s.add_argument("--sink", required=True, help="the sink's name")
+    s.add_argument("--id", action="append", default=[], metavar="EVENT_ID", help="an event id (repeatable)")
+    s.add_argument("--from-sequence", type=int, metavar="N")
+    s.add_argument("--to-sequence", type=int, metavar="N")
+    s.add_argument("--since", metavar="WHEN")
+    s.add_argument("--until", metavar="WHEN")
+    s.add_argument("--dead", action="store_true", help="only rows that are dead (the default with no selector)")
+
+    s = sub.add_parser("enable-sink", parents=[common], help="switch a sink disabled by its receiver back on")
+    s.add_argument("sink")
+
+    sub.add_parser("status", parents=[common], help="last polls, backlog per sink and the last error")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(_COMMANDS[args.command](args))
+    except ConfigError as exc:
+        print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"{PROG}: database error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    return config
+
+
+def _when(value: str | None, *, now: datetime, key: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return format_ts(parse_ts(value))
+    except ValueError:
+        pass
+    try:
+        return format_ts(now - parse_duration(value))
+    except ValueError:
+        raise ConfigError(f"--{key}: {value!r} is neither an RFC 3339 time nor an age such as 24h") from None
+
+
+def _open_store(config: Config) -> Any:
+    from .store import Store
+
+    if not Path(config.store.path).exists():
+        raise StoreError(f"no database at {config.store.path} (run 'poll' or 'run' first)")
+    return Store(config.store.path)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    names = ", ".join(f"{s.name} ({s.type})" for s in config.sinks) or "none"
+    sched = config.schedule
+    when = f"cron {sched.cron!r}" if sched.cron else f"every {sched.interval.total_seconds():g}s"
+    print(f"config OK: polls {config.metronome.base_url} {when}; store {config.store.path}; sinks: {names}")
+    try:
+        resolve_token()
+    except ConfigError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+    return 0
+
+
+def cmd_poll(args: argparse.Namespace) -> int:
+    from .app import build_app
+
+    config = _config(args)
+    app = build_app(config, resolve_token())
+    try:
+        result = app.poller.run()
+        if not args.no_deliver:
+            app.deliverer.deliver_due()
+    finally:
+        app.close()
+    if result.ok:
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(result.events_by_type.items())) or "no changes"
+        label = "baseline recorded" if result.baseline else kinds
+        print(f"poll {result.poll_id} ok: {result.active} active, {result.archived} archived, "
+              f"{result.pages} pages; {label}")
+        return 0
+    print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import build_app
+    from .daemon import Daemon
+
+    config = _config(args)
+    app = build_app(config, resolve_token())
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    Daemon(app).run_until(stop)
+    return 0
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    configure_logging("warning", "console")
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    return run_demo(
+        seconds=args.seconds, customers=args.customers, interval=args.interval,
+        db=Path(args.db) if args.db else None, seed=args.seed, stop=stop,
+    )
+
+
+_EVENT_COLUMNS = ("sequence", "detected_at", "type", "customer_id", "name", "changes")
+
+
+def _summary(event: dict[str, Any]) -> str:
+    parts = []
+    for c in event.get("changes") or []:
+        parts.append(f"{c['field']}: {_short(c['before'])} -> {_short(c['after'])}")
+    return "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _name(event: dict[str, Any]) -> str:
+    customer = event.get("customer") or {}
+    return str(customer.get("name", "")) if isinstance(customer, dict) else ""
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    now = utcnow()
+    since = _when(args.since, now=now, key="since")
+    until = _when(args.until, now=now, key="until")
+    store = _open_store(config)
+    try:
+        events = store.query_events(
+            customer_id=args.customer, types=args.type, since=since, until=until,
+            after_sequence=args.after_sequence, limit=args.limit,
+        )
+    finally:
+        store.close()
+    out = sys.stdout
+    if args.format == "jsonl":
+        for e in events:
+            out.write(orjson.dumps(e).decode() + "\n")
+    elif args.format == "csv":
+        w = csv.writer(out)
+        w.writerow(["sequence", "id", "type", "detected_at", "poll_id", "customer_id", "name", "changes"])
+        for e in events:
+            w.writerow([e["sequence"], e["id"], e["type"], e["detected_at"], e["poll_id"], e["customer_id"],
+                        _name(e), orjson.dumps(e["changes"]).decode()])
+    else:
+        rows = [[str(e["sequence"]), e["detected_at"][:19] + "Z", e["type"], e["customer_id"] or "", _name(e),
+                 _summary(e)] for e in events]
+        out.write(_table(_EVENT_COLUMNS, rows))
+        if not rows:
+            out.write("(no events)\n")
+    return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in header]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    buf = io.StringIO()
+    for r in [list(header), *rows]:
+        buf.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    return buf.getvalue()
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from .delivery import delivery_status
+
+    config = load_config(args.config)
+    store = _open_store(config)
+    try:
+        names = [s.name for s in config.sinks]
+        statuses = delivery_status(store, utcnow(), sinks=names)
+    finally:
+        store.close()
+    if args.format == "json":
+        sys.stdout.write(orjson.dumps([s.__dict__ for s in statuses], option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    rows = [
+        [s.sink, str(s.pending), str(s.delivered), str(s.dead),
+         "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
+         "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"), s.last_error or ""]
+        for s in statuses
+    ]
+    sys.stdout.write(_table(("sink", "pending", "delivered", "dead", "oldest", "state", "last error"), rows))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .delivery import replay
+
+    config = load_config(args.config)
+    if args.sink not in {s.name for s in config.sinks}:
+        raise ConfigError(f"--sink: no sink named {args.sink!r} in the config")
+    now = utcnow()
+    store = _open_store(config)
+    try:
+        n = replay(
+            store, args.sink, now=now, event_ids=args.id, sequence_from=args.from_sequence,
+            sequence_to=args.to_sequence, since=_when(args.since, now=now, key="since"),
+            until=_when(args.until, now=now, key="until"), dead_only=args.dead,
+        )
+    finally:
+        store.close()
+    print(f"re-queued {n} event(s) for {args.sink}; they go out on the next delivery")
+    return 0
+
+
+def cmd_enable_sink(args: argparse.Namespace) -> int:
+    from .delivery import enable_sink
+
+    config = load_config(args.config)
+    store = _open_store(config)
+    try:
+        changed = enable_sink(store, args.sink)
+    finally:
+        store.close()
+    print(f"{args.sink}: {'enabled' if changed else 'was not disabled'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .delivery import delivery_status
+
+    config = load_config(args.config)
+    store = _open_store(config)
+    now = utcnow()
+    try:
+        polls = store.last_polls(10)
+        counts = store.customer_counts()
+        deliveries = delivery_status(store, now, sinks=[s.name for s in config.sinks])
+    finally:
+        store.close()
+    out = sys.stdout
+    tracked = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet"
+    out.write(f"customers tracked: {tracked}\n\nlast polls:\n")
+    out.write(_table(
+        ("poll", "started", "outcome", "secs", "pages", "active", "archived", "events", "error"),
+        [[str(p.id), p.started_at[:19] + "Z", p.outcome + (" (baseline)" if p.baseline else ""),
+          f"{(parse_ts(p.finished_at) - parse_ts(p.started_at)).total_seconds():.1f}" if p.finished_at else "-",
+          str(p.pages), str(p.active), str(p.archived), str(p.events), (p.error or "")[:80]] for p in polls],
+    ))
+    out.write("\nsinks:\n")
+    out.write(_table(
+        ("sink", "pending", "delivered", "dead", "oldest", "state", "last error"),
+        [[s.sink, str(s.pending), str(s.delivered), str(s.dead),
+          "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
+          "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"), (s.last_error or "")[:80]]
+         for s in deliveries],
+    ))
+    return 0
+
+
+_COMMANDS = {
+    "run": cmd_run,
+    "poll": cmd_poll,
+    "events": cmd_events,
+    "demo": cmd_demo,
+    "check-config": cmd_check_config,
+    "deliveries": cmd_deliveries,
+    "replay": cmd_replay,
+    "enable-sink": cmd_enable_sink,
+    "status": cmd_status,
+}

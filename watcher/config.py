@@ -1,0 +1,358 @@
+"""Configuration: one TOML file, parsed once into frozen, validated models.
+
+Unknown keys are refused and every error names the key's path in one line, because an
+operator who typoed ``intreval`` must not get a daemon that silently polls on the default.
+Secrets never live in the file: the bearer token comes from ``METRONOME_BEARER_TOKEN`` and sink
+secrets from ``${VAR}`` references, which are expanded here and held as :class:`SecretStr` so
+that no repr, log line or error shows them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+__all__ = [
+    "TOKEN_ENV",
+    "CONFIG_ENV",
+    "Config",
+    "DeliveryConfig",
+    "DiffConfig",
+    "HealthConfig",
+    "HttpSinkConfig",
+    "LogSinkConfig",
+    "LoggingConfig",
+    "MetronomeConfig",
+    "ScheduleConfig",
+    "SinkConfig",
+    "SlackSinkConfig",
+    "StoreConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "resolve_token",
+]
+
+TOKEN_ENV = "METRONOME_BEARER_TOKEN"
+CONFIG_ENV = "WATCHER_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> timedelta:
+    """``30``, ``"30s"``, ``"5m"``, ``"1.5h"``, ``"3d"`` -> timedelta; plain numbers are seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m or 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
+    return timedelta(seconds=seconds)
+
+
+def _positive_duration(value: object) -> timedelta:
+    d = parse_duration(value)
+    if d <= timedelta(0):
+        raise ValueError("must be a positive duration")
+    return d
+
+
+Duration = Annotated[timedelta, BeforeValidator(_positive_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetronomeConfig(_Model):
+    base_url: str = "https://api.metronome.com"
+    #: Where links in Slack messages point: ``{app_url}/customers/{id}``.
+    app_url: str = "https://app.metronome.com"
+    timeout: Duration = timedelta(seconds=30)
+    max_attempts: int = Field(default=6, ge=1, le=20)
+    max_retry_wait: Duration = timedelta(minutes=2)
+    #: Fetch the active and archived listings at the same time (halves a cycle's wall time).
+    concurrent_listings: bool = True
+
+    @field_validator("base_url", "app_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        return v.rstrip("/")
+
+
+class StoreConfig(_Model):
+    path: Path = Path("metronome-watcher.db")
+
+
+class ScheduleConfig(_Model):
+    interval: Duration = timedelta(minutes=5)
+    #: A five-field crontab expression; when set it replaces ``interval``.
+    cron: str | None = None
+    #: Random delay added to each scheduled poll so that many watchers don't hit the API in step.
+    jitter: Annotated[timedelta, BeforeValidator(parse_duration)] = timedelta(seconds=0)
+    delivery_interval: Duration = timedelta(seconds=10)
+    #: Every poll is bounded: one that runs longer is abandoned and counts as failed.
+    poll_timeout: Duration = timedelta(minutes=30)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(v)
+        except ValueError as exc:
+            raise ValueError(f"invalid crontab expression {v!r}: {exc}") from None
+        return v
+
+
+class DiffConfig(_Model):
+    #: Dotted paths (or prefixes) whose changes alone never make an event.
+    ignore_fields: tuple[str, ...] = ("updated_at",)
+    #: Emit ``customer.created`` for every customer on the very first poll.
+    emit_baseline_events: bool = False
+    #: Refuse a cycle when more than this share of known customers vanishes at once ...
+    max_vanished_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    #: ... and more than this many: a handful of deletions in a small account is plausible.
+    max_vanished_count: int = Field(default=10, ge=0)
+
+
+class DeliveryConfig(_Model):
+    #: Give up on an event (mark it dead) after this long.
+    max_age: Duration = timedelta(hours=72)
+    #: Longest gap between two attempts.
+    max_backoff: Duration = timedelta(minutes=30)
+    first_backoff: Duration = timedelta(seconds=2)
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+
+
+class HealthConfig(_Model):
+    port: int | None = Field(default=None, ge=0, le=65535)
+    host: str = "0.0.0.0"
+    #: ``/readyz`` fails when the last successful poll is older than this many intervals.
+    ready_intervals: float = Field(default=3.0, gt=0)
+    #: Consecutive failed polls before ``watcher.poll_failing`` is sent.
+    failing_after: int = Field(default=3, ge=1)
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+_EVENT_TYPES = (
+    "customer.created",
+    "customer.updated",
+    "customer.archived",
+    "customer.unarchived",
+    "customer.deleted",
+    "watcher.poll_failing",
+    "watcher.poll_recovered",
+)
+
+
+class _SinkBase(_Model):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Event types this sink receives; ``customer.*`` style globs allowed.
+    events: tuple[str, ...] = ("customer.*",)
+    #: When set, only events that change one of these dotted paths (or a field under them).
+    #: ``created`` and ``deleted`` carry no field changes and are let through unless excluded by ``events``.
+    fields: tuple[str, ...] | None = None
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import fnmatch
+
+        for pattern in v:
+            if not any(fnmatch.fnmatchcase(t, pattern) for t in _EVENT_TYPES):
+                raise ValueError(f"{pattern!r} matches no event type (known: {', '.join(_EVENT_TYPES)})")
+        return v
+
+
+class LogSinkConfig(_SinkBase):
+    type: Literal["log"]
+    #: A file to append JSON lines to; stdout when unset.
+    path: Path | None = None
+
+
+class SlackSinkConfig(_SinkBase):
+    type: Literal["slack"]
+    webhook_url: SecretStr
+    #: Above this many events in one delivery round, send a digest instead of one message each.
+    digest_threshold: int = Field(default=5, ge=1)
+    timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, v: SecretStr) -> SecretStr:
+        if not re.match(r"^https?://", v.get_secret_value()):
+            raise ValueError("must be an http(s) URL")
+        return v
+
+
+class HttpSinkConfig(_SinkBase):
+    type: Literal["http"]
+    url: str
+    secret: SecretStr
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://", v):
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        return v
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith("whsec_"):
+            raise ValueError("must be a Standard Webhooks secret starting with 'whsec_'")
+        return v
+
+
+SinkConfig = Annotated[LogSinkConfig | SlackSinkConfig | HttpSinkConfig, Field(discriminator="type")]
+
+
+class Config(_Model):
+    metronome: MetronomeConfig = MetronomeConfig()
+    store: StoreConfig = StoreConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    diff: DiffConfig = DiffConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    health: HealthConfig = HealthConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sinks: tuple[SinkConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_sink_names(self) -> Config:
+        seen: set[str] = set()
+        for i, sink in enumerate(self.sinks):
+            if sink.name in seen:
+                raise ValueError(f"sinks[{i}].name: duplicate sink name {sink.name!r}")
+            seen.add(sink.name)
+        return self
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, path: str, env: Mapping[str, str]) -> Any:
+    """Replace ``${VAR}`` in every string; a reference to an unset variable is an error."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                raise ConfigError(f"{path}: environment variable {name} is not set")
+            return env[name]
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else k, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"log", "slack", "http"} and out.endswith("]"):
+            continue  # pydantic puts the union tag in the path; operators never wrote it
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag", "?")
+        return f"unknown sink type {tag!r} (expected one of: log, slack, http)"
+    if kind == "union_tag_not_found":
+        return "missing 'type' (one of: log, slack, http)"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed TOML document. Raises :class:`ConfigError` with one line."""
+    expanded = _expand(dict(data), "", os.environ if env is None else env)
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = _loc(tuple(err["loc"]))
+        desc = _describe(err)
+        if not loc:  # model-level checks put the key's path in their own message
+            raise ConfigError(desc) from None
+        raise ConfigError(f"{loc}: {desc}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (else ``$WATCHER_CONFIG``) and validate it.
+
+    Relative ``store.path`` and log sink paths are kept relative to the working directory,
+    as an operator typing them on a command line would expect.
+    """
+    environ = os.environ if env is None else env
+    if path is None:
+        path = environ.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError(f"no config file: pass --config PATH or set {CONFIG_ENV}")
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(data, env=environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def resolve_token(env: Mapping[str, str] | None = None) -> str:
+    token = (os.environ if env is None else env).get(TOKEN_ENV, "").strip()
+    if not token:
+        raise ConfigError(f"{TOKEN_ENV} is not set: the Metronome bearer token comes from the environment")
+    return token

@@ -1,0 +1,59 @@
+"""Field-level differences between two customer records.
+
+Paths are dotted (``custom_fields.tier``); objects are walked, everything else (lists
+included) is compared as a whole value; a key that is missing on one side compares as
+``null``. Ignored paths (rule 4: noise is not change) match exactly or as a prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Change", "diff_records", "is_ignored"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    field: str
+    before: Any
+    after: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "before": self.before, "after": self.after}
+
+
+def is_ignored(path: str, ignore: Iterable[str]) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in ignore)
+
+
+def diff_records(
+    before: Mapping[str, Any], after: Mapping[str, Any], ignore: Iterable[str] = ("updated_at",)
+) -> list[Change]:
+    """Every leaf that differs, sorted by path, leaving out ignored paths."""
+    ignore = tuple(ignore)
+    out: list[Change] = []
+    _walk(before, after, "", ignore, out)
+    out.sort(key=lambda c: c.field)
+    return out
+
+
+def _walk(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str, ignore: tuple[str, ...],
+          out: list[Change]) -> None:
+    for key in before.keys() | after.keys():
+        path = f"{prefix}{key}"
+        if is_ignored(path, ignore):
+            continue
+        b = before.get(key)
+        a = after.get(key)
+        if b == a:
+            continue
+        # Walk into objects, treating a missing/null side as empty, so that a billable status
+        # appearing reads as ``current_billable_status.value: null -> "billable"``.
+        if isinstance(b, Mapping) and isinstance(a, Mapping | None) or (
+            b is None and isinstance(a, Mapping)
+        ):
+            _walk(b or {}, a or {}, path + ".", ignore, out)
+        else:
+            out.append(Change(path, b, a))

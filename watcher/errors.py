@@ -1,0 +1,76 @@
+"""Every exception metronome-watcher raises on purpose.
+
+The tree, in the manner of httpx's::
+
+    WatcherError
+    ├── ConfigError          bad or missing configuration (exit code 2)
+    ├── APIError             Metronome could not give us a trustworthy answer (exit code 1)
+    │   ├── APIStatusError       an HTTP error status (4xx/5xx) after retries
+    │   ├── APITransportError    connect/read/timeout failures after retries
+    │   └── APIDataError         a body that is not JSON or not the documented shape,
+    │                            a repeated cursor, too many pages
+    ├── PollRefused          the picture was complete but implausible (mass vanish guard)
+    └── StoreError           the database cannot be used (e.g. written by a newer release)
+
+Third-party exceptions (httpx, sqlite, pydantic) are translated at the boundary with
+``raise ... from exc`` so callers only ever need to know this tree. No message built here may
+contain a secret: errors are logged and stored in the poll history.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APIDataError",
+    "APIError",
+    "APIStatusError",
+    "APITransportError",
+    "ConfigError",
+    "PollRefused",
+    "StoreError",
+    "WatcherError",
+]
+
+
+class WatcherError(Exception):
+    """Base class of every error metronome-watcher raises on purpose."""
+
+
+class ConfigError(WatcherError):
+    """The configuration is missing, malformed or refers to an unset environment variable.
+
+    ``str(err)`` is one line that names the offending key's path.
+    """
+
+
+class APIError(WatcherError):
+    """Metronome did not give a usable answer.
+
+    ``status`` is the HTTP status when there was one; ``message`` is Metronome's own
+    ``message`` field when it sent one. Neither ever contains the bearer token.
+    """
+
+    def __init__(self, reason: str, *, status: int | None = None, message: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.message = message
+
+
+class APIStatusError(APIError):
+    """An HTTP error status, after the retry budget was spent when it was retryable."""
+
+
+class APITransportError(APIError):
+    """The connection failed, timed out or was dropped, after the retry budget was spent."""
+
+
+class APIDataError(APIError):
+    """The body was not JSON, not the documented shape, or pagination misbehaved."""
+
+
+class PollRefused(WatcherError):
+    """The listings were complete but the result is implausible; nothing was committed."""
+
+
+class StoreError(WatcherError):
+    """The database cannot be used as it is."""

@@ -1,0 +1,996 @@
+"""A fake Metronome customers API, served over real HTTP on a local port.
+
+The demo, the tests and the benchmarks all need a Metronome that they control: one whose customers
+they can create, edit, archive and delete between two polls, whose pages they can break on purpose,
+and which never needs a token from the outside world. :class:`FakeMetronome` is that server. It speaks
+the customer endpoints of the official OpenAPI document (``shared/metronome-customers-openapi.json``)
+closely enough that the real API client runs against it unchanged.
+
+Three choices shape it:
+
+* **Keyset pagination.** Every customer gets an insertion sequence number and a listing cursor says
+  "after sequence *n*", so a scan stays exact while customers are created, archived or deleted
+  between two page requests, as they are on the real service. Pages are located with :mod:`bisect`.
+* **Cached JSON.** Each record's serialized bytes are kept until the record changes, and a page is
+  the concatenation of those bytes, so that pulling a million customers measures the client, not us.
+* **Fault injection.** :class:`Fault` and :meth:`FakeMetronome.on_page` let a test make a page fail,
+  hang, lie or race with a mutation, which is how the watcher's "only complete pictures are diffed"
+  rule is proven.
+
+Standard library only (plus :mod:`orjson`), so that it can run anywhere the package runs::
+
+    python -m watcher.fake_metronome --customers 1000 --port 8080 --token test-token
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import bisect
+import contextlib
+import functools
+import gc
+import random
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+import orjson
+
+__all__ = ["FakeMetronome", "Fault", "RecordedRequest", "main"]
+
+_NAME_LIMIT = 160  # the real API truncates longer names
+_CUSTOM_FIELD_LIMIT = 200  # the real API refuses longer custom field values
+_MAX_LIMIT = 100
+_MAX_FILTER_IDS = 100
+_BILLABLE_STATUSES = ("billable", "unbillable")
+_MALFORMED_BODY = b'{"data": [ <html><body>502 Bad Gateway</body></html>'
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected failure; it fires on the next ``times`` matching requests, then disappears.
+
+    ``kind`` says what the client sees instead of the normal answer:
+
+    * ``"status"``: ``status`` with body ``{"message": message}`` and, when given, ``Retry-After``
+      (sent verbatim, so a test can use seconds or an HTTP date);
+    * ``"malformed"``: a 200 whose body is not JSON;
+    * ``"drop"``: the connection is closed without any response;
+    * ``"latency"``: a pause of ``delay`` seconds, then the normal answer.
+
+    A request matches when its path starts with ``path`` (``"/v1/customers"`` matches the listing,
+    get-by-id and the customer POSTs); ``page`` and ``archived`` restrict the fault to the listing
+    (``GET /v1/customers``): ``page`` is 1-based (page 1 is the request without ``next_page``) and
+    ``archived`` picks the archived (True) or active (False) listing. At most one fault fires per
+    request: the oldest that matches.
+    """
+
+    kind: Literal["status", "malformed", "drop", "latency"]
+    status: int = 500
+    message: str = "injected failure"
+    retry_after: str | None = None
+    delay: float = 0.0
+    times: int = 1
+    path: str | None = None
+    page: int | None = None
+    archived: bool | None = None
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the fake served it, so tests can assert on what the client actually sent.
+
+    ``status`` is 0 when the connection was dropped by a ``"drop"`` fault.
+    """
+
+    method: str
+    path: str
+    params: dict[str, list[str]]
+    status: int
+    authorized: bool
+
+
+class _NotFound(KeyError):
+    """No customer with that id; a 404 over HTTP."""
+
+
+class _BadRequest(ValueError):
+    """The request (or the operation) is invalid; a 400 over HTTP."""
+
+
+class _Entry:
+    """One customer: its record, its place in the listings, and its cached JSON."""
+
+    __slots__ = ("blob", "record", "seq")
+
+    def __init__(self, seq: int, record: dict[str, Any]) -> None:
+        self.seq = seq
+        self.record = record
+        self.blob: bytes | None = None
+
+    @property
+    def archived(self) -> bool:
+        return self.record["archived_at"] is not None
+
+    def json(self) -> bytes:
+        """The record's JSON, serialized once per change rather than once per request."""
+        if self.blob is None:
+            # orjson hands back bytes with ~4 KiB of spare capacity; an exact copy keeps a million
+            # cached records at ~0.5 GB instead of ~4 GB.
+            self.blob = bytes(memoryview(orjson.dumps(self.record)))
+        return self.blob
+
+
+@dataclass
+class _ArmedFault:
+    fault: Fault
+    remaining: int
+
+
+@dataclass(frozen=True)
+class _PageHook:
+    page: int
+    archived: bool | None
+    callback: Callable[[FakeMetronome], None]
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """A complete HTTP response; ``encode`` renders it for a single socket write."""
+
+    status: int
+    body: bytes
+    retry_after: str | None = None
+
+    def encode(self) -> bytes:
+        head = (
+            f"HTTP/1.1 {self.status} {_PHRASES.get(self.status, 'Status')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(self.body)}\r\n"
+        )
+        if self.retry_after is not None:
+            head += f"Retry-After: {self.retry_after}\r\n"
+        return (head + "\r\n").encode("latin-1") + self.body
+
+
+def _error(status: int, message: str, retry_after: str | None = None) -> _Reply:
+    return _Reply(status, orjson.dumps({"message": message}), retry_after)
+
+
+def _ok(payload: object) -> _Reply:
+    return _Reply(200, orjson.dumps(payload))
+
+
+@dataclass(frozen=True)
+class _ListQuery:
+    """The parsed query of ``GET /v1/customers``; ``after`` is the last sequence already served."""
+
+    limit: int
+    archived: bool
+    after: int
+    page: int
+    customer_ids: list[str] | None
+    ingest_alias: str | None
+    salesforce_ids: set[str] | None
+
+    @classmethod
+    def parse(cls, params: dict[str, list[str]], default_limit: int) -> _ListQuery:
+        limit = default_limit
+        if "limit" in params:
+            raw = params["limit"][-1]
+            if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= _MAX_LIMIT):
+                raise _BadRequest(f"limit must be an integer between 1 and {_MAX_LIMIT}")
+            limit = int(raw)
+        archived = _parse_bool(params, "only_archived")
+        after, page = 0, 1
+        if "next_page" in params:
+            after, page = _decode_cursor(params["next_page"][-1], archived)
+        customer_ids = params.get("customer_ids")
+        if customer_ids is not None and len(customer_ids) > _MAX_FILTER_IDS:
+            raise _BadRequest(f"customer_ids accepts at most {_MAX_FILTER_IDS} ids")
+        salesforce_ids = params.get("salesforce_account_ids")
+        if salesforce_ids is not None and len(salesforce_ids) > _MAX_FILTER_IDS:
+            raise _BadRequest(f"salesforce_account_ids accepts at most {_MAX_FILTER_IDS} ids")
+        alias = params.get("ingest_alias")
+        return cls(
+            limit=limit,
+            archived=archived,
+            after=after,
+            page=page,
+            customer_ids=customer_ids,
+            ingest_alias=alias[-1] if alias else None,
+            salesforce_ids=set(salesforce_ids) if salesforce_ids is not None else None,
+        )
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        if self.ingest_alias is not None and self.ingest_alias not in record["ingest_aliases"]:
+            return False
+        return (
+            self.salesforce_ids is None
+            or record["customer_config"]["salesforce_account_id"] in self.salesforce_ids
+        )
+
+
+def _fault_matches(fault: Fault, path: str, query: _ListQuery | None) -> bool:
+    """Whether ``fault`` applies to a request; ``query`` is None unless it is a valid listing request."""
+    if fault.path is not None and not path.startswith(fault.path):
+        return False
+    if fault.page is None and fault.archived is None:
+        return True
+    return (
+        query is not None
+        and (fault.page is None or fault.page == query.page)
+        and (fault.archived is None or fault.archived == query.archived)
+    )
+
+
+def _parse_bool(params: dict[str, list[str]], key: str) -> bool:
+    raw = params.get(key, ["false"])[-1].lower()
+    if raw not in ("true", "false"):
+        raise _BadRequest(f"{key} must be true or false")
+    return raw == "true"
+
+
+def _encode_cursor(archived: bool, after: int, page: int) -> str:
+    raw = orjson.dumps({"archived": archived, "after": after, "page": page})
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _decode_cursor(cursor: str, archived: bool) -> tuple[int, int]:
+    """Return (last sequence served, page number) or refuse a cursor we did not issue for this listing."""
+    try:
+        state = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except ValueError:  # binascii.Error and orjson.JSONDecodeError are both ValueErrors
+        raise _BadRequest("invalid next_page") from None
+    if not isinstance(state, dict) or state.get("archived") is not archived:
+        raise _BadRequest("invalid next_page")
+    after, page = state.get("after"), state.get("page")
+    if type(after) is not int or type(page) is not int or after < 0 or page < 2:
+        raise _BadRequest("invalid next_page")
+    return after, page
+
+
+def _timestamp(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds, as Metronome writes them: ``2024-01-01T00:00:00.000Z``.
+
+    A naive ``moment`` is taken to be UTC already.
+    """
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="milliseconds") + "Z"
+
+
+def _default_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+# Vocabulary for realistic seeded and churned customers.
+_NAME_HEADS = (
+    "Acme", "Aperture", "Blue Harbor", "Brightline", "Cascade", "Cobalt", "Copperleaf", "Crescent",
+    "Driftwood", "Ember", "Evergreen", "Falcon", "Granite", "Helix", "Horizon", "Ironclad", "Juniper",
+    "Keystone", "Lakeshore", "Lumen", "Maple", "Meridian", "Northwind", "Oakridge", "Orbit", "Pinnacle",
+    "Quantum", "Redwood", "Riverbend", "Sable", "Silverline", "Summit", "Tidewater", "Umbra", "Vantage",
+    "Vertex", "Willow", "Zenith",
+)  # fmt: skip
+_NAME_TAILS = (
+    "Analytics", "Robotics", "Logistics", "Health", "Labs", "Software", "Systems", "Media", "Energy",
+    "Foods", "Capital", "Networks", "Studios", "Dynamics", "Cloud", "Security", "Bio", "Freight",
+    "Learning", "Retail",
+)  # fmt: skip
+_NAME_SUFFIXES = ("", "", ", Inc.", " Inc.", " LLC", " Ltd", " GmbH", " Co.", " Group", " Corp.")
+_TIERS = ("free", "starter", "growth", "enterprise")
+_REGIONS = ("us-east", "us-west", "eu-central", "eu-west", "apac")
+_PLANS = ("monthly", "annual", "usage")
+_SEED_SPAN = timedelta(days=3 * 365)  # seeded customers were created over the last three years
+
+
+@functools.cache
+def _companies() -> tuple[tuple[str, str], ...]:
+    """Every company-like display name with a slug for its ingest aliases (built once, shared)."""
+    return tuple(
+        (f"{head} {tail}{suffix}", f"{head}-{tail}".lower().replace(" ", "-"))
+        for head in _NAME_HEADS
+        for tail in _NAME_TAILS
+        for suffix in _NAME_SUFFIXES
+    )
+
+
+def _salesforce_id(rng: random.Random) -> str:
+    """An 18-character id shaped like a Salesforce account id."""
+    return f"0015500001{rng.getrandbits(32):08X}"
+
+
+def _uuid4(rng: random.Random) -> str:
+    """A version-4 UUID drawn from ``rng``, so seeded data is reproducible (and cheaper than uuid.UUID)."""
+    bits = rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
+    h = f"{bits:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class FakeMetronome:
+    """An in-memory Metronome with customers, served over HTTP once :meth:`start` is called.
+
+    The data operations (``create_customer``, ``archive``, ...) have the same semantics as the HTTP
+    endpoints and are safe to call from any thread, including while a client is paging. Each one
+    raises :class:`KeyError` for an unknown customer and :class:`ValueError` for an invalid change.
+    """
+
+    def __init__(
+        self,
+        *,
+        token: str = "test-token",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], datetime] | None = None,
+        default_limit: int = 50,
+    ) -> None:
+        self.token = token
+        self.latency = 0.0
+        self.default_limit = default_limit
+        self.requests: list[RecordedRequest] = []
+        self._host = host
+        self._port = port
+        self._clock = clock or _default_clock
+        self._lock = threading.RLock()
+        self._by_id: dict[str, _Entry] = {}
+        self._by_seq: dict[int, _Entry] = {}
+        self._seqs: dict[bool, list[int]] = {False: [], True: []}  # listing (archived?) -> sorted seqs
+        self._last_seq = 0
+        self._faults: list[_ArmedFault] = []
+        self._page_hooks: list[_PageHook] = []
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:54321``; the port stays the same across restarts."""
+        if self._server is None:
+            raise RuntimeError("FakeMetronome is not started")
+        return f"http://{self._host}:{self._port}"
+
+    def start(self) -> FakeMetronome:
+        """Bind and serve in a background daemon thread; returns ``self`` for chaining."""
+        if self._server is not None:
+            raise RuntimeError("FakeMetronome is already started")
+        self._server = _Server((self._host, self._port), self)
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # bounds how long stop() waits
+            name=f"fake-metronome:{self._port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close every open connection, so clients see the server go away."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        server.shutdown()
+        server.server_close()
+        server.close_connections()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> FakeMetronome:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- data operations ---------------------------------------------------------------------------
+
+    def create_customer(
+        self,
+        name: str,
+        *,
+        ingest_aliases: list[str] | None = None,
+        external_id: str | None = None,
+        custom_fields: dict[str, str] | None = None,
+        salesforce_account_id: str | None = None,
+        billable_status: str | None = None,
+        customer_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Create an active customer and return a copy of its record.
+
+        ``external_id`` defaults to the first ingest alias, else the id, as on the real API.
+        ``billable_status`` (``"billable"`` or ``"unbillable"``) takes effect now.
+        """
+        aliases = list(ingest_aliases or [])
+        fields = dict(custom_fields or {})
+        _check_custom_fields(fields)
+        if billable_status is not None:
+            _check_billable_status(billable_status)
+        with self._lock:
+            cid = customer_id or str(uuid.uuid4())
+            if cid in self._by_id:
+                raise _BadRequest(f"a customer with id {cid} already exists")
+            now = _timestamp(self._clock())
+            record: dict[str, Any] = {
+                "id": cid,
+                "external_id": external_id or (aliases[0] if aliases else cid),
+                "ingest_aliases": aliases,
+                "name": name[:_NAME_LIMIT],
+                "customer_config": {"salesforce_account_id": salesforce_account_id},
+                "custom_fields": fields,
+                "created_at": now,
+                "updated_at": now,
+                "archived_at": None,
+            }
+            if billable_status is not None:
+                record["current_billable_status"] = {"value": billable_status, "effective_at": now}
+            return orjson.loads(self._insert(record).json())  # type: ignore[no-any-return]
+
+    def archive(self, customer_id: str) -> None:
+        """Archive an active customer: it moves from the active listing to the archived one."""
+        with self._lock:
+            entry = self._entry(customer_id)
+            if entry.archived:
+                raise _BadRequest(f"customer {customer_id} is already archived")
+            self._move(entry, archived_at=_timestamp(self._clock()))
+
+    def unarchive(self, customer_id: str) -> None:
+        """Bring an archived customer back (the real API cannot; tests of ``customer.unarchived`` can)."""
+        with self._lock:
+            entry = self._entry(customer_id)
+            if not entry.archived:
+                raise _BadRequest(f"customer {customer_id} is not archived")
+            self._move(entry, archived_at=None)
+
+    def delete(self, customer_id: str) -> None:
+        """Remove a customer entirely: gone from both listings and a 404 by id (for tests)."""
+        with self._lock:
+            entry = self._entry(customer_id)
+            seqs = self._seqs[entry.archived]
+            del seqs[bisect.bisect_left(seqs, entry.seq)]
+            del self._by_id[customer_id], self._by_seq[entry.seq]
+
+    def set_name(self, customer_id: str, name: str) -> None:
+        """Rename a customer; like the real API, names are truncated to 160 characters."""
+        with self._lock:
+            entry = self._entry(customer_id)
+            entry.record["name"] = name[:_NAME_LIMIT]
+            self._changed(entry)
+
+    def set_ingest_aliases(self, customer_id: str, aliases: list[str]) -> None:
+        """Replace the whole set of ingest aliases (``external_id`` is left as it was)."""
+        with self._lock:
+            entry = self._entry(customer_id)
+            entry.record["ingest_aliases"] = list(aliases)
+            self._changed(entry)
+
+    def update_config(self, customer_id: str, *, salesforce_account_id: str | None) -> None:
+        """Set (or clear, with None) ``customer_config.salesforce_account_id``."""
+        with self._lock:
+            entry = self._entry(customer_id)
+            entry.record["customer_config"]["salesforce_account_id"] = salesforce_account_id
+            self._changed(entry)
+
+    def set_billable_status(self, customer_id: str, value: str, effective_at: str) -> None:
+        """Set ``current_billable_status`` to ``{"value": value, "effective_at": effective_at}``."""
+        _check_billable_status(value)
+        with self._lock:
+            entry = self._entry(customer_id)
+            entry.record["current_billable_status"] = {"value": value, "effective_at": effective_at}
+            self._changed(entry)
+
+    def set_custom_fields(self, customer_id: str, fields: dict[str, str]) -> None:
+        """Set the given custom fields, keeping the others (the real ``setValues`` semantics)."""
+        _check_custom_fields(fields)
+        with self._lock:
+            entry = self._entry(customer_id)
+            entry.record["custom_fields"].update(fields)
+            self._changed(entry)
+
+    def delete_custom_fields(self, customer_id: str, keys: list[str]) -> None:
+        """Remove the given custom field keys; unknown keys are ignored."""
+        with self._lock:
+            entry = self._entry(customer_id)
+            for key in keys:
+                entry.record["custom_fields"].pop(key, None)
+            self._changed(entry)
+
+    def touch(self, customer_id: str) -> None:
+        """Bump ``updated_at`` and nothing else: the noise the watcher must not report."""
+        with self._lock:
+            self._changed(self._entry(customer_id))
+
+    def get(self, customer_id: str) -> dict[str, Any]:
+        """A deep copy of one customer's record; :class:`KeyError` when unknown or deleted."""
+        with self._lock:
+            return orjson.loads(self._entry(customer_id).json())  # type: ignore[no-any-return]
+
+    def customers(self, *, archived: bool | None = None) -> list[dict[str, Any]]:
+        """Deep copies of the customers of one listing (or of both, with None), in creation order."""
+        with self._lock:
+            if archived is None:
+                entries = list(self._by_seq.values())
+            else:
+                entries = [self._by_seq[seq] for seq in self._seqs[archived]]
+            blobs = [entry.json() for entry in entries]
+        return [orjson.loads(blob) for blob in blobs]
+
+    def seed(self, n: int, *, archived_fraction: float = 0.1, rng: random.Random | None = None) -> list[str]:
+        """Add ``n`` realistic customers created over the last three years; returns their ids.
+
+        Records are built directly (no per-customer locking or validation) and the garbage collector
+        is paused meanwhile, so a million take seconds. Their JSON is cached right away, so that a
+        benchmark's first scan costs the server no more than later ones. Pass a seeded ``rng`` for
+        reproducible data.
+        """
+        rng = rng or random.Random()
+        rand = rng.random
+        companies = _companies()
+        now = self._clock()
+        now_text = _timestamp(now)
+        start = datetime.fromisoformat(now_text[:-1]) - _SEED_SPAN  # naive UTC, so _timestamp is cheap
+        step = _SEED_SPAN / max(n, 1)
+        ids: list[str] = []
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a million new containers would otherwise trigger many full collections
+        try:
+            with self._lock:
+                for i in range(n):
+                    number = self._last_seq + 1
+                    cid = _uuid4(rng)
+                    name, slug = companies[int(rand() * len(companies))]
+                    created = _timestamp(start + step * i)
+                    aliases = [f"billing@{slug}-{number}.example.com"]
+                    if rand() < 0.3:
+                        aliases.append(f"acct_{number:08d}")
+                    fields = {
+                        "tier": _TIERS[int(rand() * len(_TIERS))],
+                        "region": _REGIONS[int(rand() * len(_REGIONS))],
+                    }
+                    if rand() < 0.5:
+                        fields["plan"] = _PLANS[int(rand() * len(_PLANS))]
+                    archived = rand() < archived_fraction
+                    record: dict[str, Any] = {
+                        "id": cid,
+                        "external_id": aliases[0],
+                        "ingest_aliases": aliases,
+                        "name": name,
+                        "customer_config": {
+                            "salesforce_account_id": _salesforce_id(rng) if rand() < 0.4 else None
+                        },
+                        "custom_fields": fields,
+                        "created_at": created,
+                        "updated_at": now_text if archived else created,
+                        "archived_at": now_text if archived else None,
+                    }
+                    if rand() < 0.2:
+                        status = "billable" if rand() < 0.8 else "unbillable"
+                        record["current_billable_status"] = {"value": status, "effective_at": created}
+                    self._insert(record).json()  # serialize now, so the first scan is as cheap as the next
+                    ids.append(cid)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        return ids
+
+    def churn(self, rng: random.Random) -> str:
+        """Apply one random, realistic change and describe it in one line (the demo's activity feed)."""
+        with self._lock:  # held throughout so the chosen customer cannot vanish mid-change
+            active = self._seqs[False]
+            kind = rng.choices(
+                ("create", "rename", "tier", "archive", "aliases", "billable", "salesforce", "touch"),
+                weights=(20, 15, 20, 10, 10, 10, 10, 5),
+            )[0]
+            if kind == "create" or not active:
+                name, slug = rng.choice(_companies())
+                created = self.create_customer(
+                    name,
+                    ingest_aliases=[f"billing@{slug}-{self._last_seq + 1}.example.com"],
+                    custom_fields={"tier": rng.choice(_TIERS), "region": rng.choice(_REGIONS)},
+                )
+                return f"created {created['id']} {name!r}"
+            record = self._by_seq[rng.choice(active)].record
+            cid, name = record["id"], record["name"]
+            if kind == "rename":
+                new_name, _ = rng.choice(_companies())
+                self.set_name(cid, new_name)
+                return f"renamed {cid} {name!r} -> {new_name!r}"
+            if kind == "tier":
+                tier = rng.choice(_TIERS)
+                self.set_custom_fields(cid, {"tier": tier})
+                return f"set custom_fields.tier={tier} on {cid} {name!r}"
+            if kind == "archive":
+                self.archive(cid)
+                return f"archived {cid} {name!r}"
+            if kind == "aliases":
+                alias = f"acct_{rng.getrandbits(32):08x}"
+                self.set_ingest_aliases(cid, [*record["ingest_aliases"], alias])
+                return f"added ingest alias {alias} to {cid} {name!r}"
+            if kind == "billable":
+                status = rng.choice(_BILLABLE_STATUSES)
+                self.set_billable_status(cid, status, _timestamp(self._clock()))
+                return f"set billable status {status} on {cid} {name!r}"
+            if kind == "salesforce":
+                sfid = _salesforce_id(rng)
+                self.update_config(cid, salesforce_account_id=sfid)
+                return f"set salesforce account {sfid} on {cid} {name!r}"
+            self.touch(cid)
+            return f"touched {cid} {name!r} (updated_at only)"
+
+    # -- fault injection ---------------------------------------------------------------------------
+
+    def add_fault(self, fault: Fault) -> None:
+        """Arm ``fault`` for its next ``fault.times`` matching requests."""
+        with self._lock:
+            self._faults.append(_ArmedFault(fault, fault.times))
+
+    def clear_faults(self) -> None:
+        """Disarm every fault and every pending :meth:`on_page` callback."""
+        with self._lock:
+            self._faults.clear()
+            self._page_hooks.clear()
+
+    def on_page(
+        self, page: int, callback: Callable[[FakeMetronome], None], *, archived: bool | None = None
+    ) -> None:
+        """Run ``callback(self)`` once, just before serving ``page`` (1-based) of a listing.
+
+        ``archived`` picks the listing (None: whichever asks for that page first). This is how a
+        test archives, creates or deletes a customer between two page requests.
+        """
+        with self._lock:
+            self._page_hooks.append(_PageHook(page, archived, callback))
+
+    # -- internals: the store ----------------------------------------------------------------------
+
+    def _entry(self, customer_id: str) -> _Entry:
+        entry = self._by_id.get(customer_id)
+        if entry is None:
+            raise _NotFound(customer_id)
+        return entry
+
+    def _insert(self, record: dict[str, Any]) -> _Entry:
+        self._last_seq += 1
+        entry = _Entry(self._last_seq, record)
+        self._by_id[record["id"]] = entry
+        self._by_seq[entry.seq] = entry
+        self._seqs[record["archived_at"] is not None].append(entry.seq)  # seqs only grow: stays sorted
+        return entry
+
+    def _move(self, entry: _Entry, *, archived_at: str | None) -> None:
+        """Move a customer between listings, keeping its sequence (and so its place in the order)."""
+        source = self._seqs[entry.archived]
+        del source[bisect.bisect_left(source, entry.seq)]
+        entry.record["archived_at"] = archived_at
+        bisect.insort(self._seqs[entry.archived], entry.seq)
+        self._changed(entry)
+
+    def _changed(self, entry: _Entry) -> None:
+        entry.record["updated_at"] = _timestamp(self._clock())
+        entry.blob = None
+
+    def _page(self, query: _ListQuery) -> tuple[list[bytes], int, bool]:
+        """The JSON of one page, the last sequence on it, and whether anything follows."""
+        with self._lock:
+            if query.customer_ids is None:
+                candidates = self._seqs[query.archived]
+            else:
+                wanted = (self._by_id.get(cid) for cid in set(query.customer_ids))
+                candidates = sorted(e.seq for e in wanted if e is not None and e.archived == query.archived)
+            filtered = query.ingest_alias is not None or query.salesforce_ids is not None
+            found: list[_Entry] = []
+            for index in range(bisect.bisect_right(candidates, query.after), len(candidates)):
+                entry = self._by_seq[candidates[index]]
+                if not filtered or query.matches(entry.record):
+                    found.append(entry)
+                    if len(found) > query.limit:  # one look-ahead says whether a next page exists
+                        break
+            page = found[: query.limit]
+            last = page[-1].seq if page else query.after
+            return [entry.json() for entry in page], last, len(found) > query.limit
+
+    # -- internals: HTTP ---------------------------------------------------------------------------
+
+    def _handle(self, method: str, target: str, authorization: str | None, body: bytes) -> _Reply | None:
+        """Answer one request (None: drop the connection) and record it."""
+        path, _, query_string = target.partition("?")
+        params = parse_qs(query_string, keep_blank_values=True)
+        authorized = authorization == f"Bearer {self.token}"
+        reply = self._reply(method, path, params, authorized, body)
+        with self._lock:
+            self.requests.append(
+                RecordedRequest(method, path, params, reply.status if reply else 0, authorized)
+            )
+        return reply
+
+    def _reply(
+        self, method: str, path: str, params: dict[str, list[str]], authorized: bool, body: bytes
+    ) -> _Reply | None:
+        if self.latency > 0:
+            time.sleep(self.latency)
+        parts = path.strip("/").split("/")
+        query: _ListQuery | None = None
+        invalid: _BadRequest | None = None
+        if method == "GET" and parts == ["v1", "customers"]:
+            try:
+                query = _ListQuery.parse(params, self.default_limit)
+            except _BadRequest as exc:
+                invalid = exc
+        fault = self._take_fault(path, query)
+        if fault is not None:
+            if fault.kind == "drop":
+                return None
+            if fault.kind == "malformed":
+                return _Reply(200, _MALFORMED_BODY)
+            if fault.kind == "status":
+                return _error(fault.status, fault.message, fault.retry_after)
+            time.sleep(fault.delay)
+        if not authorized:
+            return _error(401, "Unauthorized")
+        try:
+            if invalid is not None:
+                raise invalid
+            if query is not None:
+                return self._list(query)
+            return self._route(method, parts, body)
+        except _NotFound:
+            return _error(404, "Customer not found")
+        except _BadRequest as exc:
+            return _error(400, str(exc))
+
+    def _take_fault(self, path: str, query: _ListQuery | None) -> Fault | None:
+        with self._lock:
+            for armed in self._faults:
+                fault = armed.fault
+                if not _fault_matches(fault, path, query):
+                    continue
+                armed.remaining -= 1
+                if armed.remaining <= 0:
+                    self._faults.remove(armed)
+                return fault
+        return None
+
+    def _list(self, query: _ListQuery) -> _Reply:
+        with self._lock:
+            hooks = [
+                hook
+                for hook in self._page_hooks
+                if hook.page == query.page and hook.archived in (None, query.archived)
+            ]
+            for hook in hooks:
+                self._page_hooks.remove(hook)
+        for hook in hooks:  # outside the lock: a callback may do anything, including HTTP calls
+            hook.callback(self)
+        blobs, last, more = self._page(query)
+        cursor = _encode_cursor(query.archived, last, query.page + 1) if more else None
+        next_page = b'"' + cursor.encode() + b'"' if cursor else b"null"
+        return _Reply(200, b'{"data":[' + b",".join(blobs) + b'],"next_page":' + next_page + b"}")
+
+    def _route(self, method: str, parts: list[str], body: bytes) -> _Reply:
+        if method == "GET":
+            match parts:
+                case ["v1", "customers", customer_id]:
+                    with self._lock:
+                        blob = self._entry(customer_id).json()
+                    return _Reply(200, b'{"data":' + blob + b"}")
+            return _error(404, "Not found")
+        if method != "POST":
+            return _error(405, "Method not allowed")
+        payload = _json_object(body)
+        match parts:
+            case ["v1", "customers"]:
+                created = self.create_customer(
+                    _text(payload, "name"),
+                    ingest_aliases=_texts(payload, "ingest_aliases"),
+                    external_id=_text(payload, "external_id", required=False),
+                    custom_fields=_text_map(payload, "custom_fields"),
+                )
+                return _ok({"data": created})
+            case ["v1", "customers", "archive"]:
+                customer_id = _text(payload, "id")
+                self.archive(customer_id)
+                return _ok({"data": {"id": customer_id}})
+            case ["v1", "customers", "setBillableStatus"]:
+                customer_id, value = _text(payload, "customer_id"), _text(payload, "billable_status")
+                self.set_billable_status(customer_id, value, _text(payload, "effective_at"))
+                return _ok({"data": {"id": customer_id, "current_billable_status": value}})
+            case ["v1", "customers", customer_id, "setName"]:
+                self.set_name(customer_id, _text(payload, "name"))
+                record = self.get(customer_id)
+                keys = ("id", "external_id", "ingest_aliases", "name", "custom_fields")
+                return _ok({"data": {key: record[key] for key in keys}})
+            case ["v1", "customers", customer_id, "setIngestAliases"]:
+                self.set_ingest_aliases(customer_id, _texts(payload, "ingest_aliases", required=True))
+                return _ok({})
+            case ["v1", "customers", customer_id, "updateConfig"]:
+                if "salesforce_account_id" in payload:
+                    sfid = _text(payload, "salesforce_account_id", required=False)
+                    self.update_config(customer_id, salesforce_account_id=sfid)
+                else:
+                    self._entry(customer_id)  # nothing to change, but an unknown id is still a 404
+                return _ok({})
+            case ["v1", "customFields", "setValues"]:
+                self.set_custom_fields(
+                    _customer_entity(payload), _text_map(payload, "custom_fields", required=True)
+                )
+                return _ok({})
+            case ["v1", "customFields", "deleteValues"]:
+                self.delete_custom_fields(_customer_entity(payload), _texts(payload, "keys", required=True))
+                return _ok({})
+        return _error(404, "Not found")
+
+
+# -- request body validation -------------------------------------------------------------------------
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _BadRequest("request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise _BadRequest("request body must be a JSON object")
+    return payload
+
+
+def _text(payload: dict[str, Any], key: str, *, required: bool = True) -> Any:
+    value = payload.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise _BadRequest(f"{key} is required and must be a string")
+    return value
+
+
+def _texts(payload: dict[str, Any], key: str, *, required: bool = False) -> Any:
+    value = payload.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _BadRequest(f"{key} must be a list of strings")
+    return value
+
+
+def _text_map(payload: dict[str, Any], key: str, *, required: bool = False) -> Any:
+    value = payload.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
+        raise _BadRequest(f"{key} must be an object of strings")
+    return value
+
+
+def _customer_entity(payload: dict[str, Any]) -> str:
+    if payload.get("entity") != "customer":
+        raise _BadRequest("this fake only supports entity 'customer'")
+    return _text(payload, "entity_id")  # type: ignore[no-any-return]
+
+
+def _check_custom_fields(fields: dict[str, str]) -> None:
+    for key, value in fields.items():
+        if len(value) > _CUSTOM_FIELD_LIMIT:
+            raise _BadRequest(f"custom field {key} is longer than {_CUSTOM_FIELD_LIMIT} characters")
+
+
+def _check_billable_status(value: str) -> None:
+    if value not in _BILLABLE_STATUSES:
+        raise _BadRequest("billable_status must be 'billable' or 'unbillable'")
+
+
+# -- the HTTP server ---------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    """A threading HTTP server that knows its fake and can cut its keep-alive connections on stop."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], fake: FakeMetronome) -> None:
+        self.fake = fake
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def close_connections(self) -> None:
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # already closed by the client
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP plumbing only: read the request, ask the fake, write the reply in one piece."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, so a client's connection pool is exercised
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        super().finish()
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def do_PUT(self) -> None:
+        self._serve()
+
+    def do_PATCH(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def _serve(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self.wfile.write(_error(400, "invalid Content-Length").encode())
+            return
+        body = self.rfile.read(length) if length else b""
+        reply = self.server.fake._handle(self.command, self.path, self.headers.get("Authorization"), body)
+        if reply is None:
+            self.close_connection = True
+            return
+        self.wfile.write(reply.encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the per-request log lines; :attr:`FakeMetronome.requests` records them instead."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a fake Metronome until Ctrl-C, printing its base URL on stdout."""
+    parser = argparse.ArgumentParser(
+        prog="python -m watcher.fake_metronome",
+        description="Serve a fake Metronome customers API with seeded customers.",
+    )
+    parser.add_argument("--customers", type=int, default=100, help="customers to seed (default 100)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--token", default="test-token", help="the bearer token to accept")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible data")
+    parser.add_argument(
+        "--churn", type=float, default=0.0, metavar="SECONDS", help="apply one random change every SECONDS"
+    )
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    fake = FakeMetronome(token=args.token, host=args.host, port=args.port)
+    fake.seed(args.customers, rng=rng)
+    with fake:
+        print(fake.url, flush=True)
+        print(f"fake Metronome with {args.customers} customers; Ctrl-C stops", file=sys.stderr)
+        try:
+            while True:
+                time.sleep(args.churn or 3600)
+                if args.churn:
+                    print(fake.churn(rng), file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

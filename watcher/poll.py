@@ -1,0 +1,526 @@
+"""One poll cycle: list, reconcile, diff, and commit state + audit events + outbox together.
+
+The cycle, and why it is shaped this way:
+
+1. Both listings are read in full (concurrently when asked: the cycle's floor is the API's
+   latency, so overlapping the two halves it). Each record is fingerprinted and compared with the
+   stored fingerprint; only records that differ are *staged* in the database, in batches. A cycle
+   without changes therefore writes nothing but its poll-run row, and memory holds only
+   ``id -> fingerprint`` rather than whole records.
+2. Known customers seen in neither listing are looked up by id (rule 3): 404 means deleted, a
+   record is used as seen, an error means no conclusion this cycle. Before that, the mass-vanish
+   guard refuses an implausible cycle.
+3. One ``BEGIN IMMEDIATE`` transaction turns the staged records into new state, audit events with
+   consecutive ``sequence`` numbers and one outbox row per (event, routed sink) (rule 5).
+
+Any failure before step 3 commits nothing but the failed poll-run row (rule 1).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import structlog
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from . import metrics
+from ._time import Clock, format_ts, utcnow
+from .config import DiffConfig
+from .diff import diff_records
+from .errors import APIError, PollRefused, WatcherError
+from .routing import Route
+from .store import CustomerState, EventRecord, OutboxRow, PollRun, StagedRecord, Store, canonical, record_hash
+
+__all__ = ["CustomerSource", "PollCancelled", "PollResult", "Poller", "record_notice"]
+
+log = structlog.get_logger("watcher.poll")
+
+#: Staged rows are flushed in batches of this size: large enough to amortise a commit,
+#: small enough that memory stays flat however many customers changed.
+_STAGE_BATCH = 2000
+_COMMIT_BATCH = 500
+
+
+class CustomerSource(Protocol):
+    """What the cycle needs from Metronome (``watcher.client.MetronomeClient`` provides it)."""
+
+    def iter_pages(self, *, archived: bool) -> Iterator[list[dict[str, Any]]]: ...
+
+    def get_customer(self, customer_id: str) -> dict[str, Any] | None: ...
+
+
+class PollCancelled(WatcherError):
+    """The cycle was abandoned on request (shutdown); nothing was committed."""
+
+
+@dataclass(frozen=True)
+class PollResult:
+    poll_id: int
+    outcome: str  # "succeeded" | "failed" | "refused" | "abandoned"
+    baseline: bool = False
+    pages: int = 0
+    active: int = 0
+    archived: int = 0
+    events_by_type: Mapping[str, int] = field(default_factory=dict)
+    duration: float = 0.0
+    error: str | None = None
+    #: Customers that vanished but whose lookup by id failed: no conclusion this cycle.
+    unresolved: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "succeeded"
+
+    @property
+    def events(self) -> int:
+        return sum(self.events_by_type.values())
+
+
+class Poller:
+    """Runs poll cycles against one store. Not re-entrant: one cycle at a time per database,
+    enforced across processes with a lock file next to the database."""
+
+    def __init__(
+        self,
+        store: Store,
+        source: CustomerSource,
+        *,
+        diff: DiffConfig | None = None,
+        routes: Sequence[Route] = (),
+        clock: Clock = utcnow,
+        concurrent_listings: bool = True,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.diff = diff or DiffConfig()
+        self.routes = tuple(routes)
+        self.clock = clock
+        self.concurrent_listings = concurrent_listings
+
+    def run(self, *, cancel: threading.Event | None = None) -> PollResult:
+        """Run one cycle. Never raises for API trouble: the outcome says what happened."""
+        cancel = cancel or threading.Event()
+        t0 = time.perf_counter()
+        with _PollLock(self.store.path):
+            poll_id = self._begin()
+            cycle = _Cycle(self, poll_id, cancel)
+            try:
+                result = cycle.run()
+            except BaseException as exc:
+                outcome = (
+                    "abandoned" if isinstance(exc, PollCancelled) or cancel.is_set()
+                    else "refused" if isinstance(exc, PollRefused)
+                    else "failed"
+                )
+                reason = str(exc) if isinstance(exc, WatcherError) else f"internal error: {exc!r}"
+                self._fail(poll_id, outcome, reason)
+                duration = time.perf_counter() - t0
+                metrics.POLLS.labels(outcome).inc()
+                metrics.POLL_DURATION.observe(duration)
+                log.error(
+                    "poll.failed", poll_id=poll_id, outcome=outcome, error=reason,
+                    duration_ms=round(duration * 1000), pages=cycle.pages,
+                )
+                if not isinstance(exc, WatcherError):
+                    raise
+                return PollResult(poll_id, outcome, pages=cycle.pages, duration=duration, error=reason)
+        duration = time.perf_counter() - t0
+        result = PollResult(**{**result.__dict__, "duration": duration})
+        metrics.POLLS.labels("succeeded").inc()
+        metrics.POLL_DURATION.observe(duration)
+        metrics.LAST_SUCCESSFUL_POLL.set(self.clock().timestamp())
+        for t, n in result.events_by_type.items():
+            metrics.EVENTS.labels(t).inc(n)
+        metrics.CUSTOMERS.labels("active").set(result.active)
+        metrics.CUSTOMERS.labels("archived").set(result.archived)
+        log.info(
+            "poll.completed", poll_id=poll_id, outcome="succeeded", baseline=result.baseline,
+            duration_ms=round(duration * 1000), pages=result.pages, active=result.active,
+            archived=result.archived, events=dict(result.events_by_type), unresolved=result.unresolved,
+        )
+        return result
+
+    def _begin(self) -> int:
+        now = format_ts(self.clock())
+        with self.store.write() as conn:
+            # A run left "running" belongs to a process that died mid-cycle: it committed nothing.
+            conn.execute(
+                update(PollRun).where(PollRun.outcome == "running")  # type: ignore[arg-type]
+                .values(outcome="abandoned", finished_at=now, error="process ended during the cycle")
+            )
+            conn.execute(delete(StagedRecord))
+            poll_id = conn.execute(insert(PollRun).values(started_at=now, outcome="running")).inserted_primary_key
+        assert poll_id is not None
+        return int(poll_id[0])
+
+    def _fail(self, poll_id: int, outcome: str, error: str) -> None:
+        with self.store.write() as conn:
+            conn.execute(delete(StagedRecord).where(StagedRecord.poll_id == poll_id))  # type: ignore[arg-type]
+            conn.execute(
+                update(PollRun).where(PollRun.id == poll_id)  # type: ignore[arg-type]
+                .values(outcome=outcome, finished_at=format_ts(self.clock()), error=error[:2000])
+            )
+
+
+class _PollLock:
+    """An exclusive ``flock`` on ``<db>.lock``: two pollers on one database would each see the
+    other's changes as their own and emit them twice."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(f"{db_path}.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise PollRefused("another poll is already running against this database") from None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+_DONE = object()
+
+
+class _Cycle:
+    """The state of one cycle in progress."""
+
+    def __init__(self, poller: Poller, poll_id: int, cancel: threading.Event) -> None:
+        self.p = poller
+        self.store = poller.store
+        self.poll_id = poll_id
+        self.cancel = cancel
+        self.pages = 0
+        #: id -> (fingerprint, archived) of every customer known to be active or archived.
+        self.known: dict[str, tuple[int, bool]] = {}
+        #: id -> archived, for every customer seen this cycle.
+        self.seen: dict[str, bool] = {}
+        self._stage_buf: dict[str, tuple[bool, int, bytes]] = {}
+        self._unstage: set[str] = set()
+        self._staged_any: set[str] = set()
+
+    # -- 1. listings --------------------------------------------------------------------------
+
+    def run(self) -> PollResult:
+        with self.store.read() as conn:
+            baseline = not self.store.has_baseline(conn)
+            for cid, h, status in conn.execute(
+                select(CustomerState.id, CustomerState.hash, CustomerState.status)  # type: ignore[call-overload]
+                .where(CustomerState.status != "deleted")
+            ):
+                self.known[cid] = (h, status == "archived")
+        for archived, page in self._pages():
+            self._check_cancel()
+            self.pages += 1
+            for record in page:
+                self._observe(record, archived)
+            if len(self._stage_buf) >= _STAGE_BATCH:
+                self._flush()
+        self._flush()
+        deleted, unresolved = self._resolve_vanished()
+        self._flush()
+        self._check_cancel()
+        events = self._commit(baseline, deleted)
+        active = sum(1 for a in self.seen.values() if not a)
+        return PollResult(
+            self.poll_id, "succeeded", baseline=baseline, pages=self.pages, active=active,
+            archived=len(self.seen) - active, events_by_type=events, unresolved=unresolved,
+        )
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise PollCancelled("poll abandoned: shutting down")
+
+    def _pages(self) -> Iterator[tuple[bool, list[dict[str, Any]]]]:
+        src = self.p.source
+        if not self.p.concurrent_listings:
+            for archived in (False, True):
+                for page in src.iter_pages(archived=archived):
+                    yield archived, page
+            return
+        # Two producer threads, one consumer: diffing stays single-threaded and needs no locks;
+        # the small bounded queue keeps at most a few pages in memory.
+        q: queue.Queue[Any] = queue.Queue(maxsize=8)
+        stop = threading.Event()
+
+        def produce(archived: bool) -> None:
+            try:
+                for page in src.iter_pages(archived=archived):
+                    while not stop.is_set():
+                        try:
+                            q.put((archived, page), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(_DONE)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                q.put(exc)
+
+        threads = [threading.Thread(target=produce, args=(a,), daemon=True, name=f"list-{a}") for a in (False, True)]
+        for t in threads:
+            t.start()
+        try:
+            done = 0
+            while done < 2:
+                try:
+                    item = q.get(timeout=0.2)
+                except queue.Empty:
+                    self._check_cancel()
+                    continue
+                if item is _DONE:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=5)
+
+    def _observe(self, record: dict[str, Any], archived: bool) -> None:
+        cid = record["id"]
+        before = self.seen.get(cid)
+        if before is True and not archived:
+            return  # seen in both listings: archived wins (it was archived mid-scan)
+        self.seen[cid] = archived
+        data = canonical(record)
+        h = record_hash(data)
+        if self.known.get(cid) == (h, archived):
+            if before is not None:
+                self._stage_buf.pop(cid, None)
+                if cid in self._staged_any:
+                    self._unstage.add(cid)
+            return
+        self._stage_buf[cid] = (archived, h, data)
+        self._unstage.discard(cid)
+
+    def _flush(self) -> None:
+        if not self._stage_buf and not self._unstage:
+            return
+        rows = [
+            {"poll_id": self.poll_id, "customer_id": cid, "archived": a, "hash": h, "record": d.decode()}
+            for cid, (a, h, d) in self._stage_buf.items()
+        ]
+        with self.store.write() as conn:
+            if self._unstage:
+                conn.execute(
+                    delete(StagedRecord).where(
+                        StagedRecord.poll_id == self.poll_id,  # type: ignore[arg-type]
+                        StagedRecord.customer_id.in_(list(self._unstage)),  # type: ignore[attr-defined]
+                    )
+                )
+            if rows:
+                conn.execute(
+                    StagedRecord.__table__.insert().prefix_with("OR REPLACE"),  # type: ignore[attr-defined]
+                    rows,
+                )
+        self._staged_any.update(self._stage_buf)
+        self._stage_buf.clear()
+        self._unstage.clear()
+
+    # -- 2. vanished customers ----------------------------------------------------------------
+
+    def _resolve_vanished(self) -> tuple[list[str], int]:
+        vanished = [cid for cid in self.known if cid not in self.seen]
+        if not vanished:
+            return [], 0
+        cfg = self.p.diff
+        if len(vanished) > cfg.max_vanished_count and len(vanished) > cfg.max_vanished_fraction * len(self.known):
+            raise PollRefused(
+                f"{len(vanished)} of {len(self.known)} known customers are missing from both listings "
+                f"(more than {cfg.max_vanished_fraction:.0%} and more than {cfg.max_vanished_count}); "
+                "refusing to treat them as deleted"
+            )
+        deleted: list[str] = []
+        unresolved = 0
+        for cid in vanished:
+            self._check_cancel()
+            try:
+                record = self.p.source.get_customer(cid)
+            except APIError as exc:
+                unresolved += 1
+                log.warning("poll.lookup_failed", poll_id=self.poll_id, customer_id=cid, error=str(exc))
+                continue
+            if record is None:
+                deleted.append(cid)
+            elif record.get("id") != cid:
+                unresolved += 1
+                log.warning("poll.lookup_mismatch", poll_id=self.poll_id, customer_id=cid)
+            else:
+                self._observe(record, record.get("archived_at") is not None)
+        return deleted, unresolved
+
+    # -- 3. the one transaction ---------------------------------------------------------------
+
+    def _commit(self, baseline: bool, deleted: list[str]) -> dict[str, int]:
+        now = self.p.clock()
+        detected_at = format_ts(now)
+        emit = not baseline or self.p.diff.emit_baseline_events
+        ignore = self.p.diff.ignore_fields
+        counts: Counter[str] = Counter()
+        with self.store.write() as conn:
+            seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
+            writer = _EventWriter(conn, self.poll_id, detected_at, self.p.routes, seq)
+            last_rowid = 0
+            while True:
+                batch = conn.exec_driver_sql(
+                    "SELECT rowid, customer_id, archived, hash, record FROM staged "
+                    "WHERE poll_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
+                    (self.poll_id, last_rowid, _COMMIT_BATCH),
+                ).all()
+                if not batch:
+                    break
+                last_rowid = batch[-1][0]
+                prev = _load_states(conn, [r[1] for r in batch])
+                upserts: list[dict[str, Any]] = []
+                for _, cid, archived, h, data in batch:
+                    record = orjson.loads(data)
+                    status = "archived" if archived else "active"
+                    old = prev.get(cid)
+                    event_type: str | None
+                    changes: list[dict[str, Any]] = []
+                    previous: Any = None
+                    if old is None or old[0] == "deleted":
+                        event_type = "customer.created" if emit else None
+                    else:
+                        previous = orjson.loads(old[1])
+                        changes = [c.as_dict() for c in diff_records(previous, record, ignore)]
+                        was_archived = old[0] == "archived"
+                        if archived and not was_archived:
+                            event_type = "customer.archived"
+                        elif was_archived and not archived:
+                            event_type = "customer.unarchived"
+                        elif changes:
+                            event_type = "customer.updated"
+                        else:
+                            event_type = None  # noise only (e.g. updated_at): refresh silently
+                    if event_type:
+                        writer.add(event_type, cid, record, previous, changes)
+                        counts[event_type] += 1
+                    upserts.append({
+                        "id": cid, "status": status, "hash": h, "record": data,
+                        "first_seen_at": old[2] if old else detected_at,
+                        "changed_at": detected_at if (event_type or old is None) else old[3],
+                        "last_poll_id": self.poll_id,
+                    })
+                conn.execute(CustomerState.__table__.insert().prefix_with("OR REPLACE"), upserts)  # type: ignore[attr-defined]
+                writer.flush()
+            for i in range(0, len(deleted), _COMMIT_BATCH):
+                chunk = deleted[i : i + _COMMIT_BATCH]
+                prev = _load_states(conn, chunk)
+                for cid in chunk:
+                    old = prev[cid]
+                    last = orjson.loads(old[1])
+                    writer.add("customer.deleted", cid, last, last, [])
+                    counts["customer.deleted"] += 1
+                conn.execute(
+                    update(CustomerState).where(CustomerState.id.in_(chunk))  # type: ignore[attr-defined]
+                    .values(status="deleted", changed_at=detected_at, last_poll_id=self.poll_id)
+                )
+                writer.flush()
+            conn.execute(delete(StagedRecord).where(StagedRecord.poll_id == self.poll_id))  # type: ignore[arg-type]
+            active = sum(1 for a in self.seen.values() if not a)
+            conn.execute(
+                update(PollRun).where(PollRun.id == self.poll_id)  # type: ignore[arg-type]
+                .values(
+                    outcome="succeeded", finished_at=format_ts(self.p.clock()), baseline=baseline,
+                    pages=self.pages, active=active, archived=len(self.seen) - active,
+                    events=sum(counts.values()), events_by_type=orjson.dumps(dict(counts)).decode(),
+                )
+            )
+        return dict(counts)
+
+
+def _load_states(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str, str, str, str]]:
+    rows = conn.execute(
+        select(
+            CustomerState.id, CustomerState.status, CustomerState.record,  # type: ignore[call-overload]
+            CustomerState.first_seen_at, CustomerState.changed_at,
+        ).where(CustomerState.id.in_(list(ids)))  # type: ignore[attr-defined]
+    ).all()
+    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+
+
+class _EventWriter:
+    """Appends events with consecutive sequence numbers and routes each to its sinks."""
+
+    def __init__(self, conn: Connection, poll_id: int | None, detected_at: str, routes: Sequence[Route],
+                 last_sequence: int) -> None:
+        self.conn = conn
+        self.poll_id = poll_id
+        self.detected_at = detected_at
+        self.routes = routes
+        self.sequence = last_sequence
+        self.events: list[dict[str, Any]] = []
+        self.outbox: list[dict[str, Any]] = []
+
+    def add(self, event_type: str, customer_id: str | None, customer: Any, previous: Any,
+            changes: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        self.sequence += 1
+        payload: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "type": event_type,
+            "sequence": self.sequence,
+            "detected_at": self.detected_at,
+            "poll_id": self.poll_id,
+            "customer_id": customer_id,
+            "customer": customer,
+            "previous": previous,
+            "changes": changes,
+        }
+        if extra:
+            payload.update(extra)
+        self.events.append({
+            "sequence": self.sequence, "id": payload["id"], "type": event_type, "customer_id": customer_id,
+            "poll_id": self.poll_id, "detected_at": self.detected_at, "payload": orjson.dumps(payload).decode(),
+        })
+        fields = [c["field"] for c in changes]
+        for route in self.routes:
+            if route.accepts(event_type, fields):
+                self.outbox.append({
+                    "sequence": self.sequence, "sink": route.sink, "status": "pending", "attempts": 0,
+                    "created_at": self.detected_at, "next_attempt_at": self.detected_at,
+                })
+        return payload
+
+    def flush(self) -> None:
+        if self.events:
+            self.conn.execute(insert(EventRecord), self.events)
+            self.events = []
+        if self.outbox:
+            self.conn.execute(insert(OutboxRow), self.outbox)
+            self.outbox = []
+
+
+def record_notice(store: Store, event_type: str, routes: Sequence[Route], *, now: datetime,
+                  detail: Mapping[str, Any]) -> dict[str, Any]:
+    """Append a ``watcher.*`` notice (not a customer change) to the audit log and route it."""
+    with store.write() as conn:
+        seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
+        writer = _EventWriter(conn, None, format_ts(now), routes, seq)
+        payload = writer.add(event_type, None, None, None, [], extra={"detail": dict(detail)})
+        writer.flush()
+    return payload
+

@@ -1,0 +1,50 @@
+"""Sinks: where events go. One small protocol, one explicit registry keyed on ``type``.
+
+A sink turns a batch of v1 event dicts into one :class:`Outcome` per event it attempted, in
+order. It never touches the database: :mod:`watcher.delivery` owns retries, back-off, dead
+letters and ordering, so every sink obeys the same delivery rules (and one contract test proves
+it for all of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+
+from ..config import HttpSinkConfig, LogSinkConfig, SinkConfig, SlackSinkConfig
+from ._base import Outcome, Sink
+from .log import LogSink
+
+__all__ = ["REGISTRY", "LogSink", "Outcome", "Sink", "build_sink", "build_sinks"]
+
+SinkFactory = Callable[[Any, "httpx.Client | None"], Sink]
+
+
+def _log(cfg: LogSinkConfig, http: httpx.Client | None) -> Sink:
+    return LogSink(cfg.name, path=cfg.path)
+
+
+def _slack(cfg: SlackSinkConfig, http: httpx.Client | None) -> Sink:
+    from .slack import SlackSink
+
+    return SlackSink.from_config(cfg, http=http)
+
+
+def _http(cfg: HttpSinkConfig, http: httpx.Client | None) -> Sink:
+    from .http import HttpSink
+
+    return HttpSink.from_config(cfg, http=http)
+
+
+#: ``type`` in the config -> how to build the sink. Explicit on purpose: no import side effects.
+REGISTRY: Mapping[str, SinkFactory] = {"log": _log, "slack": _slack, "http": _http}
+
+
+def build_sink(cfg: SinkConfig, *, http: httpx.Client | None = None) -> Sink:
+    return REGISTRY[cfg.type](cfg, http)
+
+
+def build_sinks(cfgs: tuple[SinkConfig, ...], *, http: httpx.Client | None = None) -> dict[str, Sink]:
+    return {cfg.name: build_sink(cfg, http=http) for cfg in cfgs}
