@@ -68,7 +68,7 @@ def build_app(
         retry=RetryPolicy(max_attempts=m.max_attempts, max_total_wait=m.max_retry_wait.total_seconds()),
     )
     routes = list(routes_from_config(config))
-    sinks = build_sinks(config.sinks, http=sink_http)
+    sinks = build_sinks(config.sinks, http=sink_http, app_url=m.app_url)
     if extra_sinks:
         sinks.update(extra_sinks)
         from .routing import Route

@@ -36,10 +36,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --config is accepted before or after the command; SUPPRESS keeps the subcommand's copy from
+    # overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", metavar="PATH", help="TOML config file (default: $WATCHER_CONFIG)")
-    p = _Parser(prog=PROG, description="Watch Metronome customers and emit an event for every change.",
-                parents=[common])
+    common.add_argument("--config", "-c", metavar="PATH", default=argparse.SUPPRESS,
+                        help="TOML config file (default: $WATCHER_CONFIG)")
+    p = _Parser(prog=PROG, description="Watch Metronome customers and emit an event for every change.")
+    p.add_argument("--config", "-c", metavar="PATH", default=None, help="TOML config file (default: $WATCHER_CONFIG)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     sub.add_parser("run", parents=[common], help="run the daemon: poll on a schedule and deliver events")

@@ -113,7 +113,12 @@ class Poller:
         """Run one cycle. Never raises for API trouble: the outcome says what happened."""
         cancel = cancel or threading.Event()
         t0 = time.perf_counter()
-        with _PollLock(self.store.path):
+        lock = _PollLock(self.store.path)
+        try:
+            lock.acquire()
+        except PollRefused as exc:
+            return self._refused_by_lock(str(exc))
+        with lock:
             poll_id = self._begin()
             cycle = _Cycle(self, poll_id, cancel)
             try:
@@ -125,15 +130,23 @@ class Poller:
                     else "failed"
                 )
                 reason = str(exc) if isinstance(exc, WatcherError) else f"internal error: {exc!r}"
-                self._fail(poll_id, outcome, reason)
                 duration = time.perf_counter() - t0
+                if outcome == "abandoned":
+                    reason = "poll abandoned: shutting down"
+                self._fail(poll_id, outcome, reason)
                 metrics.POLLS.labels(outcome).inc()
                 metrics.POLL_DURATION.observe(duration)
-                log.error(
-                    "poll.failed", poll_id=poll_id, outcome=outcome, error=reason,
-                    duration_ms=round(duration * 1000), pages=cycle.pages,
-                )
-                if not isinstance(exc, WatcherError):
+                if outcome == "abandoned":
+                    # On shutdown the API client is closed under the poll's feet; whatever that
+                    # raised is not news, the abandonment is.
+                    log.info("poll.abandoned", poll_id=poll_id, duration_ms=round(duration * 1000),
+                             pages=cycle.pages)
+                else:
+                    log.error(
+                        "poll.failed", poll_id=poll_id, outcome=outcome, error=reason,
+                        duration_ms=round(duration * 1000), pages=cycle.pages,
+                    )
+                if not isinstance(exc, WatcherError) and outcome != "abandoned":
                     raise
                 return PollResult(poll_id, outcome, pages=cycle.pages, duration=duration, error=reason)
         duration = time.perf_counter() - t0
@@ -165,6 +178,17 @@ class Poller:
         assert poll_id is not None
         return int(poll_id[0])
 
+    def _refused_by_lock(self, error: str) -> PollResult:
+        now = format_ts(self.clock())
+        with self.store.write() as conn:
+            poll_id = conn.execute(
+                insert(PollRun).values(started_at=now, finished_at=now, outcome="refused", error=error)
+            ).inserted_primary_key
+        assert poll_id is not None
+        metrics.POLLS.labels("refused").inc()
+        log.error("poll.failed", poll_id=poll_id[0], outcome="refused", error=error)
+        return PollResult(int(poll_id[0]), "refused", error=error)
+
     def _fail(self, poll_id: int, outcome: str, error: str) -> None:
         with self.store.write() as conn:
             conn.execute(delete(StagedRecord).where(StagedRecord.poll_id == poll_id))  # type: ignore[arg-type]
@@ -182,7 +206,7 @@ class _PollLock:
         self.path = Path(f"{db_path}.lock")
         self.fd: int | None = None
 
-    def __enter__(self) -> None:
+    def acquire(self) -> None:
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -190,6 +214,9 @@ class _PollLock:
             os.close(self.fd)
             self.fd = None
             raise PollRefused("another poll is already running against this database") from None
+
+    def __enter__(self) -> None:
+        pass
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:

@@ -17,22 +17,26 @@ from ..config import HttpSinkConfig, LogSinkConfig, SinkConfig, SlackSinkConfig
 from ._base import Outcome, Sink
 from .log import LogSink
 
-__all__ = ["REGISTRY", "LogSink", "Outcome", "Sink", "build_sink", "build_sinks"]
+__all__ = ["DEFAULT_APP_URL", "REGISTRY", "LogSink", "Outcome", "Sink", "build_sink", "build_sinks"]
 
-SinkFactory = Callable[[Any, "httpx.Client | None"], Sink]
+#: ``(config, shared httpx client or None, Metronome app URL)`` -> a sink.
+SinkFactory = Callable[[Any, "httpx.Client | None", str], Sink]
+
+#: Where Slack links point when no config says otherwise (``[metronome] app_url``'s default).
+DEFAULT_APP_URL = "https://app.metronome.com"
 
 
-def _log(cfg: LogSinkConfig, http: httpx.Client | None) -> Sink:
+def _log(cfg: LogSinkConfig, http: httpx.Client | None, app_url: str) -> Sink:
     return LogSink(cfg.name, path=cfg.path)
 
 
-def _slack(cfg: SlackSinkConfig, http: httpx.Client | None) -> Sink:
+def _slack(cfg: SlackSinkConfig, http: httpx.Client | None, app_url: str) -> Sink:
     from .slack import SlackSink
 
-    return SlackSink.from_config(cfg, http=http)
+    return SlackSink.from_config(cfg, http=http, app_url=app_url)
 
 
-def _http(cfg: HttpSinkConfig, http: httpx.Client | None) -> Sink:
+def _http(cfg: HttpSinkConfig, http: httpx.Client | None, app_url: str) -> Sink:
     from .http import HttpSink
 
     return HttpSink.from_config(cfg, http=http)
@@ -42,9 +46,12 @@ def _http(cfg: HttpSinkConfig, http: httpx.Client | None) -> Sink:
 REGISTRY: Mapping[str, SinkFactory] = {"log": _log, "slack": _slack, "http": _http}
 
 
-def build_sink(cfg: SinkConfig, *, http: httpx.Client | None = None) -> Sink:
-    return REGISTRY[cfg.type](cfg, http)
+def build_sink(cfg: SinkConfig, *, http: httpx.Client | None = None, app_url: str = DEFAULT_APP_URL) -> Sink:
+    """Build one sink. ``app_url`` is ``[metronome] app_url``: Slack messages link into it."""
+    return REGISTRY[cfg.type](cfg, http, app_url)
 
 
-def build_sinks(cfgs: tuple[SinkConfig, ...], *, http: httpx.Client | None = None) -> dict[str, Sink]:
-    return {cfg.name: build_sink(cfg, http=http) for cfg in cfgs}
+def build_sinks(
+    cfgs: tuple[SinkConfig, ...], *, http: httpx.Client | None = None, app_url: str = DEFAULT_APP_URL
+) -> dict[str, Sink]:
+    return {cfg.name: build_sink(cfg, http=http, app_url=app_url) for cfg in cfgs}

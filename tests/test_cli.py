@@ -1,0 +1,195 @@
+"""The command line as an operator uses it: separate processes on one database file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from watcher.fake_metronome import Fault, FakeMetronome
+
+from .conftest import TOKEN
+
+
+def write_config(tmp_path: Path, fake: FakeMetronome, extra: str = "") -> Path:
+    path = tmp_path / "watcher.toml"
+    path.write_text(
+        f"""
+[metronome]
+base_url = "{fake.url}"
+max_attempts = 2
+max_retry_wait = "1s"
+
+[store]
+path = "{tmp_path / 'watcher.db'}"
+
+[logging]
+format = "json"
+
+[[sinks]]
+type = "log"
+name = "events"
+path = "{tmp_path / 'events.jsonl'}"
+{extra}
+"""
+    )
+    return path
+
+
+def cli(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "METRONOME_BEARER_TOKEN": TOKEN, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=60, env=full_env,
+    )
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_poll_restart_and_events(fake: FakeMetronome, tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake)
+    ids = [fake.create_customer(f"Customer {i}", custom_fields={"tier": "starter"})["id"] for i in range(5)]
+
+    first = cli(config, "poll")
+    assert first.returncode == 0, first.stderr
+    assert "baseline recorded" in first.stdout
+
+    fake.set_name(ids[0], "Renamed")
+    fake.archive(ids[1])
+    new = fake.create_customer("Newcomer")["id"]
+    second = cli(config, "poll")
+    assert second.returncode == 0, second.stderr
+    assert "1 customer.archived, 1 customer.created, 1 customer.updated" in second.stdout
+
+    # Every later process continues from the committed state: nothing is re-emitted.
+    for _ in range(2):
+        again = cli(config, "poll")
+        assert again.returncode == 0 and "no changes" in again.stdout
+
+    listed = jsonl(cli(config, "events", "--format", "jsonl").stdout)
+    assert {(e["type"], e["customer_id"]) for e in listed} == {
+        ("customer.updated", ids[0]), ("customer.archived", ids[1]), ("customer.created", new)
+    }
+    assert [e["sequence"] for e in listed] == [1, 2, 3]
+    # The log sink received exactly the audit log's events, each once, the contract unchanged.
+    delivered = jsonl((tmp_path / "events.jsonl").read_text())
+    assert delivered == listed
+
+
+def test_events_filters_and_formats(fake: FakeMetronome, tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake)
+    a = fake.create_customer("Alpha")["id"]
+    b = fake.create_customer("Beta")["id"]
+    assert cli(config, "poll").returncode == 0
+    fake.set_name(a, "Alpha Two")
+    fake.archive(b)
+    assert cli(config, "poll").returncode == 0
+
+    by_customer = jsonl(cli(config, "events", "--customer", a, "--format", "jsonl").stdout)
+    assert [(e["customer_id"], e["type"]) for e in by_customer] == [(a, "customer.updated")]
+    by_type = jsonl(cli(config, "events", "--type", "customer.archived", "--format", "jsonl").stdout)
+    assert [e["customer_id"] for e in by_type] == [b]
+    assert jsonl(cli(config, "events", "--since", "2999-01-01T00:00:00Z", "--format", "jsonl").stdout) == []
+    assert len(jsonl(cli(config, "events", "--since", "1h", "--format", "jsonl").stdout)) == 2
+    assert jsonl(cli(config, "events", "--until", "1h", "--format", "jsonl").stdout) == []
+
+    # Events of one cycle come in no promised order; across cycles, in sequence order.
+    rows = {r["type"]: r for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))}
+    assert set(rows) == {"customer.updated", "customer.archived"}
+    assert json.loads(rows["customer.updated"]["changes"]) == [
+        {"field": "name", "before": "Alpha", "after": "Alpha Two"}
+    ]
+    assert rows["customer.archived"]["customer_id"] == b and rows["customer.archived"]["name"] == "Beta"
+
+    table = cli(config, "events").stdout.splitlines()
+    assert table[0].split() == ["sequence", "detected_at", "type", "customer_id", "name", "changes"]
+    updated = next(line for line in table if "customer.updated" in line)
+    assert "name: Alpha -> Alpha Two" in updated and a in updated
+
+    bad = cli(config, "events", "--since", "yesterday-ish")
+    assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_failed_poll_exits_1_and_commits_nothing(fake: FakeMetronome, tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake)
+    fake.create_customer("Steady")
+    assert cli(config, "poll").returncode == 0
+    fake.create_customer("Unseen yet")
+    fake.add_fault(Fault(kind="status", status=503, times=100))
+
+    failed = cli(config, "poll")
+
+    assert failed.returncode == 1
+    assert "failed" in failed.stderr and "HTTP 503" in failed.stderr
+    assert jsonl(cli(config, "events", "--format", "jsonl").stdout) == []
+
+    fake.clear_faults()
+    assert cli(config, "poll").returncode == 0
+    assert [e["type"] for e in jsonl(cli(config, "events", "--format", "jsonl").stdout)] == ["customer.created"]
+
+
+def test_token_never_appears_in_output_logs_or_database(fake: FakeMetronome, tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake, extra="\n[diff]\nmax_vanished_count = 0\nmax_vanished_fraction = 0.5\n")
+    ids = [fake.create_customer(f"C{i}")["id"] for i in range(4)]
+    outputs = [cli(config, "poll")]
+    fake.set_name(ids[0], "Changed")
+    outputs.append(cli(config, "poll"))
+    for fault in (
+        Fault(kind="status", status=401, message="Unauthorized"),
+        Fault(kind="status", status=500, times=10),
+        Fault(kind="malformed"),
+        Fault(kind="drop", times=10),
+    ):
+        fake.add_fault(fault)
+        outputs.append(cli(config, "poll"))
+        fake.clear_faults()
+    for cid in ids[:3]:
+        fake.delete(cid)
+    outputs.append(cli(config, "poll"))  # refused: mass vanish
+    outputs.append(cli(config, "--config", str(config), "events", "--format", "jsonl"))
+    outputs.append(cli(config, "status"))
+
+    assert [o.returncode for o in outputs[:2]] == [0, 0]
+    assert all(o.returncode == 1 for o in outputs[2:7]), [(o.returncode, o.stderr) for o in outputs]
+    text = "".join(o.stdout + o.stderr for o in outputs)
+    assert "api.giving_up" in text or "failed" in text  # the failures were logged ...
+    assert TOKEN not in text  # ... without the token
+    for f in tmp_path.iterdir():
+        assert TOKEN.encode() not in f.read_bytes(), f
+
+
+def test_bad_usage_exits_2(fake: FakeMetronome, tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake)
+    assert cli(config, "no-such-command").returncode == 2
+    assert cli(config, "events", "--format", "xml").returncode == 2
+
+
+def test_events_without_a_database_is_a_clear_error(fake: FakeMetronome, tmp_path: Path) -> None:
+    proc = cli(write_config(tmp_path, fake), "events")
+    assert proc.returncode == 1
+    assert "no database at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "watcher", "demo", "--for", "6", "--customers", "150", "--interval", "1",
+         "--seed", "7", "--db", str(tmp_path / "demo.db")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "METRONOME_BEARER_TOKEN": ""},
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "baseline: " in out
+    event_lines = [line for line in out.splitlines() if line.lstrip().startswith("#")]
+    assert len(event_lines) >= 3, out
+    assert any("customer." in line for line in event_lines)
+    assert "demo stopped:" in out
+    assert "Traceback" not in proc.stderr

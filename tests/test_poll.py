@@ -1,0 +1,385 @@
+"""The poll cycle against the fake Metronome over a real socket and a real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from watcher.fake_metronome import Fault, FakeMetronome
+from watcher.store import Store
+
+from .conftest import Harness
+
+
+def only(events: list[dict], **match: object) -> dict:
+    assert len(events) == 1, events
+    for k, v in match.items():
+        assert events[0][k] == v, (k, events[0][k], v)
+    return events[0]
+
+
+# -- rule 2: the baseline ----------------------------------------------------------------------
+
+
+def test_first_poll_is_a_baseline_without_events(fake: FakeMetronome, harness: Harness) -> None:
+    ids = [fake.create_customer(f"C{i}")["id"] for i in range(12)]
+    fake.archive(ids[0])
+
+    result = harness.poll()
+
+    assert result.ok and result.baseline
+    assert (result.active, result.archived, result.events) == (11, 1, 0)
+    assert harness.events() == []
+    assert harness.store.customer_counts() == {"active": 11, "archived": 1}
+    assert harness.poll().baseline is False
+
+
+def test_baseline_events_when_asked(fake: FakeMetronome, tmp_path: Path) -> None:
+    ids = {fake.create_customer(f"C{i}")["id"] for i in range(3)}
+    h = Harness(fake, tmp_path / "w.db", emit_baseline_events=True)
+    try:
+        h.poll()
+        events = h.events()
+    finally:
+        h.close()
+    assert {e["customer_id"] for e in events} == ids
+    assert {e["type"] for e in events} == {"customer.created"}
+
+
+# -- each event type, with its exact changes --------------------------------------------------
+
+
+def test_created(fake: FakeMetronome, seeded: Harness) -> None:
+    c = fake.create_customer("Brand New Co", ingest_aliases=["new@example.com"], custom_fields={"tier": "gold"})
+
+    result = seeded.poll()
+
+    e = only(seeded.events(), type="customer.created", customer_id=c["id"], previous=None, changes=[])
+    assert e["customer"] == fake.get(c["id"])
+    assert e["poll_id"] == result.poll_id
+    assert result.events_by_type == {"customer.created": 1}
+
+
+def test_updated_name(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=False)[3]["id"]
+    before = fake.get(cid)
+    fake.set_name(cid, "Renamed Inc.")
+
+    seeded.poll()
+
+    e = only(seeded.events(), type="customer.updated", customer_id=cid)
+    assert e["changes"] == [{"field": "name", "before": before["name"], "after": "Renamed Inc."}]
+    assert e["previous"] == before
+    assert e["customer"] == fake.get(cid)
+
+
+def test_updated_nested_fields(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=False)[0]["id"]
+    fake.set_custom_fields(cid, {"tier": "enterprise", "region": "eu"})
+    fake.update_config(cid, salesforce_account_id="0015500001WO1ZiABL")
+    fake.set_billable_status(cid, "unbillable", "2026-01-01T00:00:00Z")
+    fake.set_ingest_aliases(cid, ["a@example.com", "b@example.com"])
+    before = seeded.store.get_customer(cid)
+    assert before is not None
+
+    seeded.poll()
+
+    e = only(seeded.events(), type="customer.updated", customer_id=cid)
+    now = fake.get(cid)
+    assert e["changes"] == [
+        {"field": "current_billable_status.effective_at", "before": None,
+         "after": now["current_billable_status"]["effective_at"]},
+        {"field": "current_billable_status.value", "before": None, "after": "unbillable"},
+        {"field": "custom_fields.region", "before": None, "after": "eu"},
+        {"field": "custom_fields.tier", "before": "starter", "after": "enterprise"},
+        {"field": "customer_config.salesforce_account_id", "before": None, "after": "0015500001WO1ZiABL"},
+        {"field": "ingest_aliases", "before": [f"c{0}@example.com"], "after": ["a@example.com", "b@example.com"]},
+    ]
+
+
+def test_archived_with_a_rename_riding_along(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=False)[5]["id"]
+    old_name = fake.get(cid)["name"]
+    fake.set_name(cid, "Churned Corp")
+    fake.archive(cid)
+
+    seeded.poll()
+
+    e = only(seeded.events(), type="customer.archived", customer_id=cid)
+    archived_at = fake.get(cid)["archived_at"]
+    assert archived_at
+    assert e["changes"] == [
+        {"field": "archived_at", "before": None, "after": archived_at},
+        {"field": "name", "before": old_name, "after": "Churned Corp"},
+    ]
+    assert seeded.store.customer_counts() == {"active": 24, "archived": 6}
+
+
+def test_unarchived(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=True)[0]["id"]
+    archived_at = fake.get(cid)["archived_at"]
+    fake.unarchive(cid)
+
+    seeded.poll()
+
+    e = only(seeded.events(), type="customer.unarchived", customer_id=cid)
+    assert {"field": "archived_at", "before": archived_at, "after": None} in e["changes"]
+
+
+def test_deleted_only_after_a_404_by_id(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=False)[7]["id"]
+    last = fake.get(cid)
+    fake.delete(cid)
+
+    seeded.poll()
+
+    e = only(seeded.events(), type="customer.deleted", customer_id=cid, changes=[])
+    assert e["customer"] == last and e["previous"] == last
+    lookups = [r for r in fake.requests if r.path == f"/v1/customers/{cid}"]
+    assert [r.status for r in lookups] == [404]
+    assert seeded.store.customer_counts() == {"active": 24, "archived": 5, "deleted": 1}
+    seeded.poll()
+    assert len(seeded.events()) == 1, "a deleted customer is reported once"
+
+
+def test_vanished_but_lookup_fails_means_no_conclusion(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=False)[7]["id"]
+    fake.delete(cid)
+    fake.add_fault(Fault(kind="status", status=503, times=100, path=f"/v1/customers/{cid}"))
+
+    result = seeded.poll()
+
+    assert result.ok and result.unresolved == 1
+    assert seeded.events() == []
+    assert seeded.store.customer_counts()["active"] == 25
+
+    fake.clear_faults()
+    seeded.poll()
+    only(seeded.events(), type="customer.deleted", customer_id=cid)
+
+
+def test_vanished_from_listings_but_found_by_id_is_used_as_seen(fake: FakeMetronome, seeded: Harness) -> None:
+    # Absent is not archived: a listing that misses a customer (eventual consistency, say) must not
+    # turn into an event. The source below hides one customer from the listings only.
+    cid = fake.customers(archived=False)[2]["id"]
+    real = seeded.client
+
+    class HidingSource:
+        def iter_pages(self, *, archived: bool):  # type: ignore[no-untyped-def]
+            for page in real.iter_pages(archived=archived):
+                yield [r for r in page if r["id"] != cid]
+
+        def get_customer(self, customer_id: str):  # type: ignore[no-untyped-def]
+            return real.get_customer(customer_id)
+
+    seeded.poller.source = HidingSource()
+    assert seeded.poll().events == 0
+    fake.set_name(cid, "Still Here")
+    seeded.poll()
+    e = only(seeded.events(), type="customer.updated", customer_id=cid)
+    assert e["changes"][0]["after"] == "Still Here"
+
+
+# -- rule 4: noise is not change ---------------------------------------------------------------
+
+
+def test_no_event_without_changes(seeded: Harness) -> None:
+    before = seeded.snapshot()
+    result = seeded.poll()
+    assert result.ok and result.events == 0
+    assert seeded.snapshot() == before
+
+
+def test_updated_at_alone_is_not_an_event_but_is_stored(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=False)[1]["id"]
+    fake.touch(cid)
+
+    result = seeded.poll()
+
+    assert result.events == 0 and seeded.events() == []
+    stored = seeded.store.get_customer(cid)
+    assert stored is not None
+    import orjson
+
+    assert orjson.loads(stored.record)["updated_at"] == fake.get(cid)["updated_at"]
+
+
+def test_ignore_list_is_configurable(fake: FakeMetronome, tmp_path: Path) -> None:
+    h = Harness(fake, tmp_path / "w.db", ignore_fields=("updated_at", "custom_fields"))
+    try:
+        cid = fake.create_customer("X", custom_fields={"tier": "a"})["id"]
+        h.poll()
+        fake.set_custom_fields(cid, {"tier": "b"})
+        assert h.poll().events == 0
+        fake.set_name(cid, "Y")
+        h.poll()
+        e = only(h.events(), type="customer.updated")
+        assert [c["field"] for c in e["changes"]] == ["name"]
+    finally:
+        h.close()
+
+
+# -- rule 1: only complete pictures are diffed ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (Fault(kind="status", status=500, times=100, page=2, archived=False), "HTTP 500"),
+        (Fault(kind="malformed", times=100, page=2, archived=False), "not JSON"),
+        (Fault(kind="status", status=401, message="Unauthorized", page=2, archived=False), "401"),
+        (Fault(kind="drop", times=100, page=2, archived=False), ""),
+    ],
+    ids=["500-beyond-retries", "malformed", "401", "dropped-connection"],
+)
+def test_failed_page_commits_nothing_then_next_poll_catches_up(
+    fake: FakeMetronome, seeded: Harness, fault: Fault, reason: str
+) -> None:
+    active = fake.customers(archived=False)
+    renamed, archived = active[1]["id"], active[2]["id"]
+    fake.set_name(renamed, "New Name")
+    fake.archive(archived)
+    created = fake.create_customer("Late Arrival")["id"]
+    before = seeded.snapshot()
+    fake.add_fault(fault)
+
+    failed = seeded.poll()
+
+    assert failed.outcome == "failed"
+    assert reason in (failed.error or "")
+    assert seeded.snapshot() == before, "a failed cycle must leave state, events and outbox untouched"
+    runs = seeded.store.last_polls(1)
+    assert runs[0].outcome == "failed" and runs[0].error == failed.error
+
+    fake.clear_faults()
+    ok = seeded.poll()
+
+    assert ok.ok
+    got = {(e["type"], e["customer_id"]) for e in seeded.events()}
+    assert got == {("customer.updated", renamed), ("customer.archived", archived), ("customer.created", created)}
+
+
+def test_429_with_retry_after_is_waited_out(fake: FakeMetronome, seeded: Harness) -> None:
+    fake.add_fault(Fault(kind="status", status=429, retry_after="7", page=2, archived=False))
+    cid = fake.create_customer("After The Wait")["id"]
+
+    result = seeded.poll()
+
+    assert result.ok
+    assert any(s >= 7 for s in seeded.sleeps), seeded.sleeps
+    only(seeded.events(), type="customer.created", customer_id=cid)
+
+
+# -- rule 3: mid-scan changes, vanishing --------------------------------------------------------
+
+
+@pytest.mark.parametrize("concurrent", [False, True], ids=["sequential", "concurrent"])
+@pytest.mark.parametrize("which", ["not-yet-listed", "already-listed"])
+def test_archived_between_two_page_requests_yields_one_event(
+    fake: FakeMetronome, tmp_path: Path, concurrent: bool, which: str
+) -> None:
+    for i in range(30):
+        fake.create_customer(f"C{i:02d}")
+    h = Harness(fake, tmp_path / "w.db", concurrent=concurrent)
+    try:
+        h.poll()
+        ids = [c["id"] for c in fake.customers(archived=False)]
+        victim = ids[25] if which == "not-yet-listed" else ids[0]
+        fake.on_page(2, lambda f: f.archive(victim), archived=False)
+
+        result = h.poll()
+        assert result.ok
+        if not concurrent:
+            # Read one after the other, the picture is complete at once.
+            only(h.events(), type="customer.archived", customer_id=victim)
+        # Read concurrently, the archived listing may be done before the archive happens: the
+        # change is then seen on the next cycle. Either way: exactly one event, never two.
+        assert h.poll().ok
+        only(h.events(), type="customer.archived", customer_id=victim)
+        assert h.poll().events == 0
+    finally:
+        h.close()
+
+
+def test_customer_in_both_listings_counts_as_archived(fake: FakeMetronome, seeded: Harness) -> None:
+    # Seen on page 1 of the active listing, archived before the archived listing is read.
+    cid = fake.customers(archived=False)[0]["id"]
+    fake.on_page(2, lambda f: f.archive(cid), archived=False)
+    seeded.poller.concurrent_listings = False
+
+    seeded.poll()
+
+    only(seeded.events(), type="customer.archived", customer_id=cid)
+    stored = seeded.store.get_customer(cid)
+    assert stored is not None and stored.status == "archived"
+
+
+def test_mass_vanish_is_refused(fake: FakeMetronome, seeded: Harness) -> None:
+    for c in fake.customers(archived=False)[:15]:
+        fake.delete(c["id"])
+    before = seeded.snapshot()
+
+    result = seeded.poll()
+
+    assert result.outcome == "refused"
+    assert "15 of 30 known customers are missing" in (result.error or "")
+    assert seeded.snapshot() == before
+    assert not [r for r in fake.requests if r.path.startswith("/v1/customers/")], "no storm of lookups either"
+
+
+# -- rule 5 and the audit log ------------------------------------------------------------------
+
+
+def test_sequence_strictly_increases_and_ids_are_unique(fake: FakeMetronome, seeded: Harness) -> None:
+    for round_ in range(3):
+        for c in fake.customers(archived=False)[:4]:
+            fake.set_name(c["id"], f"{c['name']} r{round_}")
+        fake.create_customer(f"Round {round_}")
+        seeded.poll()
+    events = seeded.events()
+    seqs = [e["sequence"] for e in events]
+    assert len(events) == 15
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] == 1
+    assert len({e["id"] for e in events}) == 15
+
+
+def test_one_outbox_row_per_event_and_sink(fake: FakeMetronome, seeded: Harness) -> None:
+    fake.create_customer("Outboxed")
+    seeded.poll()
+    import sqlite3
+
+    con = sqlite3.connect(seeded.db)
+    rows = con.execute("SELECT o.sink, o.status, e.type FROM outbox o JOIN events e USING (sequence)").fetchall()
+    con.close()
+    assert rows == [("audit", "pending", "customer.created")]
+
+
+def test_a_second_poller_on_the_same_database_is_refused(fake: FakeMetronome, seeded: Harness) -> None:
+    other = Harness(fake, seeded.db)
+    try:
+        fake.on_page(2, lambda f: results.append(other.poll()), archived=False)
+        results: list = []
+        seeded.poller.concurrent_listings = False
+        assert seeded.poll().ok
+        assert results[0].outcome == "refused"
+        assert "another poll is already running" in (results[0].error or "")
+    finally:
+        other.close()
+
+
+def test_schema_version_is_recorded_and_a_newer_database_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    from watcher.errors import StoreError
+    from watcher.store import SCHEMA_VERSION
+
+    db = tmp_path / "w.db"
+    Store(db).close()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    con.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="newer than this release"):
+        Store(db)

@@ -1,0 +1,300 @@
+"""Health and metrics on one small HTTP port: ``/healthz``, ``/readyz`` and ``/metrics``.
+
+* ``/healthz`` is liveness: the process answers and the scheduler is running (and no poll is stuck
+  past its timeout). It never touches the database, so a slow disk cannot make an orchestrator
+  kill a process that is merely busy.
+* ``/readyz`` is "is the watcher doing its job": the last successful poll, as recorded in the
+  database, is younger than ``ready_intervals`` x the poll interval. Reading it from the database
+  rather than from memory means a restarted process is ready at once when its data is fresh, and
+  reports the truth even when polls run from another process (``metronome-watcher poll``).
+* ``/metrics`` is Prometheus text. Gauges that are cheap to compute from the database (customers
+  by status, outbox backlog, time of the last successful poll) are refreshed on each scrape, so they
+  are right after a restart and never drift from what ``status`` shows.
+
+The server is the standard library's :class:`~http.server.ThreadingHTTPServer` in a daemon
+thread: three tiny endpoints do not justify a web framework, and a daemon thread never holds up
+the process's exit.
+
+``python -m watcher.health [URL]`` is a dependency-light probe for a container ``HEALTHCHECK``
+(``python:3.11-slim`` has no curl): it exits 0 when the URL answers 200. Without a URL it reads
+``[health] port`` from ``$WATCHER_CONFIG`` and probes ``/healthz`` on localhost.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from ._time import Clock, format_ts, parse_ts, utcnow
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["HealthServer", "Probe", "check", "main"]
+
+log = structlog.get_logger("watcher.health")
+
+#: Returns None when alive, else why not (e.g. "scheduler is not running").
+Probe = Callable[[], str | None]
+
+
+def _alive() -> str | None:
+    return None
+
+
+class HealthServer:
+    """Serves the three endpoints for one store until :meth:`stop`.
+
+    ``max_age`` is how old the last successful poll may be before ``/readyz`` fails;
+    ``alive`` is the liveness probe (the daemon's); ``sinks`` names the sinks whose outbox
+    gauges ``/metrics`` refreshes. ``port=0`` binds an ephemeral port (see :attr:`port`).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        port: int,
+        host: str = "0.0.0.0",
+        max_age: timedelta,
+        alive: Probe = _alive,
+        sinks: Sequence[str] = (),
+        clock: Clock = utcnow,
+    ) -> None:
+        self.store = store
+        self.host = host
+        self.max_age = max_age
+        self.alive = alive
+        self.sinks = tuple(sinks)
+        self.clock = clock
+        self._requested_port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when 0 was asked for)."""
+        if self._server is None:
+            raise RuntimeError("health server is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> HealthServer:
+        """Bind (raises :class:`OSError` when the port is taken) and serve in a daemon thread."""
+        if self._server is not None:
+            raise RuntimeError("health server is already started")
+        self._server = _Server((self.host, self._requested_port), self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},  # bounds how long stop() waits
+            name=f"health:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("health.listening", host=self.host, port=self.port)
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=2)
+
+    def __enter__(self) -> HealthServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the checks (plain methods, so they are testable without HTTP) --------------------------
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            problem = self.alive()
+        except Exception as exc:  # a broken probe is itself a reason to be restarted
+            problem = f"liveness probe failed: {exc!r}"
+        if problem:
+            return False, {"alive": False, "reason": problem}
+        return True, {"alive": True}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        max_age = self.max_age.total_seconds()
+        try:
+            last = self.store.last_successful_poll()
+            latest = self.store.last_polls(1)
+        except Exception as exc:  # the database is part of the job: unreadable means not ready
+            return False, {"ready": False, "reason": f"cannot read the database: {exc}"}
+        last_error = next((p.error for p in latest if p.outcome != "succeeded" and p.error), None)
+        body: dict[str, Any] = {"ready": False, "max_age_seconds": max_age}
+        if last_error:
+            body["last_error"] = last_error
+        if last is None:
+            body["reason"] = "no successful poll yet"
+            return False, body
+        finished = parse_ts(last.finished_at or last.started_at)
+        age = (self.clock() - finished).total_seconds()
+        body.update(last_successful_poll=format_ts(finished), age_seconds=round(age, 3), poll_id=last.id)
+        if age > max_age:
+            body["reason"] = (
+                f"last successful poll (#{last.id}) finished {age:.0f}s ago, "
+                f"more than the allowed {max_age:.0f}s"
+            )
+            return False, body
+        body["ready"] = True
+        return True, body
+
+    def metrics(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        from .metrics import REGISTRY
+
+        try:
+            self.refresh_gauges()
+        except Exception as exc:  # stale gauges beat no metrics at all: counters are still right
+            log.warning("health.gauge_refresh_failed", error=repr(exc))
+        return bytes(generate_latest(REGISTRY))
+
+    def refresh_gauges(self) -> None:
+        from . import metrics
+        from .delivery import delivery_status
+
+        counts = self.store.customer_counts()
+        # Statuses with no customers are reported as 0 rather than left at a stale value.
+        for status in {"active", "archived", "deleted", *counts}:
+            metrics.CUSTOMERS.labels(status).set(counts.get(status, 0))
+        for s in delivery_status(self.store, self.clock(), sinks=self.sinks):
+            metrics.OUTBOX_BACKLOG.labels(s.sink).set(s.pending)
+            metrics.OUTBOX_OLDEST_PENDING_AGE.labels(s.sink).set(s.oldest_pending_age or 0)
+        last = self.store.last_successful_poll()
+        if last is not None:
+            metrics.LAST_SUCCESSFUL_POLL.set(parse_ts(last.finished_at or last.started_at).timestamp())
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], health: HealthServer) -> None:
+        self.health = health
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    #: A client that connects and says nothing must not hold a thread forever.
+    timeout = 10
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._serve(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(send_body=False)
+
+    def _serve(self, *, send_body: bool) -> None:
+        health = self.server.health
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/healthz":
+                ok, body = health.liveness()
+                self._reply(200 if ok else 503, orjson.dumps(body), "application/json", send_body)
+            elif path == "/readyz":
+                ok, body = health.readiness()
+                self._reply(200 if ok else 503, orjson.dumps(body), "application/json", send_body)
+            elif path == "/metrics":
+                from prometheus_client import CONTENT_TYPE_LATEST
+
+                self._reply(200, health.metrics(), CONTENT_TYPE_LATEST, send_body)
+            else:
+                self._reply(404, orjson.dumps({"error": f"no such endpoint: {path}"}), "application/json",
+                            send_body)
+        except Exception as exc:
+            log.exception("health.error", path=path, error=repr(exc))
+            self._reply(500, orjson.dumps({"error": "internal error"}), "application/json", send_body)
+
+    def _reply(self, status: int, body: bytes, content_type: str, send_body: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Probes every few seconds would drown the operational log; errors are logged above.
+        pass
+
+
+# -- the container probe ------------------------------------------------------------------------
+
+
+def check(url: str, *, timeout: float = 5.0) -> int:
+    """0 when ``url`` answers 200, else 1 (with the reason on stderr)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own probe URL
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        print(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"{url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if status == 200 else 1
+
+
+def _url_from_config(path: str) -> str:
+    # Only tomllib, not the full config loader: the probe must not need the sinks' secrets to be
+    # set in its environment, nor pay for pydantic on every health check.
+    with open(path, "rb") as f:
+        health = tomllib.load(f).get("health", {})
+    port = health.get("port")
+    if not isinstance(port, int) or port <= 0:
+        raise ValueError(f"{path}: [health] port is not set to a fixed port")
+    host = health.get("host", "0.0.0.0")
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    return f"http://{host}:{port}/healthz"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print("usage: python -m watcher.health [URL]  (default: /healthz on the port in $WATCHER_CONFIG)")
+        return 0
+    if args:
+        url = args[0]
+    else:
+        config = os.environ.get("WATCHER_CONFIG")
+        if not config:
+            print("no URL given and WATCHER_CONFIG is not set", file=sys.stderr)
+            return 2
+        try:
+            url = _url_from_config(config)
+        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+            print(f"cannot find the health port: {exc}", file=sys.stderr)
+            return 2
+    return check(url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
