@@ -29,18 +29,34 @@ def fake() -> Iterator[FakeMetronome]:
 class Harness:
     """The poll cycle wired as the daemon wires it, with a recording ``sleep``."""
 
-    def __init__(self, fake: FakeMetronome, db: Path, *, page_limit: int = 10, concurrent: bool = True,
-                 max_attempts: int = 3, **diff: Any) -> None:
+    def __init__(
+        self,
+        fake: FakeMetronome,
+        db: Path,
+        *,
+        page_limit: int = 10,
+        concurrent: bool = True,
+        max_attempts: int = 3,
+        **diff: Any,
+    ) -> None:
         self.fake = fake
         self.db = db
         self.sleeps: list[float] = []
         self.store = Store(db)
         self.client = MetronomeClient(
-            fake.url, TOKEN, page_limit=page_limit, sleep=self.sleeps.append,
+            fake.url,
+            TOKEN,
+            page_limit=page_limit,
+            sleep=self.sleeps.append,
             retry=RetryPolicy(max_attempts=max_attempts, max_delay=30.0, max_total_wait=60.0),
         )
-        self.poller = Poller(self.store, self.client, diff=DiffConfig(**diff), routes=[Route("audit")],
-                             concurrent_listings=concurrent)
+        self.poller = Poller(
+            self.store,
+            self.client,
+            diff=DiffConfig(**diff),
+            routes=[Route("audit")],
+            concurrent_listings=concurrent,
+        )
 
     def poll(self) -> PollResult:
         return self.poller.run()
@@ -75,8 +91,9 @@ def harness(fake: FakeMetronome, tmp_path: Path) -> Iterator[Harness]:
 def seeded(fake: FakeMetronome, harness: Harness) -> Harness:
     """25 active and 5 archived customers (3 pages of 10 in the active listing), baseline taken."""
     for i in range(25):
-        fake.create_customer(f"Customer {i:02d}", ingest_aliases=[f"c{i}@example.com"],
-                             custom_fields={"tier": "starter"})
+        fake.create_customer(
+            f"Customer {i:02d}", ingest_aliases=[f"c{i}@example.com"], custom_fields={"tier": "starter"}
+        )
     for i in range(5):
         c = fake.create_customer(f"Old Customer {i}")
         fake.archive(c["id"])

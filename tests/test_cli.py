@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.fake_metronome import Fault, FakeMetronome
+from watcher.fake_metronome import FakeMetronome, Fault
 
 from .conftest import TOKEN
 
@@ -27,7 +27,7 @@ max_attempts = 2
 max_retry_wait = "1s"
 
 [store]
-path = "{tmp_path / 'watcher.db'}"
+path = "{tmp_path / "watcher.db"}"
 
 [logging]
 format = "json"
@@ -35,7 +35,7 @@ format = "json"
 [[sinks]]
 type = "log"
 name = "events"
-path = "{tmp_path / 'events.jsonl'}"
+path = "{tmp_path / "events.jsonl"}"
 {extra}
 """
     )
@@ -46,7 +46,10 @@ def cli(config: Path, *args: str, env: dict[str, str] | None = None) -> subproce
     full_env = {**os.environ, "METRONOME_BEARER_TOKEN": TOKEN, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "watcher", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=60, env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full_env,
     )
 
 
@@ -76,7 +79,9 @@ def test_poll_restart_and_events(fake: FakeMetronome, tmp_path: Path) -> None:
 
     listed = jsonl(cli(config, "events", "--format", "jsonl").stdout)
     assert {(e["type"], e["customer_id"]) for e in listed} == {
-        ("customer.updated", ids[0]), ("customer.archived", ids[1]), ("customer.created", new)
+        ("customer.updated", ids[0]),
+        ("customer.archived", ids[1]),
+        ("customer.created", new),
     }
     assert [e["sequence"] for e in listed] == [1, 2, 3]
     # The log sink received exactly the audit log's events, each once, the contract unchanged.
@@ -102,7 +107,9 @@ def test_events_filters_and_formats(fake: FakeMetronome, tmp_path: Path) -> None
     assert jsonl(cli(config, "events", "--until", "1h", "--format", "jsonl").stdout) == []
 
     # Events of one cycle come in no promised order; across cycles, in sequence order.
-    rows = {r["type"]: r for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))}
+    rows = {
+        r["type"]: r for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
+    }
     assert set(rows) == {"customer.updated", "customer.archived"}
     assert json.loads(rows["customer.updated"]["changes"]) == [
         {"field": "name", "before": "Alpha", "after": "Alpha Two"}
@@ -133,11 +140,15 @@ def test_failed_poll_exits_1_and_commits_nothing(fake: FakeMetronome, tmp_path: 
 
     fake.clear_faults()
     assert cli(config, "poll").returncode == 0
-    assert [e["type"] for e in jsonl(cli(config, "events", "--format", "jsonl").stdout)] == ["customer.created"]
+    assert [e["type"] for e in jsonl(cli(config, "events", "--format", "jsonl").stdout)] == [
+        "customer.created"
+    ]
 
 
 def test_token_never_appears_in_output_logs_or_database(fake: FakeMetronome, tmp_path: Path) -> None:
-    config = write_config(tmp_path, fake, extra="\n[diff]\nmax_vanished_count = 0\nmax_vanished_fraction = 0.5\n")
+    config = write_config(
+        tmp_path, fake, extra="\n[diff]\nmax_vanished_count = 0\nmax_vanished_fraction = 0.5\n"
+    )
     ids = [fake.create_customer(f"C{i}")["id"] for i in range(4)]
     outputs = [cli(config, "poll")]
     fake.set_name(ids[0], "Changed")
@@ -181,9 +192,26 @@ def test_events_without_a_database_is_a_clear_error(fake: FakeMetronome, tmp_pat
 @pytest.mark.slow
 def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "watcher", "demo", "--for", "6", "--customers", "150", "--interval", "1",
-         "--seed", "7", "--db", str(tmp_path / "demo.db")],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "METRONOME_BEARER_TOKEN": ""},
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            "demo",
+            "--for",
+            "6",
+            "--customers",
+            "150",
+            "--interval",
+            "1",
+            "--seed",
+            "7",
+            "--db",
+            str(tmp_path / "demo.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "METRONOME_BEARER_TOKEN": ""},
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -193,3 +221,50 @@ def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
     assert any("customer." in line for line in event_lines)
     assert "demo stopped:" in out
     assert "Traceback" not in proc.stderr
+
+
+def test_a_process_killed_mid_cycle_loses_nothing_and_invents_nothing(
+    fake: FakeMetronome, tmp_path: Path
+) -> None:
+    import signal
+    import sqlite3
+    import threading
+    import time
+
+    config = write_config(tmp_path, fake)
+    for i in range(150):  # two pages of the active listing
+        fake.create_customer(f"C{i:03d}")
+    assert cli(config, "poll").returncode == 0
+    victim = fake.customers(archived=False)[120]["id"]
+    fake.archive(victim)
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(_: FakeMetronome) -> None:  # page 2 is held until the poller has been killed
+        reached.set()
+        release.wait(30)
+
+    fake.on_page(2, hold, archived=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "--config", str(config), "poll"],
+        env={**os.environ, "METRONOME_BEARER_TOKEN": TOKEN},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert reached.wait(30), "the poll never reached page 2"
+    time.sleep(0.2)  # let it stage what it has
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    release.set()
+
+    con = sqlite3.connect(tmp_path / "watcher.db")
+    assert con.execute("SELECT outcome FROM poll_runs ORDER BY id DESC LIMIT 1").fetchone() == ("running",)
+    assert con.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    con.close()
+
+    assert cli(config, "poll").returncode == 0
+    events = jsonl(cli(config, "events", "--format", "jsonl").stdout)
+    assert [(e["type"], e["customer_id"]) for e in events] == [("customer.archived", victim)]
+    con = sqlite3.connect(tmp_path / "watcher.db")
+    outcomes = [o for (o,) in con.execute("SELECT outcome FROM poll_runs ORDER BY id")]
+    con.close()
+    assert outcomes == ["succeeded", "abandoned", "succeeded"]

@@ -19,13 +19,19 @@ BAD = {
     "bad duration": ("[schedule]\ninterval = 'soon'\n", "schedule.interval: invalid duration 'soon'"),
     "negative duration": ("[schedule]\ninterval = -5\n", "schedule.interval: must be a positive duration"),
     "bad crontab": ("[schedule]\ncron = 'every day'\n", "schedule.cron: invalid crontab expression"),
-    "not a URL": ("[metronome]\nbase_url = 'api.metronome.com'\n", "metronome.base_url: must be an http(s) URL"),
+    "not a URL": (
+        "[metronome]\nbase_url = 'api.metronome.com'\n",
+        "metronome.base_url: must be an http(s) URL",
+    ),
     "fraction out of range": ("[diff]\nmax_vanished_fraction = 3\n", "diff.max_vanished_fraction:"),
     "wrong type": ("[metronome]\nmax_attempts = 'many'\n", "metronome.max_attempts:"),
     "unknown sink type": ("[[sinks]]\ntype = 'email'\nname = 'x'\n", "sinks[0]: unknown sink type 'email'"),
     "sink without type": ("[[sinks]]\nname = 'x'\n", "sinks[0]: missing 'type'"),
     "sink without name": ("[[sinks]]\ntype = 'log'\n", "sinks[0].name: required key is missing"),
-    "unknown sink key": ("[[sinks]]\ntype = 'log'\nname = 'x'\ncolour = 'red'\n", "sinks[0].colour: unknown key"),
+    "unknown sink key": (
+        "[[sinks]]\ntype = 'log'\nname = 'x'\ncolour = 'red'\n",
+        "sinks[0].colour: unknown key",
+    ),
     "duplicate sink names": (
         "[[sinks]]\ntype = 'log'\nname = 'x'\n[[sinks]]\ntype = 'log'\nname = 'x'\n",
         "sinks[1].name: duplicate sink name 'x'",
@@ -63,8 +69,9 @@ def test_bad_config_is_one_line_naming_the_key_and_exit_2(
     assert err[0].startswith(f"metronome-watcher: config error: {path}: ")
 
 
-def test_missing_file_and_no_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_file_and_no_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("WATCHER_CONFIG", raising=False)
     assert main(["check-config"]) == 2
     assert "pass --config PATH or set WATCHER_CONFIG" in capsys.readouterr().err
@@ -72,8 +79,9 @@ def test_missing_file_and_no_config(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "cannot read config file" in capsys.readouterr().err
 
 
-def test_config_from_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_from_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[schedule]\ninterval = '90s'\n")
     monkeypatch.setenv("WATCHER_CONFIG", str(path))
@@ -84,15 +92,20 @@ def test_config_from_environment_variable(tmp_path: Path, monkeypatch: pytest.Mo
 def test_a_bad_config_never_shows_a_traceback(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[store]\npath = 42\nextra = 1\n")
-    proc = subprocess.run([sys.executable, "-m", "watcher", "--config", str(path), "run"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "watcher", "--config", str(path), "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "store." in proc.stderr
 
 
-def test_poll_without_a_token_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_poll_without_a_token_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.delenv("METRONOME_BEARER_TOKEN", raising=False)
     path = tmp_path / "c.toml"
     path.write_text(f"[store]\npath = '{tmp_path / 'w.db'}'\n")
@@ -102,8 +115,10 @@ def test_poll_without_a_token_is_a_config_error(tmp_path: Path, monkeypatch: pyt
 
 @pytest.mark.parametrize("example", sorted((REPO / "config").glob("*.toml")), ids=lambda p: p.name)
 def test_every_documented_example_config_is_valid(example: Path) -> None:
-    env = {"SLACK_WEBHOOK_URL": "https://hooks.slack.example/services/T/B/X",
-           "WEBHOOK_SIGNING_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+    env = {
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.example/services/T/B/X",
+        "WEBHOOK_SIGNING_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
     config = load_config(example, env=env)
     assert config.metronome.base_url.startswith("https://")
 
@@ -117,7 +132,8 @@ def test_secrets_are_not_in_the_parsed_config_repr() -> None:
     assert config.sinks[0].secret.get_secret_value() == "whsec_c2VjcmV0c2VjcmV0c2VjcmV0"  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("text", "seconds"), [(30, 30), ("30s", 30), ("5m", 300), ("1.5h", 5400), ("3d", 259200),
-                                               ("250ms", 0.25)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [(30, 30), ("30s", 30), ("5m", 300), ("1.5h", 5400), ("3d", 259200), ("250ms", 0.25)]
+)
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds

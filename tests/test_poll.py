@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.fake_metronome import Fault, FakeMetronome
+from watcher.fake_metronome import FakeMetronome, Fault
 from watcher.store import Store
 
 from .conftest import Harness
@@ -51,7 +51,9 @@ def test_baseline_events_when_asked(fake: FakeMetronome, tmp_path: Path) -> None
 
 
 def test_created(fake: FakeMetronome, seeded: Harness) -> None:
-    c = fake.create_customer("Brand New Co", ingest_aliases=["new@example.com"], custom_fields={"tier": "gold"})
+    c = fake.create_customer(
+        "Brand New Co", ingest_aliases=["new@example.com"], custom_fields={"tier": "gold"}
+    )
 
     result = seeded.poll()
 
@@ -88,13 +90,20 @@ def test_updated_nested_fields(fake: FakeMetronome, seeded: Harness) -> None:
     e = only(seeded.events(), type="customer.updated", customer_id=cid)
     now = fake.get(cid)
     assert e["changes"] == [
-        {"field": "current_billable_status.effective_at", "before": None,
-         "after": now["current_billable_status"]["effective_at"]},
+        {
+            "field": "current_billable_status.effective_at",
+            "before": None,
+            "after": now["current_billable_status"]["effective_at"],
+        },
         {"field": "current_billable_status.value", "before": None, "after": "unbillable"},
         {"field": "custom_fields.region", "before": None, "after": "eu"},
         {"field": "custom_fields.tier", "before": "starter", "after": "enterprise"},
         {"field": "customer_config.salesforce_account_id", "before": None, "after": "0015500001WO1ZiABL"},
-        {"field": "ingest_aliases", "before": [f"c{0}@example.com"], "after": ["a@example.com", "b@example.com"]},
+        {
+            "field": "ingest_aliases",
+            "before": [f"c{0}@example.com"],
+            "after": ["a@example.com", "b@example.com"],
+        },
     ]
 
 
@@ -257,7 +266,11 @@ def test_failed_page_commits_nothing_then_next_poll_catches_up(
 
     assert ok.ok
     got = {(e["type"], e["customer_id"]) for e in seeded.events()}
-    assert got == {("customer.updated", renamed), ("customer.archived", archived), ("customer.created", created)}
+    assert got == {
+        ("customer.updated", renamed),
+        ("customer.archived", archived),
+        ("customer.created", created),
+    }
 
 
 def test_429_with_retry_after_is_waited_out(fake: FakeMetronome, seeded: Harness) -> None:
@@ -350,7 +363,9 @@ def test_one_outbox_row_per_event_and_sink(fake: FakeMetronome, seeded: Harness)
     import sqlite3
 
     con = sqlite3.connect(seeded.db)
-    rows = con.execute("SELECT o.sink, o.status, e.type FROM outbox o JOIN events e USING (sequence)").fetchall()
+    rows = con.execute(
+        "SELECT o.sink, o.status, e.type FROM outbox o JOIN events e USING (sequence)"
+    ).fetchall()
     con.close()
     assert rows == [("audit", "pending", "customer.created")]
 
@@ -377,7 +392,9 @@ def test_schema_version_is_recorded_and_a_newer_database_is_refused(tmp_path: Pa
     db = tmp_path / "w.db"
     Store(db).close()
     con = sqlite3.connect(db)
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
     con.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
     con.commit()
     con.close()

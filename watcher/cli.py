@@ -22,7 +22,7 @@ import orjson
 from ._logging import configure_logging
 from ._time import format_ts, parse_ts, utcnow
 from .config import Config, load_config, parse_duration, resolve_token
-from .errors import ConfigError, StoreError, WatcherError
+from .errors import ConfigError, StoreError
 
 __all__ = ["main"]
 
@@ -39,10 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     # --config is accepted before or after the command; SUPPRESS keeps the subcommand's copy from
     # overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", metavar="PATH", default=argparse.SUPPRESS,
-                        help="TOML config file (default: $WATCHER_CONFIG)")
+    common.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="TOML config file (default: $WATCHER_CONFIG)",
+    )
     p = _Parser(prog=PROG, description="Watch Metronome customers and emit an event for every change.")
-    p.add_argument("--config", "-c", metavar="PATH", default=None, help="TOML config file (default: $WATCHER_CONFIG)")
+    p.add_argument(
+        "--config", "-c", metavar="PATH", default=None, help="TOML config file (default: $WATCHER_CONFIG)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     sub.add_parser("run", parents=[common], help="run the daemon: poll on a schedule and deliver events")
@@ -51,17 +58,29 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("events", parents=[common], help="query the audit log")
     s.add_argument("--customer", metavar="ID", help="only this customer")
-    s.add_argument("--type", action="append", default=[], metavar="TYPE",
-                   help="only this event type (repeatable), e.g. customer.archived")
-    s.add_argument("--since", metavar="WHEN", help="detected at or after: RFC 3339 time, or an age such as 24h")
+    s.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="only this event type (repeatable), e.g. customer.archived",
+    )
+    s.add_argument(
+        "--since", metavar="WHEN", help="detected at or after: RFC 3339 time, or an age such as 24h"
+    )
     s.add_argument("--until", metavar="WHEN", help="detected before: RFC 3339 time, or an age such as 1h")
     s.add_argument("--after-sequence", type=int, metavar="N", help="only events with a sequence above N")
     s.add_argument("--limit", type=int, metavar="N", help="at most N events")
     s.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
 
-    s = sub.add_parser("demo", parents=[common],
-                       help="run the whole watcher against the built-in simulated Metronome (no token needed)")
-    s.add_argument("--for", dest="seconds", type=float, metavar="SECONDS", help="stop by itself after SECONDS")
+    s = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run the whole watcher against the built-in simulated Metronome (no token needed)",
+    )
+    s.add_argument(
+        "--for", dest="seconds", type=float, metavar="SECONDS", help="stop by itself after SECONDS"
+    )
     s.add_argument("--customers", type=int, default=300, metavar="N", help="customers in the simulation")
     s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="poll interval")
     s.add_argument("--db", metavar="PATH", help="database file (default: a temporary one)")
@@ -79,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--to-sequence", type=int, metavar="N")
     s.add_argument("--since", metavar="WHEN")
     s.add_argument("--until", metavar="WHEN")
-    s.add_argument("--dead", action="store_true", help="only rows that are dead (the default with no selector)")
+    s.add_argument(
+        "--dead", action="store_true", help="only rows that are dead (the default with no selector)"
+    )
 
     s = sub.add_parser("enable-sink", parents=[common], help="switch a sink disabled by its receiver back on")
     s.add_argument("sink")
@@ -159,8 +180,10 @@ def cmd_poll(args: argparse.Namespace) -> int:
     if result.ok:
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(result.events_by_type.items())) or "no changes"
         label = "baseline recorded" if result.baseline else kinds
-        print(f"poll {result.poll_id} ok: {result.active} active, {result.archived} archived, "
-              f"{result.pages} pages; {label}")
+        print(
+            f"poll {result.poll_id} ok: {result.active} active, {result.archived} archived, "
+            f"{result.pages} pages; {label}"
+        )
         return 0
     print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)
     return 1
@@ -193,8 +216,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     return run_demo(
-        seconds=args.seconds, customers=args.customers, interval=args.interval,
-        db=Path(args.db) if args.db else None, seed=args.seed, stop=stop,
+        seconds=args.seconds,
+        customers=args.customers,
+        interval=args.interval,
+        db=Path(args.db) if args.db else None,
+        seed=args.seed,
+        stop=stop,
     )
 
 
@@ -226,8 +253,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     store = _open_store(config)
     try:
         events = store.query_events(
-            customer_id=args.customer, types=args.type, since=since, until=until,
-            after_sequence=args.after_sequence, limit=args.limit,
+            customer_id=args.customer,
+            types=args.type,
+            since=since,
+            until=until,
+            after_sequence=args.after_sequence,
+            limit=args.limit,
         )
     finally:
         store.close()
@@ -239,11 +270,30 @@ def cmd_events(args: argparse.Namespace) -> int:
         w = csv.writer(out)
         w.writerow(["sequence", "id", "type", "detected_at", "poll_id", "customer_id", "name", "changes"])
         for e in events:
-            w.writerow([e["sequence"], e["id"], e["type"], e["detected_at"], e["poll_id"], e["customer_id"],
-                        _name(e), orjson.dumps(e["changes"]).decode()])
+            w.writerow(
+                [
+                    e["sequence"],
+                    e["id"],
+                    e["type"],
+                    e["detected_at"],
+                    e["poll_id"],
+                    e["customer_id"],
+                    _name(e),
+                    orjson.dumps(e["changes"]).decode(),
+                ]
+            )
     else:
-        rows = [[str(e["sequence"]), e["detected_at"][:19] + "Z", e["type"], e["customer_id"] or "", _name(e),
-                 _summary(e)] for e in events]
+        rows = [
+            [
+                str(e["sequence"]),
+                e["detected_at"][:19] + "Z",
+                e["type"],
+                e["customer_id"] or "",
+                _name(e),
+                _summary(e),
+            ]
+            for e in events
+        ]
         out.write(_table(_EVENT_COLUMNS, rows))
         if not rows:
             out.write("(no events)\n")
@@ -271,12 +321,20 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.format == "json":
-        sys.stdout.write(orjson.dumps([s.__dict__ for s in statuses], option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(
+            orjson.dumps([s.__dict__ for s in statuses], option=orjson.OPT_INDENT_2).decode() + "\n"
+        )
         return 0
     rows = [
-        [s.sink, str(s.pending), str(s.delivered), str(s.dead),
-         "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
-         "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"), s.last_error or ""]
+        [
+            s.sink,
+            str(s.pending),
+            str(s.delivered),
+            str(s.dead),
+            "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
+            "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"),
+            s.last_error or "",
+        ]
         for s in statuses
     ]
     sys.stdout.write(_table(("sink", "pending", "delivered", "dead", "oldest", "state", "last error"), rows))
@@ -293,9 +351,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     store = _open_store(config)
     try:
         n = replay(
-            store, args.sink, now=now, event_ids=args.id, sequence_from=args.from_sequence,
-            sequence_to=args.to_sequence, since=_when(args.since, now=now, key="since"),
-            until=_when(args.until, now=now, key="until"), dead_only=args.dead,
+            store,
+            args.sink,
+            now=now,
+            event_ids=args.id,
+            sequence_from=args.from_sequence,
+            sequence_to=args.to_sequence,
+            since=_when(args.since, now=now, key="since"),
+            until=_when(args.until, now=now, key="until"),
+            dead_only=args.dead,
         )
     finally:
         store.close()
@@ -331,20 +395,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     out = sys.stdout
     tracked = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet"
     out.write(f"customers tracked: {tracked}\n\nlast polls:\n")
-    out.write(_table(
-        ("poll", "started", "outcome", "secs", "pages", "active", "archived", "events", "error"),
-        [[str(p.id), p.started_at[:19] + "Z", p.outcome + (" (baseline)" if p.baseline else ""),
-          f"{(parse_ts(p.finished_at) - parse_ts(p.started_at)).total_seconds():.1f}" if p.finished_at else "-",
-          str(p.pages), str(p.active), str(p.archived), str(p.events), (p.error or "")[:80]] for p in polls],
-    ))
+    out.write(
+        _table(
+            ("poll", "started", "outcome", "secs", "pages", "active", "archived", "events", "error"),
+            [
+                [
+                    str(p.id),
+                    p.started_at[:19] + "Z",
+                    p.outcome + (" (baseline)" if p.baseline else ""),
+                    f"{(parse_ts(p.finished_at) - parse_ts(p.started_at)).total_seconds():.1f}"
+                    if p.finished_at
+                    else "-",
+                    str(p.pages),
+                    str(p.active),
+                    str(p.archived),
+                    str(p.events),
+                    (p.error or "")[:80],
+                ]
+                for p in polls
+            ],
+        )
+    )
     out.write("\nsinks:\n")
-    out.write(_table(
-        ("sink", "pending", "delivered", "dead", "oldest", "state", "last error"),
-        [[s.sink, str(s.pending), str(s.delivered), str(s.dead),
-          "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
-          "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"), (s.last_error or "")[:80]]
-         for s in deliveries],
-    ))
+    out.write(
+        _table(
+            ("sink", "pending", "delivered", "dead", "oldest", "state", "last error"),
+            [
+                [
+                    s.sink,
+                    str(s.pending),
+                    str(s.delivered),
+                    str(s.dead),
+                    "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
+                    "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"),
+                    (s.last_error or "")[:80],
+                ]
+                for s in deliveries
+            ],
+        )
+    )
     return 0
 
 

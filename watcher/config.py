@@ -31,8 +31,8 @@ from pydantic import (
 from .errors import ConfigError
 
 __all__ = [
-    "TOKEN_ENV",
     "CONFIG_ENV",
+    "TOKEN_ENV",
     "Config",
     "DeliveryConfig",
     "DiffConfig",
@@ -325,7 +325,9 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
         raise ConfigError(f"{loc}: {desc}") from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> Config:
     """Read ``path`` (else ``$WATCHER_CONFIG``) and validate it.
 
     Relative ``store.path`` and log sink paths are kept relative to the working directory,

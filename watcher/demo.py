@@ -43,10 +43,13 @@ class ConsoleSink:
             customer = e.get("customer") or {}
             who = f"{customer.get('name', '?')} ({str(e.get('customer_id', ''))[:8]})"
             changes = "; ".join(
-                f"{c['field']}: {_fmt(c['before'])} -> {_fmt(c['after'])}" for c in e.get("changes", [])
+                f"{c['field']}: {_fmt(c['before'])} -> {_fmt(c['after'])}"
+                for c in e.get("changes", [])
                 if c["field"] != "archived_at"
             )
-            self.out.write(f"  #{e['sequence']:<5} {e['type']:<20} {who}{'  ' + changes if changes else ''}\n")
+            self.out.write(
+                f"  #{e['sequence']:<5} {e['type']:<20} {who}{'  ' + changes if changes else ''}\n"
+            )
             self.counts[e["type"]] += 1
         self.out.flush()
         return [Outcome.ok()] * len(events)
@@ -93,8 +96,10 @@ def run_demo(
 
         def on_poll(result: PollResult) -> None:
             if result.baseline and result.ok:
-                out.write(f"baseline: {result.active} active and {result.archived} archived customers recorded "
-                          f"(no events for what already existed)\n")
+                out.write(
+                    f"baseline: {result.active} active and {result.archived} archived customers recorded "
+                    f"(no events for what already existed)\n"
+                )
             elif not result.ok:
                 out.write(f"poll {result.poll_id} {result.outcome}: {result.error}\n")
             out.flush()
@@ -104,10 +109,12 @@ def run_demo(
             f"metronome-watcher demo: simulated Metronome at {fake.url} with {customers} customers, "
             f"polling every {interval:g}s, database {db_path}\n"
             f"Customers are created, renamed, re-tagged and archived as you watch. "
-            f"{'Stops after %gs' % seconds if seconds else 'Ctrl-C to stop'}.\n"
+            f"{f'Stops after {seconds:g}s' if seconds else 'Ctrl-C to stop'}.\n"
         )
         out.flush()
-        churn = threading.Thread(target=_churn, args=(fake, rng, stop, churn_every), daemon=True, name="churn")
+        churn = threading.Thread(
+            target=_churn, args=(fake, rng, stop, churn_every), daemon=True, name="churn"
+        )
         deadline = None if seconds is None else time.monotonic() + seconds
         daemon.start()
         churn.start()

@@ -39,8 +39,13 @@ def diff_records(
     return out
 
 
-def _walk(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str, ignore: tuple[str, ...],
-          out: list[Change]) -> None:
+def _walk(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    prefix: str,
+    ignore: tuple[str, ...],
+    out: list[Change],
+) -> None:
     for key in before.keys() | after.keys():
         path = f"{prefix}{key}"
         if is_ignored(path, ignore):
@@ -51,9 +56,8 @@ def _walk(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str, igno
             continue
         # Walk into objects, treating a missing/null side as empty, so that a billable status
         # appearing reads as ``current_billable_status.value: null -> "billable"``.
-        if isinstance(b, Mapping) and isinstance(a, Mapping | None) or (
-            b is None and isinstance(a, Mapping)
-        ):
+        walk = isinstance(b, Mapping) and isinstance(a, Mapping | None)
+        if walk or (b is None and isinstance(a, Mapping)):
             _walk(b or {}, a or {}, path + ".", ignore, out)
         else:
             out.append(Change(path, b, a))

@@ -34,11 +34,15 @@ POLL_DURATION = Histogram(
     registry=REGISTRY,
 )
 API_REQUESTS = Counter(
-    "watcher_api_requests", "Metronome API requests by endpoint and status.", ["endpoint", "status"],
+    "watcher_api_requests",
+    "Metronome API requests by endpoint and status.",
+    ["endpoint", "status"],
     registry=REGISTRY,
 )
 API_PAGES = Counter("watcher_api_pages", "Listing pages received by listing.", ["listing"], registry=REGISTRY)
-API_RETRIES = Counter("watcher_api_retries", "Metronome API retries by endpoint.", ["endpoint"], registry=REGISTRY)
+API_RETRIES = Counter(
+    "watcher_api_retries", "Metronome API retries by endpoint.", ["endpoint"], registry=REGISTRY
+)
 CUSTOMERS = Gauge("watcher_customers", "Customers tracked, by status.", ["status"], registry=REGISTRY)
 EVENTS = Counter("watcher_events", "Audit events recorded, by type.", ["type"], registry=REGISTRY)
 DELIVERIES = Counter(
@@ -46,9 +50,13 @@ DELIVERIES = Counter(
 )
 OUTBOX_BACKLOG = Gauge("watcher_outbox_backlog", "Pending outbox rows per sink.", ["sink"], registry=REGISTRY)
 OUTBOX_OLDEST_PENDING_AGE = Gauge(
-    "watcher_outbox_oldest_pending_age_seconds", "Age of the oldest pending outbox row per sink.", ["sink"],
+    "watcher_outbox_oldest_pending_age_seconds",
+    "Age of the oldest pending outbox row per sink.",
+    ["sink"],
     registry=REGISTRY,
 )
 LAST_SUCCESSFUL_POLL = Gauge(
-    "watcher_last_successful_poll_timestamp_seconds", "Unix time of the last successful poll.", registry=REGISTRY
+    "watcher_last_successful_poll_timestamp_seconds",
+    "Unix time of the last successful poll.",
+    registry=REGISTRY,
 )

@@ -35,4 +35,6 @@ class Route:
 
 
 def routes_from_config(config: Config) -> Sequence[Route]:
-    return tuple(Route(s.name, tuple(s.events), None if s.fields is None else tuple(s.fields)) for s in config.sinks)
+    return tuple(
+        Route(s.name, tuple(s.events), None if s.fields is None else tuple(s.fields)) for s in config.sinks
+    )

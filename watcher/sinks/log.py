@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO, cast
 
 import orjson
 import structlog
@@ -44,7 +44,7 @@ class LogSink:
         self._stream = stream
         self._lock = threading.Lock()
         self._logger = structlog.wrap_logger(
-            structlog.WriteLogger(stream),
+            structlog.WriteLogger(cast(TextIO, stream)),
             processors=[_contract_only, structlog.processors.JSONRenderer(serializer=_dumps)],
             wrapper_class=structlog.BoundLogger,
             cache_logger_on_first_use=True,
