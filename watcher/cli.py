@@ -381,59 +381,99 @@ def cmd_enable_sink(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Polling health, the last polls, the backlog per sink and the last error, on one screen.
+
+    Read-only (WAL lets it read while ``run`` writes), and it derives everything from the database,
+    so it tells the same story as ``/readyz`` and the failing/recovered notices.
+    """
+    from .daemon import failure_streak, ready_max_age
     from .delivery import delivery_status
+
+    def ago(seconds: float) -> str:
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds >= size:
+                return f"{seconds / size:.1f}{unit} ago"
+        return f"{seconds:.0f}s ago"
 
     config = load_config(args.config)
     store = _open_store(config)
     now = utcnow()
     try:
         polls = store.last_polls(10)
+        last_ok = store.last_successful_poll()
+        streak = failure_streak(store)
         counts = store.customer_counts()
         deliveries = delivery_status(store, now, sinks=[s.name for s in config.sinks])
     finally:
         store.close()
     out = sys.stdout
+
+    if last_ok is None:
+        polling = "no successful poll yet"
+    else:
+        age = (now - parse_ts(last_ok.finished_at or last_ok.started_at)).total_seconds()
+        max_age = ready_max_age(config).total_seconds()
+        polling = f"last successful poll #{last_ok.id} finished {ago(age)}"
+        if age > max_age:
+            polling += f" -- STALE (more than {max_age:.0f}s: /readyz fails)"
+    if streak.failures:
+        polling += (
+            f"; FAILING: {streak.failures} consecutive failed poll(s) since {(streak.since or '')[:19]}Z"
+        )
+        if streak.failing_notice_outstanding:
+            polling += " (watcher.poll_failing sent)"
     tracked = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet"
-    out.write(f"customers tracked: {tracked}\n\nlast polls:\n")
-    out.write(
-        _table(
-            ("poll", "started", "outcome", "secs", "pages", "active", "archived", "events", "error"),
-            [
+    out.write(f"polling: {polling}\ncustomers tracked: {tracked}\n\nlast polls:\n")
+    if not polls:
+        out.write("(no polls yet)\n")
+    else:
+        out.write(
+            _table(
+                ("poll", "started", "outcome", "secs", "pages", "active", "archived", "events", "error"),
                 [
-                    str(p.id),
-                    p.started_at[:19] + "Z",
-                    p.outcome + (" (baseline)" if p.baseline else ""),
-                    f"{(parse_ts(p.finished_at) - parse_ts(p.started_at)).total_seconds():.1f}"
-                    if p.finished_at
-                    else "-",
-                    str(p.pages),
-                    str(p.active),
-                    str(p.archived),
-                    str(p.events),
-                    (p.error or "")[:80],
-                ]
-                for p in polls
-            ],
+                    [
+                        str(p.id),
+                        p.started_at[:19] + "Z",
+                        p.outcome + (" (baseline)" if p.baseline else ""),
+                        f"{(parse_ts(p.finished_at) - parse_ts(p.started_at)).total_seconds():.1f}"
+                        if p.finished_at
+                        else "-",
+                        str(p.pages),
+                        str(p.active),
+                        str(p.archived),
+                        str(p.events),
+                        (p.error or "")[:60],
+                    ]
+                    for p in polls
+                ],
+            )
         )
-    )
     out.write("\nsinks:\n")
-    out.write(
-        _table(
-            ("sink", "pending", "delivered", "dead", "oldest", "state", "last error"),
-            [
+    if not deliveries:
+        out.write("(no sinks configured)\n")
+    else:
+        out.write(
+            _table(
+                ("sink", "pending", "delivered", "dead", "oldest", "state", "last error"),
                 [
-                    s.sink,
-                    str(s.pending),
-                    str(s.delivered),
-                    str(s.dead),
-                    "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
-                    "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"),
-                    (s.last_error or "")[:80],
-                ]
-                for s in deliveries
-            ],
+                    [
+                        s.sink,
+                        str(s.pending),
+                        str(s.delivered),
+                        str(s.dead),
+                        "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
+                        "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"),
+                        (s.last_error or "")[:80],
+                    ]
+                    for s in deliveries
+                ],
+            )
         )
-    )
+    # The table truncates errors; the most recent one is worth reading in full.
+    failed = next((p for p in polls if p.outcome in ("failed", "refused") and p.error), None)
+    if failed is not None:
+        when = f"#{failed.id}, {failed.started_at[:19]}Z, {failed.outcome}"
+        out.write(f"\nlast poll error ({when}):\n  {failed.error}\n")
     return 0
 
 

@@ -9,6 +9,8 @@ that no repr, log line or error shows them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import tomllib
@@ -124,10 +126,12 @@ class ScheduleConfig(_Model):
     def _cron(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from apscheduler.triggers.cron import CronTrigger
+        # The daemon's own parser, so that what validates is exactly what runs (standard crontab
+        # weekdays, where APScheduler's from_crontab differs). Imported here to avoid a cycle.
+        from .daemon import cron_trigger
 
         try:
-            CronTrigger.from_crontab(v)
+            cron_trigger(v)
         except ValueError as exc:
             raise ValueError(f"invalid crontab expression {v!r}: {exc}") from None
         return v
@@ -182,8 +186,9 @@ class _SinkBase(_Model):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     #: Event types this sink receives; ``customer.*`` style globs allowed.
     events: tuple[str, ...] = ("customer.*",)
-    #: When set, only events that change one of these dotted paths (or a field under them).
-    #: ``created`` and ``deleted`` carry no field changes and are let through unless excluded by ``events``.
+    #: When set, only customer events whose ``changes`` touch one of these dotted paths (or a field
+    #: under them). ``created`` and ``deleted`` carry no field changes and so do not pass; ``watcher.*``
+    #: notices are not affected.
     fields: tuple[str, ...] | None = None
 
     @field_validator("events")
@@ -235,8 +240,16 @@ class HttpSinkConfig(_SinkBase):
     @field_validator("secret")
     @classmethod
     def _secret(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().startswith("whsec_"):
+        value = v.get_secret_value()
+        if not value.startswith("whsec_"):
             raise ValueError("must be a Standard Webhooks secret starting with 'whsec_'")
+        body = value.removeprefix("whsec_")
+        try:  # unpadded secrets are accepted, as the standardwebhooks library accepts them
+            ok = bool(body) and bool(base64.b64decode(body + "=" * (-len(body) % 4), validate=True))
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("the part after 'whsec_' must be base64")  # never echo the secret
         return v
 
 

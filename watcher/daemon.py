@@ -273,6 +273,12 @@ class _InFlight:
 
 
 class Daemon:
+    """``metronome-watcher run``: :meth:`start`, then :meth:`stop` (or :meth:`run_until` for both).
+
+    :meth:`poll_once` and :meth:`deliver_once` are the two scheduled jobs; tests and the demo may
+    call them directly without starting the scheduler.
+    """
+
     def __init__(
         self,
         app: App,

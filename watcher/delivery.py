@@ -9,6 +9,10 @@ Rules (DESIGN rule 6), the same for every sink:
   webhooks) is marked dead; a permanent failure (``Outcome("dead")``) is dead at once. Dead rows
   stay in the outbox and ``replay`` re-queues them with the same event id.
 * ``Outcome("disable")`` (e.g. HTTP 410) switches the sink off until ``enable_sink``.
+* A drain round hands a sink at most ``[delivery] batch_size`` rows (and never more than the
+  sink's own ``max_batch``); a Slack round above its digest threshold becomes one digest.
+* ``delivery_status`` reports each sink's most recent error, whether it was a retry, a dead
+  event or a disable.
 * Sinks are drained in parallel threads, so one slow or dead receiver never delays another, and
   a row is marked delivered only after the sink said so: a crash in between means the event is
   sent again (at-least-once, receivers dedupe on the event id).
@@ -128,7 +132,7 @@ class Deliverer:
             if state.next_attempt_at and state.next_attempt_at > format_ts(now):
                 report.skipped = f"backing off until {state.next_attempt_at}"
                 return
-            rows = self._due(name, sink.max_batch)
+            rows = self._due(name, min(sink.max_batch, self.config.batch_size))
             if not rows:
                 return
             events = [orjson.loads(r[3]) for r in rows]
@@ -185,6 +189,9 @@ class Deliverer:
                 report.errors.append(error)
                 if outcome.kind == "dead":
                     conn.execute(base.values(status="dead", last_error=error, **attempted))
+                    # The sink's last error is what `deliveries` shows: it must be this one, not an
+                    # older retry's (a timeout yesterday must not hide a no_service today).
+                    self._set_state(conn, name, last_error=error)
                     report.dead += 1
                     log.error("delivery.dead", sink=name, event_id=event.get("id"), sequence=seq, error=error)
                     continue

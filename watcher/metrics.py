@@ -2,7 +2,7 @@
 
 The registry is module-level because a process runs one watcher; it is not prometheus-client's
 global default so that importing this package never pollutes an embedding application's
-registry. ``/metrics`` (see :mod:`watcher.daemon`) renders :data:`REGISTRY`.
+registry. ``/metrics`` (see :mod:`watcher.health`) renders :data:`REGISTRY`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The cycle, and why it is shaped this way:
 
 1. Both listings are read in full (concurrently when asked: the cycle's floor is the API's
    latency, so overlapping the two halves it). Each record is fingerprinted and compared with the
-   stored fingerprint; only records that differ are *staged* in the database, in batches. A cycle
+   stored fingerprint; only records that differ are *staged*, in batches, in a TEMP table of the
+   cycle's own connection (no lock on the database, no fsync, gone with the connection). A cycle
    without changes therefore writes nothing but its poll-run row, and memory holds only
    ``id -> fingerprint`` rather than whole records.
 2. Known customers seen in neither listing are looked up by id (rule 3): 404 means deleted, a
@@ -19,6 +20,7 @@ Any failure before step 3 commits nothing but the failed poll-run row (rule 1).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import queue
 import threading
@@ -26,6 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -173,6 +176,7 @@ class Poller:
                 update(PollRun).where(PollRun.outcome == "running")  # type: ignore[arg-type]
                 .values(outcome="abandoned", finished_at=now, error="process ended during the cycle")
             )
+            # Earlier versions staged in the database's own ``staged`` table; a crash could leave rows there.
             conn.execute(delete(StagedRecord))
             poll_id = conn.execute(insert(PollRun).values(started_at=now, outcome="running")).inserted_primary_key
         assert poll_id is not None
@@ -190,8 +194,8 @@ class Poller:
         return PollResult(int(poll_id[0]), "refused", error=error)
 
     def _fail(self, poll_id: int, outcome: str, error: str) -> None:
+        # Nothing staged survives: the staging table went away with the cycle's connection.
         with self.store.write() as conn:
-            conn.execute(delete(StagedRecord).where(StagedRecord.poll_id == poll_id))  # type: ignore[arg-type]
             conn.execute(
                 update(PollRun).where(PollRun.id == poll_id)  # type: ignore[arg-type]
                 .values(outcome=outcome, finished_at=format_ts(self.clock()), error=error[:2000])
@@ -227,6 +231,82 @@ class _PollLock:
 
 _DONE = object()
 
+#: Where the cycle stages records: a TEMP table of the cycle's own connection. Writing it takes no
+#: lock on the database file (a long scan never blocks the daemon's other writers), costs no fsync
+#: and no WAL traffic, and leaves no freed pages behind in the database. It disappears with the
+#: connection, which is exactly what a failed or interrupted cycle needs (rule 1). Its rollback
+#: journal is kept in memory: it only ever holds the pages of one batch.
+_STAGED_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS poll_staged (customer_id TEXT PRIMARY KEY, "
+    "archived INTEGER NOT NULL, hash INTEGER NOT NULL, record TEXT NOT NULL)"
+)
+_UPSERT_STATE = (
+    "INSERT OR REPLACE INTO customers (id, status, hash, record, first_seen_at, changed_at, last_poll_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class _Listings:
+    """The pages of both listings as ``(archived, page)``: one listing after the other, or (when
+    ``concurrent``) from two producer threads that start fetching as soon as this is created."""
+
+    def __init__(self, source: CustomerSource, concurrent: bool, check_cancel: Any) -> None:
+        self.source = source
+        self.check_cancel = check_cancel
+        self.threads: list[threading.Thread] = []
+        # Two producer threads, one consumer: diffing stays single-threaded and needs no locks;
+        # the small bounded queue keeps at most a few pages in memory.
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=8)
+        self.stop = threading.Event()
+        if concurrent:
+            self.threads = [
+                threading.Thread(target=self._produce, args=(a,), daemon=True, name=f"list-{a}")
+                for a in (False, True)
+            ]
+            for t in self.threads:
+                t.start()
+
+    def _produce(self, archived: bool) -> None:
+        q, stop = self.q, self.stop
+        try:
+            for page in self.source.iter_pages(archived=archived):
+                while not stop.is_set():
+                    try:
+                        q.put((archived, page), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            q.put(exc)
+
+    def __iter__(self) -> Iterator[tuple[bool, list[dict[str, Any]]]]:
+        if not self.threads:
+            for archived in (False, True):
+                for page in self.source.iter_pages(archived=archived):
+                    yield archived, page
+            return
+        done = 0
+        while done < 2:
+            try:
+                item = self.q.get(timeout=0.2)
+            except queue.Empty:
+                self.check_cancel()
+                continue
+            if item is _DONE:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=5)
+
 
 class _Cycle:
     """The state of one cycle in progress."""
@@ -237,31 +317,52 @@ class _Cycle:
         self.poll_id = poll_id
         self.cancel = cancel
         self.pages = 0
-        #: id -> (fingerprint, archived) of every customer known to be active or archived.
-        self.known: dict[str, tuple[int, bool]] = {}
+        #: archived -> {id: fingerprint} of every customer known to be in that listing. Plain ints in
+        #: two dicts rather than (hash, archived) tuples: this is the cycle's one account-sized structure.
+        self.known: dict[bool, dict[str, int]] = {False: {}, True: {}}
         #: id -> archived, for every customer seen this cycle.
         self.seen: dict[str, bool] = {}
         self._stage_buf: dict[str, tuple[bool, int, bytes]] = {}
         self._unstage: set[str] = set()
-        self._staged_any: set[str] = set()
+        self._conn: Connection | None = None
 
     # -- 1. listings --------------------------------------------------------------------------
 
     def run(self) -> PollResult:
-        with self.store.read() as conn:
-            baseline = not self.store.has_baseline(conn)
-            for cid, h, status in conn.execute(
-                select(CustomerState.id, CustomerState.hash, CustomerState.status)  # type: ignore[call-overload]
-                .where(CustomerState.status != "deleted")
-            ):
-                self.known[cid] = (h, status == "archived")
-        for archived, page in self._pages():
-            self._check_cancel()
-            self.pages += 1
-            for record in page:
-                self._observe(record, archived)
-            if len(self._stage_buf) >= _STAGE_BATCH:
-                self._flush()
+        # One connection for the whole cycle, because it owns the TEMP staging table. It is taken
+        # out of the pool so that closing it really closes it, and its temporary file with it.
+        with self.store.engine.connect() as conn:
+            conn.detach()
+            self._conn = conn
+            return self._run(conn)
+
+    @contextmanager
+    def _transaction(self, mode: str) -> Iterator[Connection]:
+        """``BEGIN <mode>`` on the cycle's connection (see ``Store.write``): DEFERRED for the
+        staging table (no lock on the database), IMMEDIATE for the final transaction."""
+        assert self._conn is not None
+        conn = self._conn.execution_options(watcher_begin=mode)
+        with conn.begin():
+            yield conn
+
+    def _run(self, conn: Connection) -> PollResult:
+        # The first pages are in flight while the known state loads.
+        listings = _Listings(self.p.source, self.p.concurrent_listings, self._check_cancel)
+        try:
+            conn.connection.dbapi_connection.execute("PRAGMA temp.journal_mode=MEMORY")  # type: ignore[union-attr]
+            with self._transaction("DEFERRED"):
+                baseline = not self.store.has_baseline(conn)
+                self._load_known(conn)
+                conn.exec_driver_sql(_STAGED_DDL)
+                conn.exec_driver_sql("DELETE FROM temp.poll_staged")
+            for archived, page in listings:
+                self._check_cancel()
+                self.pages += 1
+                self._observe_page(page, archived)
+                if len(self._stage_buf) >= _STAGE_BATCH:
+                    self._flush()
+        finally:
+            listings.close()
         self._flush()
         deleted, unresolved = self._resolve_vanished()
         self._flush()
@@ -273,58 +374,40 @@ class _Cycle:
             archived=len(self.seen) - active, events_by_type=events, unresolved=unresolved,
         )
 
+    def _load_known(self, conn: Connection) -> None:
+        # The raw cursor yields plain tuples: no per-row objects beyond what the dicts keep.
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            active, archived = self.known[False], self.known[True]
+            for cid, h, status in cursor.execute(
+                "SELECT id, hash, status FROM customers WHERE status != 'deleted'"
+            ):
+                (archived if status == "archived" else active)[cid] = h
+        finally:
+            cursor.close()
+
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
             raise PollCancelled("poll abandoned: shutting down")
 
-    def _pages(self) -> Iterator[tuple[bool, list[dict[str, Any]]]]:
-        src = self.p.source
-        if not self.p.concurrent_listings:
-            for archived in (False, True):
-                for page in src.iter_pages(archived=archived):
-                    yield archived, page
-            return
-        # Two producer threads, one consumer: diffing stays single-threaded and needs no locks;
-        # the small bounded queue keeps at most a few pages in memory.
-        q: queue.Queue[Any] = queue.Queue(maxsize=8)
-        stop = threading.Event()
-
-        def produce(archived: bool) -> None:
-            try:
-                for page in src.iter_pages(archived=archived):
-                    while not stop.is_set():
-                        try:
-                            q.put((archived, page), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(_DONE)
-            except BaseException as exc:  # handed to the consumer, which raises it
-                q.put(exc)
-
-        threads = [threading.Thread(target=produce, args=(a,), daemon=True, name=f"list-{a}") for a in (False, True)]
-        for t in threads:
-            t.start()
-        try:
-            done = 0
-            while done < 2:
-                try:
-                    item = q.get(timeout=0.2)
-                except queue.Empty:
-                    self._check_cancel()
-                    continue
-                if item is _DONE:
-                    done += 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=5)
+    def _observe_page(self, page: list[dict[str, Any]], archived: bool) -> None:
+        """:meth:`_observe` for a whole page, with its common case inlined: this loop runs once per
+        customer per cycle, so it is the cycle's own cost on top of the API's."""
+        seen = self.seen
+        known = self.known[archived].get
+        stage = self._stage_buf
+        dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        for record in page:
+            cid = record["id"]
+            if cid in seen:  # seen twice (in both listings): the general case decides
+                self._observe(record, archived)
+                continue
+            seen[cid] = archived
+            data = dumps(record, option=sort_keys)  # == store.canonical(record)
+            h = from_bytes(blake2b(data, digest_size=8).digest(), "big", signed=True)  # == record_hash(data)
+            if known(cid) != h:
+                stage[cid] = (archived, h, data)
 
     def _observe(self, record: dict[str, Any], archived: bool) -> None:
         cid = record["id"]
@@ -334,11 +417,11 @@ class _Cycle:
         self.seen[cid] = archived
         data = canonical(record)
         h = record_hash(data)
-        if self.known.get(cid) == (h, archived):
+        if self.known[archived].get(cid) == h:
             if before is not None:
+                # Staged from the other listing: this sighting matches the stored state after all.
                 self._stage_buf.pop(cid, None)
-                if cid in self._staged_any:
-                    self._unstage.add(cid)
+                self._unstage.add(cid)  # it may already be flushed; deleting nothing is harmless
             return
         self._stage_buf[cid] = (archived, h, data)
         self._unstage.discard(cid)
@@ -346,37 +429,29 @@ class _Cycle:
     def _flush(self) -> None:
         if not self._stage_buf and not self._unstage:
             return
-        rows = [
-            {"poll_id": self.poll_id, "customer_id": cid, "archived": a, "hash": h, "record": d.decode()}
-            for cid, (a, h, d) in self._stage_buf.items()
-        ]
-        with self.store.write() as conn:
+        rows = [(cid, a, h, d.decode()) for cid, (a, h, d) in self._stage_buf.items()]
+        with self._transaction("DEFERRED") as conn:
             if self._unstage:
-                conn.execute(
-                    delete(StagedRecord).where(
-                        StagedRecord.poll_id == self.poll_id,  # type: ignore[arg-type]
-                        StagedRecord.customer_id.in_(list(self._unstage)),  # type: ignore[attr-defined]
-                    )
+                conn.exec_driver_sql(
+                    "DELETE FROM temp.poll_staged WHERE customer_id = ?", [(cid,) for cid in self._unstage]
                 )
             if rows:
-                conn.execute(
-                    StagedRecord.__table__.insert().prefix_with("OR REPLACE"),  # type: ignore[attr-defined]
-                    rows,
-                )
-        self._staged_any.update(self._stage_buf)
+                conn.exec_driver_sql("INSERT OR REPLACE INTO temp.poll_staged VALUES (?, ?, ?, ?)", rows)
         self._stage_buf.clear()
         self._unstage.clear()
 
     # -- 2. vanished customers ----------------------------------------------------------------
 
     def _resolve_vanished(self) -> tuple[list[str], int]:
-        vanished = [cid for cid in self.known if cid not in self.seen]
+        seen = self.seen
+        vanished = [cid for known in self.known.values() for cid in known if cid not in seen]
         if not vanished:
             return [], 0
+        n_known = len(self.known[False]) + len(self.known[True])
         cfg = self.p.diff
-        if len(vanished) > cfg.max_vanished_count and len(vanished) > cfg.max_vanished_fraction * len(self.known):
+        if len(vanished) > cfg.max_vanished_count and len(vanished) > cfg.max_vanished_fraction * n_known:
             raise PollRefused(
-                f"{len(vanished)} of {len(self.known)} known customers are missing from both listings "
+                f"{len(vanished)} of {n_known} known customers are missing from both listings "
                 f"(more than {cfg.max_vanished_fraction:.0%} and more than {cfg.max_vanished_count}); "
                 "refusing to treat them as deleted"
             )
@@ -405,55 +480,21 @@ class _Cycle:
         now = self.p.clock()
         detected_at = format_ts(now)
         emit = not baseline or self.p.diff.emit_baseline_events
-        ignore = self.p.diff.ignore_fields
         counts: Counter[str] = Counter()
-        with self.store.write() as conn:
+        with self._transaction("IMMEDIATE") as conn:
             seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
             writer = _EventWriter(conn, self.poll_id, detected_at, self.p.routes, seq)
-            last_rowid = 0
-            while True:
-                batch = conn.exec_driver_sql(
-                    "SELECT rowid, customer_id, archived, hash, record FROM staged "
-                    "WHERE poll_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
-                    (self.poll_id, last_rowid, _COMMIT_BATCH),
-                ).all()
-                if not batch:
-                    break
-                last_rowid = batch[-1][0]
-                prev = _load_states(conn, [r[1] for r in batch])
-                upserts: list[dict[str, Any]] = []
-                for _, cid, archived, h, data in batch:
-                    record = orjson.loads(data)
-                    status = "archived" if archived else "active"
-                    old = prev.get(cid)
-                    event_type: str | None
-                    changes: list[dict[str, Any]] = []
-                    previous: Any = None
-                    if old is None or old[0] == "deleted":
-                        event_type = "customer.created" if emit else None
-                    else:
-                        previous = orjson.loads(old[1])
-                        changes = [c.as_dict() for c in diff_records(previous, record, ignore)]
-                        was_archived = old[0] == "archived"
-                        if archived and not was_archived:
-                            event_type = "customer.archived"
-                        elif was_archived and not archived:
-                            event_type = "customer.unarchived"
-                        elif changes:
-                            event_type = "customer.updated"
-                        else:
-                            event_type = None  # noise only (e.g. updated_at): refresh silently
-                    if event_type:
-                        writer.add(event_type, cid, record, previous, changes)
-                        counts[event_type] += 1
-                    upserts.append({
-                        "id": cid, "status": status, "hash": h, "record": data,
-                        "first_seen_at": old[2] if old else detected_at,
-                        "changed_at": detected_at if (event_type or old is None) else old[3],
-                        "last_poll_id": self.poll_id,
-                    })
-                conn.execute(CustomerState.__table__.insert().prefix_with("OR REPLACE"), upserts)  # type: ignore[attr-defined]
-                writer.flush()
+            if not emit and conn.exec_driver_sql("SELECT 1 FROM customers LIMIT 1").first() is None:
+                # A silent baseline into an empty store: every staged record is simply new, so the
+                # copy is one statement instead of a Python loop over the whole account.
+                conn.exec_driver_sql(
+                    "INSERT INTO customers (id, status, hash, record, first_seen_at, changed_at, "
+                    "last_poll_id) SELECT customer_id, CASE WHEN archived THEN 'archived' ELSE 'active' END, "
+                    "hash, record, ?, ?, ? FROM temp.poll_staged ORDER BY customer_id",
+                    (detected_at, detected_at, self.poll_id),
+                )
+            else:
+                self._apply_staged(conn, writer, emit, detected_at, counts)
             for i in range(0, len(deleted), _COMMIT_BATCH):
                 chunk = deleted[i : i + _COMMIT_BATCH]
                 prev = _load_states(conn, chunk)
@@ -467,7 +508,7 @@ class _Cycle:
                     .values(status="deleted", changed_at=detected_at, last_poll_id=self.poll_id)
                 )
                 writer.flush()
-            conn.execute(delete(StagedRecord).where(StagedRecord.poll_id == self.poll_id))  # type: ignore[arg-type]
+            conn.exec_driver_sql("DELETE FROM temp.poll_staged")
             active = sum(1 for a in self.seen.values() if not a)
             conn.execute(
                 update(PollRun).where(PollRun.id == self.poll_id)  # type: ignore[arg-type]
@@ -479,13 +520,62 @@ class _Cycle:
             )
         return dict(counts)
 
+    def _apply_staged(self, conn: Connection, writer: _EventWriter, emit: bool, detected_at: str,
+                      counts: Counter[str]) -> None:
+        """Staged records -> new state and events, in batches read back in id order."""
+        ignore = self.p.diff.ignore_fields
+        last_id = ""
+        while True:
+            batch = conn.exec_driver_sql(
+                "SELECT customer_id, archived, hash, record FROM temp.poll_staged "
+                "WHERE customer_id > ? ORDER BY customer_id LIMIT ?",
+                (last_id, _COMMIT_BATCH),
+            ).all()
+            if not batch:
+                break
+            last_id = batch[-1][0]
+            prev = _load_states(conn, [r[0] for r in batch])
+            upserts: list[tuple[Any, ...]] = []
+            for cid, archived, h, data in batch:
+                status = "archived" if archived else "active"
+                old = prev.get(cid)
+                event_type: str | None
+                changes: list[dict[str, Any]] = []
+                previous: Any = None
+                record: Any = None
+                if old is None or old[0] == "deleted":
+                    event_type = "customer.created" if emit else None
+                else:
+                    record = orjson.loads(data)
+                    previous = orjson.loads(old[1])
+                    changes = [c.as_dict() for c in diff_records(previous, record, ignore)]
+                    was_archived = old[0] == "archived"
+                    if archived and not was_archived:
+                        event_type = "customer.archived"
+                    elif was_archived and not archived:
+                        event_type = "customer.unarchived"
+                    elif changes:
+                        event_type = "customer.updated"
+                    else:
+                        event_type = None  # noise only (e.g. updated_at): refresh silently
+                if event_type:
+                    if record is None:
+                        record = orjson.loads(data)
+                    writer.add(event_type, cid, record, previous, changes)
+                    counts[event_type] += 1
+                upserts.append((
+                    cid, status, h, data, old[2] if old else detected_at,
+                    detected_at if (event_type or old is None) else old[3], self.poll_id,
+                ))
+            conn.exec_driver_sql(_UPSERT_STATE, upserts)
+            writer.flush()
+
 
 def _load_states(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str, str, str, str]]:
-    rows = conn.execute(
-        select(
-            CustomerState.id, CustomerState.status, CustomerState.record,  # type: ignore[call-overload]
-            CustomerState.first_seen_at, CustomerState.changed_at,
-        ).where(CustomerState.id.in_(list(ids)))  # type: ignore[attr-defined]
+    rows = conn.exec_driver_sql(
+        "SELECT id, status, record, first_seen_at, changed_at FROM customers "
+        f"WHERE id IN ({', '.join('?' * len(ids))})",
+        tuple(ids),
     ).all()
     return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
 

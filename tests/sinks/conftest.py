@@ -140,9 +140,8 @@ def _handler_for(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            received = Received(
-                _next_arrival(), self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
-            )
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            received = Received(_next_arrival(), self.command, self.path, headers, body)
             reply = receiver._next(received)
             index = self._record(received)
             client_gone = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +23,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import FakeClock, FakeTime, Receiver, Reply
 
+from tests.sinks.conftest import FakeClock, FakeTime, Receiver, Reply
 from watcher.config import DeliveryConfig
 from watcher.delivery import Deliverer, delivery_status, replay
 from watcher.poll import Poller
@@ -50,7 +51,7 @@ class Source:
     """An in-memory Metronome for the Poller: one page of active customers."""
 
     def __init__(self, n: int) -> None:
-        self.customers = {
+        self.customers: dict[str, dict[str, Any]] = {
             f"cus-{i:03d}": {"id": f"cus-{i:03d}", "name": f"Customer {i}", "custom_fields": {"tier": "free"},
                              "archived_at": None}
             for i in range(n)
@@ -75,10 +76,10 @@ def record_events(store: Store, clock: FakeClock, n: int = N) -> list[str]:
     return [e["id"] for e in store.query_events()]
 
 
-# -- one harness per sink type: the sink plus its receiver -----------------------------------------
+# -- one rig per sink type: the sink plus its receiver -----------------------------------------
 
 
-class Harness:
+class Rig:
     kind: str
 
     def new_sink(self) -> Sink:
@@ -123,7 +124,7 @@ class FlakyStream(io.StringIO):
             raise OSError(28, "No space left on device")
 
 
-class LogHarness(Harness):
+class LogRig(Rig):
     kind = "log"
 
     def __init__(self) -> None:
@@ -145,7 +146,7 @@ class LogHarness(Harness):
         return self.stream.writes
 
 
-class ReceiverHarness(Harness):
+class ReceiverRig(Rig):
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
 
@@ -168,7 +169,7 @@ class ReceiverHarness(Harness):
         return [self.event_id(r.body) for r in self.receiver.requests if r.ok]
 
 
-class HttpHarness(ReceiverHarness):
+class HttpRig(ReceiverRig):
     kind = "http"
 
     def new_sink(self) -> Sink:
@@ -184,7 +185,7 @@ class HttpHarness(ReceiverHarness):
         self.receiver.script(Reply(429, b"slow down", {"Retry-After": str(seconds)}))
 
 
-class SlackHarness(ReceiverHarness):
+class SlackRig(ReceiverRig):
     kind = "slack"
 
     def __init__(self, receiver: Receiver, fake_time: FakeTime) -> None:
@@ -210,30 +211,30 @@ class SlackHarness(ReceiverHarness):
 
 
 @pytest.fixture
-def harness(request: pytest.FixtureRequest, make_receiver: Callable[..., Receiver], fake_time: FakeTime) -> Harness:
+def rig(request: pytest.FixtureRequest, make_receiver: Callable[..., Receiver], fake_time: FakeTime) -> Rig:
     kind = request.param
     if kind == "log":
-        return LogHarness()
+        return LogRig()
     if kind == "http":
-        return HttpHarness(make_receiver(Reply(204, b"")))
-    return SlackHarness(make_receiver(Reply(200, "ok"), path="/services/T0/B0/contract-secret"), fake_time)
+        return HttpRig(make_receiver(Reply(204, b"")))
+    return SlackRig(make_receiver(Reply(200, "ok"), path=f"/services/T0/B0/{uuid.uuid4().hex}"), fake_time)
 
 
-ALL = pytest.mark.parametrize("harness", ["log", "slack", "http"], indirect=True)
-ANSWERING = pytest.mark.parametrize("harness", ["slack", "http"], indirect=True)
+ALL = pytest.mark.parametrize("rig", ["log", "slack", "http"], indirect=True)
+ANSWERING = pytest.mark.parametrize("rig", ["slack", "http"], indirect=True)
 
 
 class World:
-    """A store with N pending events for the harness's sink, and a way to (re)start the process."""
+    """A store with N pending events for the rig's sink, and a way to (re)start the process."""
 
-    def __init__(self, path: Path, harness: Harness, clock: FakeClock) -> None:
-        self.path, self.harness, self.clock = path, harness, clock
+    def __init__(self, path: Path, rig: Rig, clock: FakeClock) -> None:
+        self.path, self.rig, self.clock = path, rig, clock
         self.store = Store(path)
         self.ids = record_events(self.store, clock)
         self.deliverer = self.start()
 
     def start(self) -> Deliverer:
-        return Deliverer(self.store, {SINK: self.harness.new_sink()}, config=DeliveryConfig(), clock=self.clock,
+        return Deliverer(self.store, {SINK: self.rig.new_sink()}, config=DeliveryConfig(), clock=self.clock,
                          rng=random.Random(7))  # fmt: skip
 
     def restart(self) -> None:
@@ -256,8 +257,8 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, harness: Harness, clock: FakeClock) -> Iterator[World]:
-    w = World(tmp_path / "watcher.db", harness, clock)
+def world(tmp_path: Path, rig: Rig, clock: FakeClock) -> Iterator[World]:
+    w = World(tmp_path / "watcher.db", rig, clock)
     yield w
     w.close()
 
@@ -266,69 +267,69 @@ def world(tmp_path: Path, harness: Harness, clock: FakeClock) -> Iterator[World]
 
 
 @ALL
-def test_delivers_every_event_once_in_sequence_order(world: World, harness: Harness) -> None:
+def test_delivers_every_event_once_in_sequence_order(world: World, rig: Rig) -> None:
     report = world.drain()
 
     assert report.delivered == N
-    assert harness.accepted_ids() == world.ids
+    assert rig.accepted_ids() == world.ids
     status = world.status()
     assert (status.pending, status.delivered, status.dead) == (0, N, 0)
-    attempts = harness.attempts()
+    attempts = rig.attempts()
     assert world.drain().delivered == 0  # nothing is sent twice
-    assert harness.attempts() == attempts
+    assert rig.attempts() == attempts
 
 
 @ALL
-def test_receiver_down_then_up_delivers_everything_with_the_same_ids(world: World, harness: Harness) -> None:
-    harness.down()
+def test_receiver_down_then_up_delivers_everything_with_the_same_ids(world: World, rig: Rig) -> None:
+    rig.down()
     first = world.drain()
     assert (first.delivered, first.retried) == (0, 1)
     status = world.status()
     assert status.pending == N and status.next_attempt_at is not None and status.last_error
 
-    attempts = harness.attempts()
+    attempts = rig.attempts()
     paused = world.drain()  # the sink backs off: no attempt before its next_attempt_at
     assert paused.skipped and paused.skipped.startswith("backing off")
-    assert harness.attempts() == attempts
+    assert rig.attempts() == attempts
 
     world.clock.advance(60)
     assert world.drain().retried == 1  # still down: another failure, still nothing lost
     assert world.status().pending == N
 
-    harness.up()
+    rig.up()
     world.clock.advance(3600)
     assert world.drain().delivered == N
-    assert harness.accepted_ids() == world.ids  # all of them, once, in order, ids unchanged
+    assert rig.accepted_ids() == world.ids  # all of them, once, in order, ids unchanged
     assert world.status().pending == 0
 
 
 @ANSWERING
-def test_retry_after_is_respected(world: World, harness: Harness) -> None:
-    harness.throttle_next(120)
+def test_retry_after_is_respected(world: World, rig: Rig) -> None:
+    rig.throttle_next(120)
     report = world.drain()
     assert (report.delivered, report.retried) == (0, 1)
-    attempts = harness.attempts()
+    attempts = rig.attempts()
 
     world.clock.advance(119)
     early = world.drain()
     assert early.skipped and early.skipped.startswith("backing off")
-    assert harness.attempts() == attempts  # nothing was sent before Retry-After elapsed
+    assert rig.attempts() == attempts  # nothing was sent before Retry-After elapsed
 
     world.clock.advance(2)
     assert world.drain().delivered == N
-    assert harness.accepted_ids() == world.ids
+    assert rig.accepted_ids() == world.ids
 
 
 @ANSWERING
 def test_permanent_failure_is_dead_at_once_reported_and_replayed_with_the_same_id(
-    world: World, harness: Harness
+    world: World, rig: Rig
 ) -> None:
-    assert isinstance(harness, ReceiverHarness)
-    harness.refuse_next()
+    assert isinstance(rig, ReceiverRig)
+    rig.refuse_next()
     report = world.drain()
 
     assert (report.dead, report.delivered) == (1, N - 1)  # a dead event does not hold up the rest
-    refused_id = harness.attempted_ids()[0]
+    refused_id = rig.attempted_ids()[0]
     assert refused_id == world.ids[0]
     status = world.status()
     assert (status.dead, status.pending, status.delivered) == (1, 0, N - 1)
@@ -336,7 +337,7 @@ def test_permanent_failure_is_dead_at_once_reported_and_replayed_with_the_same_i
 
     assert replay(world.store, SINK, now=world.clock()) == 1
     assert world.drain().delivered == 1
-    assert harness.accepted_ids()[-1] == refused_id  # the same event id, redelivered
+    assert rig.accepted_ids()[-1] == refused_id  # the same event id, redelivered
     status = world.status()
     assert (status.dead, status.pending, status.delivered) == (0, 0, N)
 
@@ -376,23 +377,23 @@ def dies_on_first_write(store: Store) -> Iterator[None]:
 @ALL
 @pytest.mark.parametrize("when", ["after_send_before_marking", "mid_batch"])
 def test_killed_mid_delivery_redelivers_on_restart_and_skips_nothing(
-    world: World, harness: Harness, when: str
+    world: World, rig: Rig, when: str
 ) -> None:
     if when == "mid_batch":
         world.deliverer.sinks[SINK] = DiesMidBatch(world.deliverer.sinks[SINK], after=2)
         with pytest.raises(ProcessKilled):
             world.drain()
-        assert harness.accepted_ids() == world.ids[:2]
+        assert rig.accepted_ids() == world.ids[:2]
     else:
         with dies_on_first_write(world.store), pytest.raises(ProcessKilled):
             world.drain()
-        assert harness.accepted_ids() == world.ids  # the receiver has them all ...
+        assert rig.accepted_ids() == world.ids  # the receiver has them all ...
     assert world.status().pending == N  # ... but none was marked delivered
 
     world.restart()
     assert world.drain().delivered == N
 
-    seen = harness.accepted_ids()
+    seen = rig.accepted_ids()
     sent_before = 2 if when == "mid_batch" else N
     assert seen[sent_before:] == world.ids  # on restart every event goes out again, in order
     assert set(seen) == set(world.ids)  # at-least-once: duplicates allowed, gaps never
@@ -400,8 +401,8 @@ def test_killed_mid_delivery_redelivers_on_restart_and_skips_nothing(
 
 
 @ALL
-def test_gives_up_after_max_age_and_keeps_the_events_as_dead(world: World, harness: Harness) -> None:
-    harness.down()
+def test_gives_up_after_max_age_and_keeps_the_events_as_dead(world: World, rig: Rig) -> None:
+    rig.down()
     assert world.drain().retried == 1
 
     world.clock.advance(71 * 3600)
@@ -414,7 +415,47 @@ def test_gives_up_after_max_age_and_keeps_the_events_as_dead(world: World, harne
     status = world.status()
     assert (status.pending, status.dead) == (0, N)
 
-    harness.up()
+    rig.up()
     assert replay(world.store, SINK, now=world.clock()) == N
     assert world.drain().delivered == N
-    assert harness.accepted_ids() == world.ids
+    assert rig.accepted_ids() == world.ids
+
+
+@ANSWERING
+def test_deliveries_reports_the_latest_error_not_an_older_one(world: World, rig: Rig) -> None:
+    rig.throttle_next(1)
+    rig.refuse_next()
+    assert world.drain().retried == 1
+    assert "429" in str(world.status().last_error)
+
+    world.clock.advance(5)
+    assert world.drain().dead == 1
+    last_error = str(world.status().last_error)
+    assert "400" in last_error and "429" not in last_error  # the refusal, not the older throttle
+
+
+class Recording:
+    """Wraps a sink and records the size of every batch the engine hands it."""
+
+    def __init__(self, inner: Sink) -> None:
+        self.inner, self.name, self.max_batch = inner, inner.name, inner.max_batch
+        self.batches: list[int] = []
+
+    def deliver(self, events: Sequence[Mapping[str, Any]]) -> Sequence[Outcome]:
+        self.batches.append(len(events))
+        return self.inner.deliver(events)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@ALL
+def test_a_round_never_exceeds_the_configured_batch_size(world: World, rig: Rig) -> None:
+    world.deliverer.close()
+    recording = Recording(rig.new_sink())
+    config = DeliveryConfig(batch_size=2)
+    world.deliverer = Deliverer(world.store, {SINK: recording}, config=config, clock=world.clock)
+
+    assert world.drain().delivered == N
+    assert recording.batches == [2, 2, 1]
+    assert rig.accepted_ids() == world.ids

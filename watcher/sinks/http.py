@@ -140,8 +140,10 @@ def decode_secret(secret: str) -> bytes:
     """The HMAC key of a ``whsec_<base64>`` secret. Raises ValueError (without echoing the secret)."""
     if not secret.startswith(_SECRET_PREFIX):
         raise ValueError("must be a Standard Webhooks secret starting with 'whsec_'")
+    encoded = secret[len(_SECRET_PREFIX) :].strip()
     try:
-        key = base64.b64decode(secret[len(_SECRET_PREFIX) :], validate=True)
+        # Padding is optional, as in the reference implementations (standardwebhooks pads too).
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("the part after 'whsec_' is not valid base64") from None
     if not key:

@@ -266,17 +266,36 @@ def _facts(record: Mapping[str, Any]) -> list[str]:
 def _notice(
     event: Mapping[str, Any], emoji: str, title: str, context: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """``watcher.poll_failing`` / ``watcher.poll_recovered``: the watcher talking about itself."""
-    detail = event.get("detail")
+    """``watcher.poll_failing`` / ``watcher.poll_recovered``: the watcher talking about itself.
+
+    Every ``detail`` key is listed with a readable label, so a key added later still shows.
+    """
+    raw = event.get("detail")
+    detail: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     lines: list[str] = []
-    if isinstance(detail, Mapping):
-        for key, value in list(detail.items())[:MAX_CHANGES]:
-            label = _esc(_clip(str(key).replace("_", " "), 60))
-            lines.append(f"*{label}:* {_esc(_clip(_plain(value), 500))}")
+    for key, value in list(detail.items())[:MAX_CHANGES]:
+        if value is None:
+            continue
+        label, shown = str(key), _plain(value)
+        if label.endswith("_seconds") and isinstance(value, int | float):
+            label, shown = label.removesuffix("_seconds"), _duration(float(value))
+        lines.append(f"*{_esc(_clip(label.replace('_', ' '), 60))}:* {_esc(_clip(shown, 500))}")
     blocks = [_header(f"{emoji} {title}"), *_sections(lines), context]
-    reason = (detail.get("error") or detail.get("reason")) if isinstance(detail, Mapping) else None
-    text = title + (f": {_clip(_plain(reason), 300)}" if reason else "")
+    text = title
+    reason = detail.get("last_error") or detail.get("error") or detail.get("reason")
+    if reason:
+        text += f": {_clip(_plain(reason), 300)}"
+    elif isinstance(detail.get("failed_polls"), int):
+        text += f" after {detail['failed_polls']} failed polls"
     return _split(blocks, _esc(text))
+
+
+def _duration(seconds: float) -> str:
+    """``905`` -> ``15m 5s``: how long polling was down, as a person reads it."""
+    s = round(seconds)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return " ".join(f"{n}{unit}" for n, unit in ((h, "h"), (m, "m"), (sec, "s")) if n) or "0s"
 
 
 def _digest_line(event: Mapping[str, Any], app_url: str) -> str:
@@ -351,6 +370,11 @@ class _Pacer:
                 self._last = monotonic()
 
 
+#: The pacer's clock and sleep when a sink is given none. Module-level so that a test driving the
+#: whole CLI can swap them for fakes; sinks read them when they are built.
+_monotonic: Callable[[], float] = time.monotonic
+_sleep: Callable[[float], None] = time.sleep
+
 _PACERS: dict[str, _Pacer] = {}
 _PACERS_LOCK = threading.Lock()
 
@@ -400,8 +424,8 @@ class SlackSink:
         # Cut out of any error text: the path is the secret part, the host is not.
         self._secrets = tuple(s for s in (webhook_url, urlsplit(webhook_url).path) if len(s) > 1)
         add_secret(webhook_url)  # build_app registers it too; this covers sinks built directly
-        self._sleep = sleep or time.sleep
-        self._monotonic = monotonic or time.monotonic
+        self._sleep = sleep or _sleep
+        self._monotonic = monotonic or _monotonic
         self._pacer = _pacer(webhook_url)
         self._own = http is None
         self._http = http if http is not None else httpx.Client(follow_redirects=False)

@@ -1,0 +1,522 @@
+"""Poll-cycle benchmark: our overhead against the API's floor, at 10k and 100k customers (issue 5).
+
+Run from the repository root (it is not collected by ``pytest``)::
+
+    python -m tests.benchmarks.bench_poll                       # 10k and 100k, plus the 50 ms latency run
+    python -m tests.benchmarks.bench_poll --million             # ... and 1M customers too
+    python -m tests.benchmarks.bench_poll --customers 10000 --latency-ms 0   # quick: 10k only, no latency run
+
+It prints one JSON document on stdout (progress goes to stderr). What it measures, per account size:
+
+* ``floor``: every page of both listings (``limit=100``) fetched with a plain ``httpx.Client`` and parsed
+  with ``orjson``, nothing else; sequentially and with the two listings fetched concurrently (two
+  threads sharing one client, as the poller does).
+* ``baseline``: the first cycle into an empty store.
+* ``no_change``: a cycle on a store that already holds the account, nothing changed.
+* ``changed_1pct``: a cycle after 1% of customers changed (renames, custom fields, Salesforce ids,
+  billable status, archives, and ``updated_at``-only noise).
+
+Each measurement runs in a fresh subprocess, so its ``peak_rss_mb`` is that process's own
+``ru_maxrss`` and nothing else's; times are taken inside it around the work only, so interpreter
+start-up and imports count for none of them. The fake Metronome runs in its own process too, so its
+CPU and memory are not ours; its server-side CPU per page is measured during the floor runs and
+reported as ``server``. Times are the median of ``--repeat`` runs; ratios are to the floor of the
+same fetching mode (the concurrent floor for the poller's default, concurrent listings).
+
+The latency run (``--latency-ms``, default 50) makes the fake sleep that long before every page and
+compares cycles with ``pages x latency``: the sum of both listings' pages when they are fetched one
+after the other, the larger of the two when they are fetched concurrently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+TOKEN = "bench-token"
+PAGE_LIMIT = 100
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# -- child: the fake Metronome, driven over stdin/stdout ---------------------------------------------
+
+
+def serve(customers: int, seed: int) -> None:
+    """Seed and serve a fake Metronome; answer one JSON command per stdin line."""
+    from watcher.fake_metronome import FakeMetronome
+
+    fake = FakeMetronome(token=TOKEN, default_limit=PAGE_LIMIT)
+    fake.seed(customers, rng=random.Random(seed))
+    rng = random.Random(seed + 1)
+    fake.start()
+    out = sys.stdout
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    reply({"url": fake.url})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "stats":
+            reply({"cpu": _cpu_seconds(), "requests": len(fake.requests)})
+        elif op == "latency":
+            fake.latency = cmd["seconds"]
+            reply({"ok": True})
+        elif op == "mutate":
+            reply(_mutate(fake, cmd["fraction"], rng))
+        elif op == "raw":
+            # The customers' raw JSON as the API serves it (compact), without decoding a million dicts.
+            blobs = [e.json() for e in fake._by_seq.values()]
+            reply({"bytes": sum(len(b) for b in blobs), "customers": len(blobs)})
+        elif op == "quit":
+            reply({"ok": True})
+            break
+    fake.stop()
+
+
+def _mutate(fake: Any, fraction: float, rng: random.Random) -> dict[str, Any]:
+    """Change ``fraction`` of the customers, one change each, in a realistic mix."""
+    active = [c["id"] for c in fake.customers(archived=False)]
+    archived = [c["id"] for c in fake.customers(archived=True)]
+    k = max(1, round(fraction * (len(active) + len(archived))))
+    kinds = ("rename", "tier", "salesforce", "billable", "archive", "touch")
+    weights = (25, 25, 15, 10, 15, 10)
+    done: dict[str, int] = {}
+    for cid in rng.sample(active, k):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "rename":
+            fake.set_name(cid, f"Renamed {rng.getrandbits(32):08x} Inc.")
+        elif kind == "tier":
+            fake.set_custom_fields(cid, {"tier": f"tier-{rng.getrandbits(16)}"})
+        elif kind == "salesforce":
+            fake.update_config(cid, salesforce_account_id=f"0015500001{rng.getrandbits(32):08X}")
+        elif kind == "billable":
+            fake.set_billable_status(cid, rng.choice(("billable", "unbillable")), "2025-01-01T00:00:00.000Z")
+        elif kind == "archive":
+            fake.archive(cid)
+        else:
+            fake.touch(cid)
+        done[kind] = done.get(kind, 0) + 1
+    return {"changed": k, "by_kind": done}
+
+
+# -- child: the floor ---------------------------------------------------------------------------------
+
+
+def floor(url: str, concurrent: bool) -> dict[str, Any]:
+    import httpx
+    import orjson
+
+    rss_start = _peak_rss_mb()
+    counts = {False: [0, 0], True: [0, 0]}  # archived -> [pages, records]
+
+    def listing(client: httpx.Client, archived: bool) -> None:
+        params: dict[str, Any] = {"limit": PAGE_LIMIT}
+        if archived:
+            params["only_archived"] = "true"
+        while True:
+            body = orjson.loads(client.get(url + "/v1/customers", params=params).content)
+            counts[archived][0] += 1
+            counts[archived][1] += len(body["data"])
+            if body["next_page"] is None:
+                return
+            params["next_page"] = body["next_page"]
+
+    with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+        cpu0 = _cpu_seconds()
+        t0 = time.perf_counter()
+        if concurrent:
+            threads = [threading.Thread(target=listing, args=(client, a)) for a in (False, True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            listing(client, False)
+            listing(client, True)
+        seconds = time.perf_counter() - t0
+        cpu = _cpu_seconds() - cpu0
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "pages_active": counts[False][0],
+        "pages_archived": counts[True][0],
+        "records": counts[False][1] + counts[True][1],
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_mb": rss_start,
+    }
+
+
+# -- child: one poll cycle ----------------------------------------------------------------------------
+
+
+def poll(url: str, db: str, concurrent: bool, profile: str | None) -> dict[str, Any]:
+    from watcher._logging import configure_logging
+    from watcher.client import MetronomeClient
+    from watcher.poll import Poller
+    from watcher.routing import Route
+    from watcher.store import Store
+
+    configure_logging("info", "json")  # as in production; stderr is captured by the parent
+    store = Store(db)
+    client = MetronomeClient(url, TOKEN, page_limit=PAGE_LIMIT)
+    poller = Poller(store, client, routes=[Route("log")], concurrent_listings=concurrent)
+    rss_before = _peak_rss_mb()
+    profiler: Any = None
+    if profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.0005)
+        profiler.start()
+    cpu0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    result = poller.run()
+    seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
+    if profiler is not None:
+        profiler.stop()
+        Path(profile).write_text(profiler.output_text(unicode=True, color=False, show_all=False))
+    client.close()
+    store.close()
+    if not result.ok:
+        raise SystemExit(f"poll failed: {result.error}")
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "baseline": result.baseline,
+        "pages": result.pages,
+        "active": result.active,
+        "archived": result.archived,
+        "events": result.events,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_mb": rss_before,
+    }
+
+
+# -- parent: orchestration ----------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _child(*args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_poll", *args],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+class Server:
+    def __init__(self, customers: int, seed: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.benchmarks.bench_poll", "_serve", str(customers), str(seed)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.url = self._read()["url"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("fake server exited")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.call("quit")
+        finally:
+            self.proc.wait(timeout=30)
+
+
+def _db_size(db: Path) -> int:
+    return sum(p.stat().st_size for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists())
+
+
+def _events_bytes(db: Path) -> tuple[int, int]:
+    con = sqlite3.connect(db)
+    try:
+        n, size = con.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM events").fetchone()
+    finally:
+        con.close()
+    return int(n), int(size)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median run's figures (by time), with every time for the record."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    out = dict(ordered[len(ordered) // 2])
+    out["seconds"] = statistics.median(r["seconds"] for r in runs)
+    out["all_seconds"] = [round(r["seconds"], 4) for r in runs]
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return out
+
+
+def _rounded(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def bench_size(n: int, repeat: int, seed: int, workdir: Path, profile_dir: Path | None) -> dict[str, Any]:
+    _log(f"{n} customers: seeding the fake server")
+    server = Server(n, seed)
+    db = workdir / f"bench-{n}.db"
+    try:
+        _child("_floor", server.url, "conc")  # warm-up: connections, caches, page faults
+        floors: dict[str, list[dict[str, Any]]] = {"seq": [], "conc": []}
+        server_cpu = 0.0
+        server_pages = 0
+        for _ in range(repeat):
+            for mode in ("seq", "conc"):
+                before = server.call("stats")
+                floors[mode].append(_child("_floor", server.url, mode))
+                after = server.call("stats")
+                server_cpu += after["cpu"] - before["cpu"]
+                server_pages += after["requests"] - before["requests"]
+        floor_seq, floor_conc = _median_run(floors["seq"]), _median_run(floors["conc"])
+        _log(f"{n}: floor seq {floor_seq['seconds']:.3f}s, concurrent {floor_conc['seconds']:.3f}s")
+
+        def run_poll(tag: str, concurrent: bool = True) -> dict[str, Any]:
+            args = ["_poll", server.url, str(db), "conc" if concurrent else "seq"]
+            if profile_dir is not None:
+                args.append(str(profile_dir / f"{n}-{tag}.txt"))
+            return _child(*args)
+
+        baselines = []
+        for _ in range(repeat):
+            for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.lock")):
+                p.unlink(missing_ok=True)
+            baselines.append(run_poll("baseline"))
+        baseline = _median_run(baselines)
+        db_after_baseline = _db_size(db)
+        _log(f"{n}: baseline {baseline['seconds']:.3f}s")
+
+        no_change = _median_run([run_poll("no_change") for _ in range(repeat)])
+        _log(f"{n}: no change {no_change['seconds']:.3f}s")
+        no_change_seq = _median_run([run_poll("no_change_seq", concurrent=False) for _ in range(repeat)])
+
+        changed_runs = []
+        mutations = []
+        for _ in range(repeat):
+            mutations.append(server.call("mutate", fraction=0.01))
+            changed_runs.append(run_poll("changed_1pct"))
+        changed = _median_run(changed_runs)
+        _log(f"{n}: 1% changed {changed['seconds']:.3f}s")
+
+        raw = server.call("raw")
+        n_events, events_bytes = _events_bytes(db)
+        db_size = _db_size(db)
+    finally:
+        server.close()
+
+    base = floor_conc["seconds"]
+    scenarios = {
+        "floor_sequential": floor_seq,
+        "floor_concurrent": floor_conc,
+        "baseline": baseline,
+        "no_change": no_change,
+        "no_change_sequential_listings": no_change_seq,
+        "changed_1pct": changed,
+    }
+    for name, s in scenarios.items():
+        ref = floor_seq["seconds"] if name in ("floor_sequential", "no_change_sequential_listings") else base
+        s["ratio_to_floor"] = s["seconds"] / ref
+    pages = floor_conc["pages_active"] + floor_conc["pages_archived"]
+    targets = {
+        "no_change_le_1.25x_floor": no_change["ratio_to_floor"] <= 1.25,
+        "changed_1pct_le_1.5x_floor": changed["ratio_to_floor"] <= 1.5,
+        "baseline_le_2x_floor": baseline["ratio_to_floor"] <= 2.0,
+        "peak_rss_le_250mb": max(s["peak_rss_mb"] for s in scenarios.values()) <= 250,
+        "db_le_2x_raw_plus_events": db_size <= 2 * (raw["bytes"] + events_bytes),
+    }
+    return {
+        "customers": n,
+        "pages": pages,
+        "server": {
+            "cpu_ms_per_page": 1000 * server_cpu / max(server_pages, 1),
+            "share_of_concurrent_floor": (server_cpu / max(server_pages, 1)) * pages / base,
+            "note": "server-side CPU (user+sys) of the fake's process per page served, during the floor runs",
+        },
+        "scenarios": {k: _rounded(v) for k, v in scenarios.items()},
+        "mutations_per_1pct_run": mutations,
+        "database": {
+            "bytes_after_baseline": db_after_baseline,
+            "bytes_at_end": db_size,
+            "customers_raw_json_bytes": raw["bytes"],
+            "events": n_events,
+            "events_payload_bytes": events_bytes,
+            "ratio_to_raw_plus_events": db_size / (raw["bytes"] + events_bytes),
+            "ratio_after_baseline_to_raw": db_after_baseline / raw["bytes"],
+        },
+        "targets": targets,
+    }
+
+
+def bench_latency(n: int, latency: float, repeat: int, seed: int, workdir: Path) -> dict[str, Any]:
+    _log(f"latency run: {n} customers, {latency * 1000:.0f} ms per page")
+    server = Server(n, seed)
+    db = workdir / f"bench-latency-{n}.db"
+    try:
+        server.call("latency", seconds=latency)
+        floor_seq = _median_run([_child("_floor", server.url, "seq") for _ in range(repeat)])
+        floor_conc = _median_run([_child("_floor", server.url, "conc") for _ in range(repeat)])
+        baseline = _child("_poll", server.url, str(db), "conc")
+        no_change_conc = _median_run([_child("_poll", server.url, str(db), "conc") for _ in range(repeat)])
+        no_change_seq = _median_run([_child("_poll", server.url, str(db), "seq") for _ in range(repeat)])
+        changed = []
+        for _ in range(repeat):
+            server.call("mutate", fraction=0.01)
+            changed.append(_child("_poll", server.url, str(db), "conc"))
+        changed_conc = _median_run(changed)
+    finally:
+        server.close()
+    pa, pr = floor_conc["pages_active"], floor_conc["pages_archived"]
+    ideal_seq = (pa + pr) * latency
+    ideal_conc = max(pa, pr) * latency
+    runs = {
+        "floor_sequential": (floor_seq, ideal_seq),
+        "floor_concurrent": (floor_conc, ideal_conc),
+        "poll_baseline_concurrent": (baseline, ideal_conc),
+        "poll_no_change_sequential": (no_change_seq, ideal_seq),
+        "poll_no_change_concurrent": (no_change_conc, ideal_conc),
+        "poll_changed_1pct_concurrent": (changed_conc, ideal_conc),
+    }
+    out: dict[str, Any] = {
+        "customers": n,
+        "latency_ms": latency * 1000,
+        "pages_active": pa,
+        "pages_archived": pr,
+        "pages_x_latency_sequential_s": ideal_seq,
+        "pages_x_latency_concurrent_s": ideal_conc,
+        "note": (
+            f"{n} customers: at 100k, 2000 pages x {latency * 1000:.0f} ms would take minutes per run; "
+            "the overhead ratio does not depend on the account size"
+        ),
+    }
+    for name, (r, ideal) in runs.items():
+        out[name] = {"seconds": round(r["seconds"], 4), "over_pages_x_latency": round(r["seconds"] / ideal, 4),
+                     "all_seconds": r["all_seconds"] if "all_seconds" in r else [round(r["seconds"], 4)]}
+    out["concurrency_gain"] = {
+        "floor": round(floor_seq["seconds"] / floor_conc["seconds"], 4),
+        "poll_no_change": round(no_change_seq["seconds"] / no_change_conc["seconds"], 4),
+    }
+    out["targets"] = {
+        f"{name}_le_1.05x_pages_x_latency": r["seconds"] / ideal <= 1.05
+        for name, (r, ideal) in runs.items() if name.startswith("poll_")
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_serve":
+        serve(int(argv[1]), int(argv[2]))
+        return 0
+    if argv and argv[0] == "_floor":
+        print(json.dumps(floor(argv[1], argv[2] == "conc")))
+        return 0
+    if argv and argv[0] == "_poll":
+        print(json.dumps(poll(argv[1], argv[2], argv[3] == "conc", argv[4] if len(argv) > 4 else None)))
+        return 0
+
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_poll", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--million", action="store_true", help="also run 1,000,000 customers")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="per-page latency run (0: skip)")
+    parser.add_argument("--latency-customers", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is kept")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write a pyinstrument profile of every poll cycle into this directory")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    sizes = list(args.customers) + ([1_000_000] if args.million else [])
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+
+    import platform
+
+    workdir = Path(tempfile.mkdtemp(prefix="watcher-bench-"))
+    try:
+        results: dict[str, Any] = {
+            "machine": {
+                "uname": " ".join(platform.uname()),
+                "cpu": _cpu_model(),
+                "cores": os.cpu_count(),
+                "python": sys.version.split()[0],
+            },
+            "page_limit": PAGE_LIMIT,
+            "repeat": args.repeat,
+            "sizes": [bench_size(n, args.repeat, args.seed, workdir, args.profile) for n in sizes],
+        }
+        by_n = {s["customers"]: s for s in results["sizes"]}
+        if 10_000 in by_n and 100_000 in by_n:
+            peak = {n: max(s["peak_rss_mb"] for s in by_n[n]["scenarios"].values()
+                           if "floor" not in s.get("note", "")) for n in (10_000, 100_000)}
+            results["rss_growth_10k_to_100k"] = {
+                name: round(by_n[100_000]["scenarios"][name]["peak_rss_mb"]
+                            / by_n[10_000]["scenarios"][name]["peak_rss_mb"], 4)
+                for name in ("baseline", "no_change", "changed_1pct")
+            }
+            results["rss_growth_10k_to_100k"]["target_le_1.5x"] = all(
+                v <= 1.5 for v in results["rss_growth_10k_to_100k"].values()
+            )
+            del peak
+        if args.latency_ms > 0:
+            results["latency"] = bench_latency(
+                args.latency_customers, args.latency_ms / 1000, args.repeat, args.seed, workdir
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
