@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 import structlog
 from sqlalchemy import and_, func, insert, or_, select, update
+from sqlmodel import col
 
 from . import metrics
 from ._time import Clock, format_ts, parse_ts, utcnow
@@ -162,14 +163,22 @@ class Deliverer:
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
         cfg = self.config
-        base = min(cfg.max_backoff.total_seconds(), cfg.first_backoff.total_seconds() * 2 ** max(failures - 1, 0))
+        step: float = cfg.first_backoff.total_seconds() * 2.0 ** max(failures - 1, 0)
+        base = min(cfg.max_backoff.total_seconds(), step)
         delay = base * (0.5 + self.rng.random() / 2)  # "equal jitter": never less than half the step
         if retry_after is not None:
             delay = max(delay, retry_after)
         return delay
 
-    def _record(self, sink: Sink, state: SinkState, rows: Sequence[Any], events: Sequence[Mapping[str, Any]],
-                outcomes: Sequence[Outcome], report: DrainReport) -> bool:
+    def _record(
+        self,
+        sink: Sink,
+        state: SinkState,
+        rows: Sequence[Any],
+        events: Sequence[Mapping[str, Any]],
+        outcomes: Sequence[Outcome],
+        report: DrainReport,
+    ) -> bool:
         """Write what happened. Returns True when the sink must pause (retry or disable)."""
         name = sink.name
         now = self.clock()
@@ -209,10 +218,18 @@ class Deliverer:
                 report.retried += 1
                 expired = self._expire(conn, name, now)
                 report.dead += expired
-                self._set_state(conn, name, consecutive_failures=failures, next_attempt_at=next_at, last_error=error)
+                self._set_state(
+                    conn, name, consecutive_failures=failures, next_attempt_at=next_at, last_error=error
+                )
                 log.warning(
-                    "delivery.retry_scheduled", sink=name, event_id=event.get("id"), sequence=seq,
-                    error=error, failures=failures, delay_s=round(delay, 1), expired=expired,
+                    "delivery.retry_scheduled",
+                    sink=name,
+                    event_id=event.get("id"),
+                    sequence=seq,
+                    error=error,
+                    failures=failures,
+                    delay_s=round(delay, 1),
+                    expired=expired,
                 )
                 stop = True
                 break
@@ -228,7 +245,9 @@ class Deliverer:
         res = conn.execute(
             update(OutboxRow)
             .where(OutboxRow.sink == name, OutboxRow.status == "pending", OutboxRow.created_at <= cutoff)  # type: ignore[arg-type]
-            .values(status="dead", last_error=func.coalesce(OutboxRow.last_error, "") + " (gave up after max_age)")
+            .values(
+                status="dead", last_error=func.coalesce(OutboxRow.last_error, "") + " (gave up after max_age)"
+            )
         )
         n = int(res.rowcount or 0)
         if n:
@@ -238,7 +257,7 @@ class Deliverer:
 
     @staticmethod
     def _set_state(conn: Any, name: str, **values: Any) -> None:
-        exists = conn.execute(select(SinkState.name).where(SinkState.name == name)).first()  # type: ignore[arg-type]
+        exists = conn.execute(select(col(SinkState.name)).where(col(SinkState.name) == name)).first()
         if exists:
             conn.execute(update(SinkState).where(SinkState.name == name).values(**values))  # type: ignore[arg-type]
         else:
@@ -265,7 +284,7 @@ def delivery_status(store: Store, now: datetime, *, sinks: Sequence[str] = ()) -
             s.name: s
             for s in (SinkState.model_validate(r._mapping) for r in conn.execute(select(SinkState)).all())
         }
-        last_errors = dict(
+        last_errors: dict[str, str | None] = dict(
             conn.execute(
                 select(OutboxRow.sink, OutboxRow.last_error)  # type: ignore[call-overload]
                 .where(OutboxRow.last_error.is_not(None))  # type: ignore[union-attr]
@@ -285,7 +304,8 @@ def delivery_status(store: Store, now: datetime, *, sinks: Sequence[str] = ()) -
                 delivered=c.get("delivered", (0, None))[0],
                 dead=c.get("dead", (0, None))[0],
                 oldest_pending_age=(now - parse_ts(oldest)).total_seconds() if oldest else None,
-                last_error=(state.last_error if state and state.last_error else None) or last_errors.get(name),
+                last_error=(state.last_error if state and state.last_error else None)
+                or last_errors.get(name),
                 disabled=bool(state and state.disabled),
                 next_attempt_at=state.next_attempt_at if state else None,
             )
@@ -326,30 +346,41 @@ def replay(
     with store.write() as conn:
         q = (
             select(EventRecord.sequence, OutboxRow.id, OutboxRow.status)  # type: ignore[call-overload]
-            .outerjoin(OutboxRow, and_(OutboxRow.sequence == EventRecord.sequence, OutboxRow.sink == sink))
+            .outerjoin(
+                OutboxRow,
+                and_(col(OutboxRow.sequence) == col(EventRecord.sequence), col(OutboxRow.sink) == sink),
+            )
             .where(*conds)
         )
         if selected or dead_only:
             q = q.where(OutboxRow.status == "dead")
         else:
-            q = q.where(or_(OutboxRow.status.is_(None), OutboxRow.status != "pending"))  # type: ignore[union-attr]
+            q = q.where(or_(col(OutboxRow.status).is_(None), col(OutboxRow.status) != "pending"))
         n = 0
         for seq, row_id, _status in conn.execute(q).all():
             if row_id is None:
                 conn.execute(
                     insert(OutboxRow).values(
-                        sequence=seq, sink=sink, status="pending", attempts=0, created_at=ts, next_attempt_at=ts
+                        sequence=seq,
+                        sink=sink,
+                        status="pending",
+                        attempts=0,
+                        created_at=ts,
+                        next_attempt_at=ts,
                     )
                 )
             else:
                 # A fresh max_age window: the operator asked for this delivery now.
                 conn.execute(
-                    update(OutboxRow).where(OutboxRow.id == row_id)  # type: ignore[arg-type]
+                    update(OutboxRow)
+                    .where(OutboxRow.id == row_id)  # type: ignore[arg-type]
                     .values(status="pending", created_at=ts, next_attempt_at=ts, delivered_at=None)
                 )
             n += 1
         conn.execute(
-            update(SinkState).where(SinkState.name == sink).values(consecutive_failures=0, next_attempt_at=None)  # type: ignore[arg-type]
+            update(SinkState)
+            .where(SinkState.name == sink)
+            .values(consecutive_failures=0, next_attempt_at=None)  # type: ignore[arg-type]
         )
     log.info("delivery.replayed", sink=sink, rows=n)
     return n
@@ -359,7 +390,8 @@ def enable_sink(store: Store, sink: str) -> bool:
     """Switch a disabled sink back on; its pending rows go out on the next drain."""
     with store.write() as conn:
         res = conn.execute(
-            update(SinkState).where(SinkState.name == sink)  # type: ignore[arg-type]
+            update(SinkState)
+            .where(SinkState.name == sink)  # type: ignore[arg-type]
             .values(disabled=False, disabled_reason=None, consecutive_failures=0, next_attempt_at=None)
         )
     changed = bool(res.rowcount)
