@@ -325,6 +325,11 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             orjson.dumps([s.__dict__ for s in statuses], option=orjson.OPT_INDENT_2).decode() + "\n"
         )
         return 0
+    sys.stdout.write(_deliveries_table(statuses))
+    return 0
+
+
+def _deliveries_table(statuses: Sequence[Any], *, error_width: int | None = None) -> str:
     rows = [
         [
             s.sink,
@@ -333,12 +338,11 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             str(s.dead),
             "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
             "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"),
-            s.last_error or "",
+            (s.last_error or "")[:error_width],
         ]
         for s in statuses
     ]
-    sys.stdout.write(_table(("sink", "pending", "delivered", "dead", "oldest", "state", "last error"), rows))
-    return 0
+    return _table(("sink", "pending", "delivered", "dead", "oldest", "state", "last error"), rows)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -452,23 +456,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not deliveries:
         out.write("(no sinks configured)\n")
     else:
-        out.write(
-            _table(
-                ("sink", "pending", "delivered", "dead", "oldest", "state", "last error"),
-                [
-                    [
-                        s.sink,
-                        str(s.pending),
-                        str(s.delivered),
-                        str(s.dead),
-                        "-" if s.oldest_pending_age is None else f"{s.oldest_pending_age:.0f}s",
-                        "disabled" if s.disabled else ("backing off" if s.next_attempt_at else "ok"),
-                        (s.last_error or "")[:80],
-                    ]
-                    for s in deliveries
-                ],
-            )
-        )
+        out.write(_deliveries_table(deliveries, error_width=80))
     # The table truncates errors; the most recent one is worth reading in full.
     failed = next((p for p in polls if p.outcome in ("failed", "refused") and p.error), None)
     if failed is not None:
