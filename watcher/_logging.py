@@ -47,7 +47,9 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def _redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _redact_processor(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     if not _secrets:
         return event_dict
     return {k: _scrub(v) for k, v in event_dict.items()}

@@ -379,8 +379,8 @@ def replay(
             n += 1
         conn.execute(
             update(SinkState)
-            .where(SinkState.name == sink)
-            .values(consecutive_failures=0, next_attempt_at=None)  # type: ignore[arg-type]
+            .where(col(SinkState.name) == sink)
+            .values(consecutive_failures=0, next_attempt_at=None)
         )
     log.info("delivery.replayed", sink=sink, rows=n)
     return n

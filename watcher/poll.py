@@ -20,9 +20,11 @@ Any failure before step 3 commits nothing but the failed poll-run row (rule 1).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -128,8 +130,10 @@ class Poller:
                 result = cycle.run()
             except BaseException as exc:
                 outcome = (
-                    "abandoned" if isinstance(exc, PollCancelled) or cancel.is_set()
-                    else "refused" if isinstance(exc, PollRefused)
+                    "abandoned"
+                    if isinstance(exc, PollCancelled) or cancel.is_set()
+                    else "refused"
+                    if isinstance(exc, PollRefused)
                     else "failed"
                 )
                 reason = str(exc) if isinstance(exc, WatcherError) else f"internal error: {exc!r}"
@@ -142,12 +146,20 @@ class Poller:
                 if outcome == "abandoned":
                     # On shutdown the API client is closed under the poll's feet; whatever that
                     # raised is not news, the abandonment is.
-                    log.info("poll.abandoned", poll_id=poll_id, duration_ms=round(duration * 1000),
-                             pages=cycle.pages)
+                    log.info(
+                        "poll.abandoned",
+                        poll_id=poll_id,
+                        duration_ms=round(duration * 1000),
+                        pages=cycle.pages,
+                    )
                 else:
                     log.error(
-                        "poll.failed", poll_id=poll_id, outcome=outcome, error=reason,
-                        duration_ms=round(duration * 1000), pages=cycle.pages,
+                        "poll.failed",
+                        poll_id=poll_id,
+                        outcome=outcome,
+                        error=reason,
+                        duration_ms=round(duration * 1000),
+                        pages=cycle.pages,
                     )
                 if not isinstance(exc, WatcherError) and outcome != "abandoned":
                     raise
@@ -162,9 +174,16 @@ class Poller:
         metrics.CUSTOMERS.labels("active").set(result.active)
         metrics.CUSTOMERS.labels("archived").set(result.archived)
         log.info(
-            "poll.completed", poll_id=poll_id, outcome="succeeded", baseline=result.baseline,
-            duration_ms=round(duration * 1000), pages=result.pages, active=result.active,
-            archived=result.archived, events=dict(result.events_by_type), unresolved=result.unresolved,
+            "poll.completed",
+            poll_id=poll_id,
+            outcome="succeeded",
+            baseline=result.baseline,
+            duration_ms=round(duration * 1000),
+            pages=result.pages,
+            active=result.active,
+            archived=result.archived,
+            events=dict(result.events_by_type),
+            unresolved=result.unresolved,
         )
         return result
 
@@ -173,12 +192,14 @@ class Poller:
         with self.store.write() as conn:
             # A run left "running" belongs to a process that died mid-cycle: it committed nothing.
             conn.execute(
-                update(PollRun).where(PollRun.outcome == "running")  # type: ignore[arg-type]
+                update(PollRun)
+                .where(PollRun.outcome == "running")  # type: ignore[arg-type]
                 .values(outcome="abandoned", finished_at=now, error="process ended during the cycle")
             )
             # Earlier versions staged in the database's own ``staged`` table; a crash could leave rows there.
             conn.execute(delete(StagedRecord))
-            poll_id = conn.execute(insert(PollRun).values(started_at=now, outcome="running")).inserted_primary_key
+            run = conn.execute(insert(PollRun).values(started_at=now, outcome="running"))
+            poll_id = run.inserted_primary_key
         assert poll_id is not None
         return int(poll_id[0])
 
@@ -197,7 +218,8 @@ class Poller:
         # Nothing staged survives: the staging table went away with the cycle's connection.
         with self.store.write() as conn:
             conn.execute(
-                update(PollRun).where(PollRun.id == poll_id)  # type: ignore[arg-type]
+                update(PollRun)
+                .where(PollRun.id == poll_id)  # type: ignore[arg-type]
                 .values(outcome=outcome, finished_at=format_ts(self.clock()), error=error[:2000])
             )
 
@@ -236,10 +258,31 @@ _DONE = object()
 #: and no WAL traffic, and leaves no freed pages behind in the database. It disappears with the
 #: connection, which is exactly what a failed or interrupted cycle needs (rule 1). Its rollback
 #: journal is kept in memory: it only ever holds the pages of one batch.
+#:
+#: Rows are only ever appended (no index to maintain while the scan runs): when a customer's
+#: staging is revised (seen in both listings), a later row supersedes the earlier one, and a row
+#: without a record withdraws it. The final transaction reads the latest row per customer, through
+#: an index built once the scan is over.
 _STAGED_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS poll_staged (customer_id TEXT PRIMARY KEY, "
-    "archived INTEGER NOT NULL, hash INTEGER NOT NULL, record TEXT NOT NULL)"
+    "CREATE TEMP TABLE IF NOT EXISTS poll_staged (customer_id TEXT NOT NULL, "
+    "archived INTEGER NOT NULL, hash INTEGER NOT NULL, record TEXT)"
 )
+#: The latest staged row of every customer, in id order (SQLite takes the bare columns of a
+#: ``max()`` aggregate from the row holding the maximum).
+_LATEST_STAGED = (
+    "SELECT customer_id, archived, hash, record, max(rowid) FROM temp.poll_staged "
+    "WHERE customer_id > ? GROUP BY customer_id ORDER BY customer_id"
+)
+#: At most this many staged rows per INSERT statement (fewer when the SQLite library allows fewer
+#: than 4 x this many parameters). One multi-row statement is one SQLite step, so the GIL is
+#: handed over once per statement rather than once per row: each hand-over can wait for a
+#: producer thread's switch interval while the listings are being fetched.
+_STAGE_ROWS_PER_STATEMENT = _STAGE_BATCH
+#: ``store.record_hash`` without its per-call set-up: copying an initialised 8-byte BLAKE2b state
+#: is cheaper than building one from keyword arguments, and the digests are identical.
+_BLAKE2B_8 = hashlib.blake2b(digest_size=8)
+#: Customers per chunk when the known state loads (a rowid range; keeps the JSON text small).
+_KNOWN_CHUNK = 20_000
 _UPSERT_STATE = (
     "INSERT OR REPLACE INTO customers (id, status, hash, record, first_seen_at, changed_at, last_poll_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -320,10 +363,13 @@ class _Cycle:
         #: archived -> {id: fingerprint} of every customer known to be in that listing. Plain ints in
         #: two dicts rather than (hash, archived) tuples: this is the cycle's one account-sized structure.
         self.known: dict[bool, dict[str, int]] = {False: {}, True: {}}
-        #: id -> archived, for every customer seen this cycle.
-        self.seen: dict[str, bool] = {}
-        self._stage_buf: dict[str, tuple[bool, int, bytes]] = {}
-        self._unstage: set[str] = set()
+        #: id -> archived for every customer seen this cycle, and -> None for the known ones not
+        #: seen (yet). Pre-filled with the known ids: the scan then updates existing entries (no
+        #: resizing, and no second copy of each id string kept alive).
+        self.seen: dict[str, bool | None] = {}
+        self.counts = {False: 0, True: 0}  # customers seen, by listing
+        #: id -> (archived, fingerprint, canonical JSON or None to withdraw), not yet flushed.
+        self._stage_buf: dict[str, tuple[bool, int, bytes | None]] = {}
         self._conn: Connection | None = None
 
     # -- 1. listings --------------------------------------------------------------------------
@@ -353,6 +399,8 @@ class _Cycle:
             with self._transaction("DEFERRED"):
                 baseline = not self.store.has_baseline(conn)
                 self._load_known(conn)
+                self.seen = dict.fromkeys(self.known[False])
+                self.seen.update(dict.fromkeys(self.known[True]))
                 conn.exec_driver_sql(_STAGED_DDL)
                 conn.exec_driver_sql("DELETE FROM temp.poll_staged")
             for archived, page in listings:
@@ -368,23 +416,35 @@ class _Cycle:
         self._flush()
         self._check_cancel()
         events = self._commit(baseline, deleted)
-        active = sum(1 for a in self.seen.values() if not a)
         return PollResult(
-            self.poll_id, "succeeded", baseline=baseline, pages=self.pages, active=active,
-            archived=len(self.seen) - active, events_by_type=events, unresolved=unresolved,
+            self.poll_id,
+            "succeeded",
+            baseline=baseline,
+            pages=self.pages,
+            active=self.counts[False],
+            archived=self.counts[True],
+            events_by_type=events,
+            unresolved=unresolved,
         )
 
     def _load_known(self, conn: Connection) -> None:
-        # The raw cursor yields plain tuples: no per-row objects beyond what the dicts keep.
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            active, archived = self.known[False], self.known[True]
-            for cid, h, status in cursor.execute(
-                "SELECT id, hash, status FROM customers WHERE status != 'deleted'"
-            ):
-                (archived if status == "archived" else active)[cid] = h
-        finally:
-            cursor.close()
+        # SQLite builds each chunk as one JSON object in a single step, without holding the GIL
+        # (so the producer threads keep fetching meanwhile), and orjson turns it into a dict in C:
+        # no per-row Python work, and no per-row GIL hand-over.
+        db = conn.connection.dbapi_connection
+        assert db is not None
+        lo, hi = db.execute("SELECT min(rowid), max(rowid) FROM customers").fetchone()
+        if lo is None:
+            return
+        for start in range(lo, hi + 1, _KNOWN_CHUNK):
+            active, archived = db.execute(
+                "SELECT json_group_object(id, hash) FILTER (WHERE status = 'active'), "
+                "json_group_object(id, hash) FILTER (WHERE status = 'archived') "
+                "FROM customers WHERE rowid >= ? AND rowid < ?",
+                (start, start + _KNOWN_CHUNK),
+            ).fetchone()
+            self.known[False].update(orjson.loads(active))
+            self.known[True].update(orjson.loads(archived))
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -394,20 +454,26 @@ class _Cycle:
         """:meth:`_observe` for a whole page, with its common case inlined: this loop runs once per
         customer per cycle, so it is the cycle's own cost on top of the API's."""
         seen = self.seen
+        seen_before = seen.get
         known = self.known[archived].get
         stage = self._stage_buf
         dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
-        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        new_hash, from_bytes = _BLAKE2B_8.copy, int.from_bytes
+        counted = 0
         for record in page:
             cid = record["id"]
-            if cid in seen:  # seen twice (in both listings): the general case decides
+            if seen_before(cid) is not None:  # seen twice (in both listings): the general case decides
                 self._observe(record, archived)
                 continue
             seen[cid] = archived
+            counted += 1
             data = dumps(record, option=sort_keys)  # == store.canonical(record)
-            h = from_bytes(blake2b(data, digest_size=8).digest(), "big", signed=True)  # == record_hash(data)
+            hasher = new_hash()
+            hasher.update(data)
+            h = from_bytes(hasher.digest(), "big", signed=True)  # == store.record_hash(data)
             if known(cid) != h:
                 stage[cid] = (archived, h, data)
+        self.counts[archived] += counted
 
     def _observe(self, record: dict[str, Any], archived: bool) -> None:
         cid = record["id"]
@@ -415,36 +481,40 @@ class _Cycle:
         if before is True and not archived:
             return  # seen in both listings: archived wins (it was archived mid-scan)
         self.seen[cid] = archived
+        if before is not None:
+            self.counts[before] -= 1
+        self.counts[archived] += 1
         data = canonical(record)
         h = record_hash(data)
         if self.known[archived].get(cid) == h:
             if before is not None:
                 # Staged from the other listing: this sighting matches the stored state after all.
-                self._stage_buf.pop(cid, None)
-                self._unstage.add(cid)  # it may already be flushed; deleting nothing is harmless
+                # It may already be flushed, so withdraw it (withdrawing nothing is harmless).
+                self._stage_buf[cid] = (archived, h, None)
             return
         self._stage_buf[cid] = (archived, h, data)
-        self._unstage.discard(cid)
 
     def _flush(self) -> None:
-        if not self._stage_buf and not self._unstage:
+        if not self._stage_buf:
             return
-        rows = [(cid, a, h, d.decode()) for cid, (a, h, d) in self._stage_buf.items()]
+        rows = list(self._stage_buf.items())
         with self._transaction("DEFERRED") as conn:
-            if self._unstage:
-                conn.exec_driver_sql(
-                    "DELETE FROM temp.poll_staged WHERE customer_id = ?", [(cid,) for cid in self._unstage]
-                )
-            if rows:
-                conn.exec_driver_sql("INSERT OR REPLACE INTO temp.poll_staged VALUES (?, ?, ?, ?)", rows)
+            db = conn.connection.dbapi_connection
+            assert isinstance(db, sqlite3.Connection)
+            limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            per_statement = min(_STAGE_ROWS_PER_STATEMENT, limit // 4)
+            for i in range(0, len(rows), per_statement):
+                chunk = rows[i : i + per_statement]
+                params: list[Any] = []
+                for cid, (a, h, d) in chunk:
+                    params += (cid, a, h, None if d is None else d.decode())
+                conn.exec_driver_sql(_insert_staged_sql(len(chunk)), tuple(params))
         self._stage_buf.clear()
-        self._unstage.clear()
 
     # -- 2. vanished customers ----------------------------------------------------------------
 
     def _resolve_vanished(self) -> tuple[list[str], int]:
-        seen = self.seen
-        vanished = [cid for known in self.known.values() for cid in known if cid not in seen]
+        vanished = [cid for cid, archived in self.seen.items() if archived is None]
         if not vanished:
             return [], 0
         n_known = len(self.known[False]) + len(self.known[True])
@@ -481,6 +551,8 @@ class _Cycle:
         detected_at = format_ts(now)
         emit = not baseline or self.p.diff.emit_baseline_events
         counts: Counter[str] = Counter()
+        with self._transaction("DEFERRED") as conn:  # before the write lock is taken
+            conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS temp.staged_by_id ON poll_staged (customer_id)")
         with self._transaction("IMMEDIATE") as conn:
             seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
             writer = _EventWriter(conn, self.poll_id, detected_at, self.p.routes, seq)
@@ -490,8 +562,8 @@ class _Cycle:
                 conn.exec_driver_sql(
                     "INSERT INTO customers (id, status, hash, record, first_seen_at, changed_at, "
                     "last_poll_id) SELECT customer_id, CASE WHEN archived THEN 'archived' ELSE 'active' END, "
-                    "hash, record, ?, ?, ? FROM temp.poll_staged ORDER BY customer_id",
-                    (detected_at, detected_at, self.poll_id),
+                    f"hash, record, ?, ?, ? FROM ({_LATEST_STAGED}) WHERE record IS NOT NULL",
+                    (detected_at, detected_at, self.poll_id, ""),
                 )
             else:
                 self._apply_staged(conn, writer, emit, detected_at, counts)
@@ -504,39 +576,42 @@ class _Cycle:
                     writer.add("customer.deleted", cid, last, last, [])
                     counts["customer.deleted"] += 1
                 conn.execute(
-                    update(CustomerState).where(CustomerState.id.in_(chunk))  # type: ignore[attr-defined]
+                    update(CustomerState)
+                    .where(CustomerState.id.in_(chunk))  # type: ignore[attr-defined]
                     .values(status="deleted", changed_at=detected_at, last_poll_id=self.poll_id)
                 )
                 writer.flush()
-            conn.exec_driver_sql("DELETE FROM temp.poll_staged")
-            active = sum(1 for a in self.seen.values() if not a)
             conn.execute(
-                update(PollRun).where(PollRun.id == self.poll_id)  # type: ignore[arg-type]
+                update(PollRun)
+                .where(PollRun.id == self.poll_id)  # type: ignore[arg-type]
                 .values(
-                    outcome="succeeded", finished_at=format_ts(self.p.clock()), baseline=baseline,
-                    pages=self.pages, active=active, archived=len(self.seen) - active,
-                    events=sum(counts.values()), events_by_type=orjson.dumps(dict(counts)).decode(),
+                    outcome="succeeded",
+                    finished_at=format_ts(self.p.clock()),
+                    baseline=baseline,
+                    pages=self.pages,
+                    active=self.counts[False],
+                    archived=self.counts[True],
+                    events=sum(counts.values()),
+                    events_by_type=orjson.dumps(dict(counts)).decode(),
                 )
             )
         return dict(counts)
 
-    def _apply_staged(self, conn: Connection, writer: _EventWriter, emit: bool, detected_at: str,
-                      counts: Counter[str]) -> None:
+    def _apply_staged(
+        self, conn: Connection, writer: _EventWriter, emit: bool, detected_at: str, counts: Counter[str]
+    ) -> None:
         """Staged records -> new state and events, in batches read back in id order."""
         ignore = self.p.diff.ignore_fields
         last_id = ""
         while True:
-            batch = conn.exec_driver_sql(
-                "SELECT customer_id, archived, hash, record FROM temp.poll_staged "
-                "WHERE customer_id > ? ORDER BY customer_id LIMIT ?",
-                (last_id, _COMMIT_BATCH),
-            ).all()
-            if not batch:
+            rows = conn.exec_driver_sql(f"{_LATEST_STAGED} LIMIT ?", (last_id, _COMMIT_BATCH)).all()
+            if not rows:
                 break
-            last_id = batch[-1][0]
-            prev = _load_states(conn, [r[0] for r in batch])
+            last_id = rows[-1][0]
+            batch = [r for r in rows if r[3] is not None]  # a row without a record withdraws it
+            prev = _load_states(conn, [r[0] for r in batch]) if batch else {}
             upserts: list[tuple[Any, ...]] = []
-            for cid, archived, h, data in batch:
+            for cid, archived, h, data, _ in batch:
                 status = "archived" if archived else "active"
                 old = prev.get(cid)
                 event_type: str | None
@@ -563,12 +638,25 @@ class _Cycle:
                         record = orjson.loads(data)
                     writer.add(event_type, cid, record, previous, changes)
                     counts[event_type] += 1
-                upserts.append((
-                    cid, status, h, data, old[2] if old else detected_at,
-                    detected_at if (event_type or old is None) else old[3], self.poll_id,
-                ))
-            conn.exec_driver_sql(_UPSERT_STATE, upserts)
+                upserts.append(
+                    (
+                        cid,
+                        status,
+                        h,
+                        data,
+                        old[2] if old else detected_at,
+                        detected_at if (event_type or old is None) else old[3],
+                        self.poll_id,
+                    )
+                )
+            if upserts:
+                conn.exec_driver_sql(_UPSERT_STATE, upserts)
             writer.flush()
+
+
+@functools.cache
+def _insert_staged_sql(rows: int) -> str:
+    return "INSERT INTO temp.poll_staged VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows)
 
 
 def _load_states(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str, str, str, str]]:
@@ -583,8 +671,14 @@ def _load_states(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str, s
 class _EventWriter:
     """Appends events with consecutive sequence numbers and routes each to its sinks."""
 
-    def __init__(self, conn: Connection, poll_id: int | None, detected_at: str, routes: Sequence[Route],
-                 last_sequence: int) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        poll_id: int | None,
+        detected_at: str,
+        routes: Sequence[Route],
+        last_sequence: int,
+    ) -> None:
         self.conn = conn
         self.poll_id = poll_id
         self.detected_at = detected_at
@@ -593,8 +687,15 @@ class _EventWriter:
         self.events: list[dict[str, Any]] = []
         self.outbox: list[dict[str, Any]] = []
 
-    def add(self, event_type: str, customer_id: str | None, customer: Any, previous: Any,
-            changes: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def add(
+        self,
+        event_type: str,
+        customer_id: str | None,
+        customer: Any,
+        previous: Any,
+        changes: list[dict[str, Any]],
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         self.sequence += 1
         payload: dict[str, Any] = {
             "id": str(uuid.uuid4()),
@@ -609,17 +710,30 @@ class _EventWriter:
         }
         if extra:
             payload.update(extra)
-        self.events.append({
-            "sequence": self.sequence, "id": payload["id"], "type": event_type, "customer_id": customer_id,
-            "poll_id": self.poll_id, "detected_at": self.detected_at, "payload": orjson.dumps(payload).decode(),
-        })
+        self.events.append(
+            {
+                "sequence": self.sequence,
+                "id": payload["id"],
+                "type": event_type,
+                "customer_id": customer_id,
+                "poll_id": self.poll_id,
+                "detected_at": self.detected_at,
+                "payload": orjson.dumps(payload).decode(),
+            }
+        )
         fields = [c["field"] for c in changes]
         for route in self.routes:
             if route.accepts(event_type, fields):
-                self.outbox.append({
-                    "sequence": self.sequence, "sink": route.sink, "status": "pending", "attempts": 0,
-                    "created_at": self.detected_at, "next_attempt_at": self.detected_at,
-                })
+                self.outbox.append(
+                    {
+                        "sequence": self.sequence,
+                        "sink": route.sink,
+                        "status": "pending",
+                        "attempts": 0,
+                        "created_at": self.detected_at,
+                        "next_attempt_at": self.detected_at,
+                    }
+                )
         return payload
 
     def flush(self) -> None:
@@ -631,8 +745,9 @@ class _EventWriter:
             self.outbox = []
 
 
-def record_notice(store: Store, event_type: str, routes: Sequence[Route], *, now: datetime,
-                  detail: Mapping[str, Any]) -> dict[str, Any]:
+def record_notice(
+    store: Store, event_type: str, routes: Sequence[Route], *, now: datetime, detail: Mapping[str, Any]
+) -> dict[str, Any]:
     """Append a ``watcher.*`` notice (not a customer change) to the audit log and route it."""
     with store.write() as conn:
         seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
@@ -640,4 +755,3 @@ def record_notice(store: Store, event_type: str, routes: Sequence[Route], *, now
         payload = writer.add(event_type, None, None, None, [], extra={"detail": dict(detail)})
         writer.flush()
     return payload
-

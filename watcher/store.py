@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, Index, UniqueConstraint, event, func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Field, SQLModel, create_engine
+from sqlmodel import Field, SQLModel, col, create_engine
 
 from .errors import StoreError
 
@@ -140,10 +140,10 @@ class SinkState(SQLModel, table=True):
 
 
 class StagedRecord(SQLModel, table=True):
-    """Records of the poll in progress that differ from the stored state.
-
-    Staged outside the cycle's final transaction so that a long scan never holds the write lock,
-    and so that memory does not grow with the number of changed customers.
+    """No longer written: a poll cycle now stages the records that differ from the stored state in
+    a TEMP table of its own connection (see :mod:`watcher.poll`), which takes no lock on this
+    database, costs no fsync and leaves no freed pages behind. The table stays so that the schema
+    (and ``SCHEMA_VERSION``) is unchanged; a cycle clears any rows an older version left behind.
     """
 
     __tablename__ = "staged"
@@ -207,7 +207,7 @@ class Store:
 
     def schema_version(self) -> int:
         with self.read() as conn:
-            v = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()  # type: ignore[arg-type]
+            v = conn.execute(select(col(Meta.value)).where(col(Meta.key) == "schema_version")).scalar()
         return int(v) if v is not None else 0
 
     def _ensure_schema(self) -> None:
@@ -264,7 +264,7 @@ class Store:
     def customer_counts(self) -> dict[str, int]:
         with self.read() as conn:
             rows = conn.execute(
-                select(CustomerState.status, func.count()).group_by(CustomerState.status)  # type: ignore[arg-type]
+                select(col(CustomerState.status), func.count()).group_by(col(CustomerState.status))
             ).all()
         return {status: n for status, n in rows}
 
@@ -284,7 +284,7 @@ class Store:
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """Audit events in ``sequence`` order, as v1 contract dicts."""
-        q = select(EventRecord.payload).order_by(EventRecord.sequence)  # type: ignore[arg-type]
+        q = select(col(EventRecord.payload)).order_by(col(EventRecord.sequence))
         if customer_id:
             q = q.where(EventRecord.customer_id == customer_id)  # type: ignore[arg-type]
         if types:
@@ -301,6 +301,10 @@ class Store:
             return [orjson.loads(p) for (p,) in conn.execute(q)]
 
 
+#: Bytes the WAL file is truncated back to after a checkpoint has emptied it.
+_WAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+
 def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     # Let us issue BEGIN ourselves (pysqlite's implicit transactions are not what we want).
     dbapi_conn.isolation_level = None
@@ -308,6 +312,9 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed cycle is the audit log; it must survive a power cut, and we commit rarely.
     cur.execute("PRAGMA synchronous=FULL")
+    # A baseline writes the whole account in one transaction, so the WAL grows to about the size
+    # of the database; without a limit the file would keep that size for as long as the daemon runs.
+    cur.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
