@@ -184,12 +184,14 @@ class Deliverer:
         now = self.clock()
         ts = format_ts(now)
         stop = False
+        # Counted after the commit, so a scrape never sees a delivery the database does not have.
+        counted: list[str] = []
         with self.store.write() as conn:
             for row, event, outcome in zip(rows, events, outcomes, strict=False):
                 row_id, seq = row[0], row[1]
                 base = update(OutboxRow).where(OutboxRow.id == row_id)  # type: ignore[arg-type]
                 attempted = {"attempts": OutboxRow.attempts + 1, "last_attempt_at": ts}
-                metrics.DELIVERIES.labels(name, outcome.kind).inc()
+                counted.append(outcome.kind)
                 if outcome.kind == "delivered":
                     conn.execute(base.values(status="delivered", delivered_at=ts, **attempted))
                     report.delivered += 1
@@ -237,6 +239,8 @@ class Deliverer:
                 if state.consecutive_failures or state.next_attempt_at:
                     self._set_state(conn, name, consecutive_failures=0, next_attempt_at=None)
                     log.info("delivery.recovered", sink=name)
+        for kind in counted:
+            metrics.DELIVERIES.labels(name, kind).inc()
         return stop
 
     def _expire(self, conn: Any, name: str, now: datetime) -> int:
