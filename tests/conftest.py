@@ -70,7 +70,7 @@ class Harness:
         try:
             return {
                 table: con.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-                for table in ("customers", "events", "outbox", "staged")
+                for table in ("customers", "events", "outbox")
             }
         finally:
             con.close()

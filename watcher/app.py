@@ -16,7 +16,7 @@ from .client import MetronomeClient, RetryPolicy
 from .config import Config, HttpSinkConfig, SlackSinkConfig
 from .delivery import Deliverer
 from .poll import Poller, PollResult
-from .routing import routes_from_config
+from .routing import Route, routes_from_config
 from .sinks import Sink, build_sinks
 from .store import Store
 
@@ -71,8 +71,6 @@ def build_app(
     sinks = build_sinks(config.sinks, http=sink_http, app_url=m.app_url)
     if extra_sinks:
         sinks.update(extra_sinks)
-        from .routing import Route
-
         routes.extend(Route(name) for name in extra_sinks)
     poller = Poller(
         store, client, diff=config.diff, routes=routes, clock=clock, concurrent_listings=m.concurrent_listings

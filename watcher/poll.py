@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import orjson
 import structlog
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from . import metrics
 from ._time import Clock, format_ts, utcnow
@@ -46,7 +46,7 @@ from .config import DiffConfig
 from .diff import diff_records
 from .errors import APIError, PollRefused, WatcherError
 from .routing import Route
-from .store import CustomerState, EventRecord, OutboxRow, PollRun, StagedRecord, Store, canonical, record_hash
+from .store import CustomerState, EventRecord, OutboxRow, PollRun, Store, canonical, record_hash
 
 __all__ = ["CustomerSource", "PollCancelled", "PollResult", "Poller", "record_notice"]
 
@@ -196,8 +196,6 @@ class Poller:
                 .where(PollRun.outcome == "running")  # type: ignore[arg-type]
                 .values(outcome="abandoned", finished_at=now, error="process ended during the cycle")
             )
-            # Earlier versions staged in the database's own ``staged`` table; a crash could leave rows there.
-            conn.execute(delete(StagedRecord))
             run = conn.execute(insert(PollRun).values(started_at=now, outcome="running"))
             poll_id = run.inserted_primary_key
         assert poll_id is not None

@@ -13,7 +13,7 @@ baseline of 100k customers must not build 100k ORM objects.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ __all__ = [
     "OutboxRow",
     "PollRun",
     "SinkState",
-    "StagedRecord",
     "Store",
     "canonical",
     "record_hash",
@@ -139,27 +138,8 @@ class SinkState(SQLModel, table=True):
     last_error: str | None = None
 
 
-class StagedRecord(SQLModel, table=True):
-    """No longer written: a poll cycle now stages the records that differ from the stored state in
-    a TEMP table of its own connection (see :mod:`watcher.poll`), which takes no lock on this
-    database, costs no fsync and leaves no freed pages behind. The table stays so that the schema
-    (and ``SCHEMA_VERSION``) is unchanged; a cycle clears any rows an older version left behind.
-    """
-
-    __tablename__ = "staged"
-    poll_id: int = Field(primary_key=True)
-    customer_id: str = Field(primary_key=True)
-    archived: bool
-    hash: int
-    record: str
-
-
-def _migrate_noop(conn: Connection) -> None:  # pragma: no cover - placeholder for version 2
-    pass
-
-
 #: version -> the step that upgrades a database from version-1 to version.
-_MIGRATIONS: dict[int, Any] = {}
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 
 
 class Store:
