@@ -103,9 +103,7 @@ def db_rows(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 def snapshot(db: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Everything a poll may commit."""
-    return {
-        t: db_rows(db, f"SELECT * FROM {t} ORDER BY 1") for t in ("customers", "events", "outbox")
-    }
+    return {t: db_rows(db, f"SELECT * FROM {t} ORDER BY 1") for t in ("customers", "events", "outbox")}
 
 
 def jsonl(path: Path) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import repeat as _repeat
 from types import TracebackType
 from typing import Any, Literal, Self, cast
 
@@ -207,8 +208,16 @@ class MetronomeClient:
             "User-Agent": _USER_AGENT,
         }
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.Client(timeout=timeout)
-        self._timeout = timeout
+        if http is None:
+            # Our own client carries the headers and the timeout, so that httpx does not merge
+            # them into every request again (it is per-page work on the cycle's hot path).
+            self._http = httpx.Client(timeout=timeout, headers=self._headers)
+            self._request_headers: Mapping[str, str] | None = None
+            self._request_timeout: Any = httpx.USE_CLIENT_DEFAULT
+        else:
+            self._http = http
+            self._request_headers = self._headers
+            self._request_timeout = timeout
         self._retry = retry
         self._page_limit = page_limit
         self._max_pages = max_pages
@@ -321,7 +330,9 @@ class MetronomeClient:
         while True:
             attempt += 1
             try:
-                response = self._http.get(url, params=params, headers=self._headers, timeout=self._timeout)
+                response = self._http.get(
+                    url, params=params, headers=self._request_headers, timeout=self._request_timeout
+                )
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 API_REQUESTS.labels(endpoint, "error").inc()
                 detail = self._describe_exception(exc)
@@ -447,13 +458,16 @@ class MetronomeClient:
         data = body["data"]
         if not isinstance(data, list):
             raise bad(f"'data' is {_json_type(data)}, not an array")
-        # The only per-record work on the hot path: two isinstance checks and a truthiness test.
-        for index, record in enumerate(data):
-            if not isinstance(record, dict):
-                raise bad(f"data[{index}] is {_json_type(record)}, not an object")
-            customer_id = record.get("id")
-            if not isinstance(customer_id, str) or not customer_id:
-                raise bad(f"data[{index}] has no non-empty string 'id'")
+        # Every record must be an object with a non-empty string id. This runs for every customer
+        # every cycle, so the checks are C-level passes over the page; the Python loop below only
+        # runs to name the culprit once a check has failed.
+        if not all(map(isinstance, data, _repeat(dict))):
+            index, record = next((i, r) for i, r in enumerate(data) if not isinstance(r, dict))
+            raise bad(f"data[{index}] is {_json_type(record)}, not an object")
+        ids = list(map(dict.get, data, _repeat("id")))
+        if not (all(map(isinstance, ids, _repeat(str))) and all(ids)):
+            index = next(i for i, v in enumerate(ids) if not isinstance(v, str) or not v)
+            raise bad(f"data[{index}] has no non-empty string 'id'")
         if "next_page" not in body:
             raise bad("body has no 'next_page' key")
         next_page = body["next_page"]

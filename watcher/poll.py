@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
 import os
 import queue
 import sqlite3
@@ -33,11 +32,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import compress, count, repeat
+from operator import itemgetter, ne, rshift
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 import structlog
+import xxhash
 from sqlalchemy import Connection, func, insert, select, update
 
 from . import metrics
@@ -250,6 +252,30 @@ class _PollLock:
 
 
 _DONE = object()
+#: The pieces of ``store.record_hash(store.canonical(record))``, for ``map`` over a whole page.
+_ID = itemgetter("id")
+_dumps, _SORT, _xxh3 = orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_64_intdigest
+
+
+class _Page:
+    """One page of a listing, with the id and fingerprint of every record.
+
+    The fingerprints are computed where the page is parsed (in the producer thread when listings
+    are fetched concurrently): the records are still in the CPU's caches there, and the consumer is
+    left with dictionary look-ups only.
+    """
+
+    __slots__ = ("archived", "hashes", "ids", "records")
+
+    def __init__(self, archived: bool, records: list[dict[str, Any]]) -> None:
+        self.archived = archived
+        self.records = records
+        self.ids: list[str] = list(map(_ID, records))
+        #: ``store.record_hash(store.canonical(record))`` of every record, without a Python-level loop.
+        self.hashes: list[int] = list(
+            map(rshift, map(_xxh3, map(_dumps, records, repeat(None), repeat(_SORT))), repeat(1))
+        )
+
 
 #: Where the cycle stages records: a TEMP table of the cycle's own connection. Writing it takes no
 #: lock on the database file (a long scan never blocks the daemon's other writers), costs no fsync
@@ -263,22 +289,19 @@ _DONE = object()
 #: an index built once the scan is over.
 _STAGED_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS poll_staged (customer_id TEXT NOT NULL, "
-    "archived INTEGER NOT NULL, hash INTEGER NOT NULL, record TEXT)"
+    "archived INTEGER NOT NULL, hash INTEGER NOT NULL, record TEXT, check_duplicate INTEGER NOT NULL)"
 )
 #: The latest staged row of every customer, in id order (SQLite takes the bare columns of a
 #: ``max()`` aggregate from the row holding the maximum).
 _LATEST_STAGED = (
-    "SELECT customer_id, archived, hash, record, max(rowid) FROM temp.poll_staged "
+    "SELECT customer_id, archived, hash, record, check_duplicate, max(rowid) FROM temp.poll_staged "
     "WHERE customer_id > ? GROUP BY customer_id ORDER BY customer_id"
 )
 #: At most this many staged rows per INSERT statement (fewer when the SQLite library allows fewer
-#: than 4 x this many parameters). One multi-row statement is one SQLite step, so the GIL is
+#: than 5 x this many parameters). One multi-row statement is one SQLite step, so the GIL is
 #: handed over once per statement rather than once per row: each hand-over can wait for a
 #: producer thread's switch interval while the listings are being fetched.
 _STAGE_ROWS_PER_STATEMENT = _STAGE_BATCH
-#: ``store.record_hash`` without its per-call set-up: copying an initialised 8-byte BLAKE2b state
-#: is cheaper than building one from keyword arguments, and the digests are identical.
-_BLAKE2B_8 = hashlib.blake2b(digest_size=8)
 #: Customers per chunk when the known state loads (a rowid range; keeps the JSON text small).
 _KNOWN_CHUNK = 20_000
 _UPSERT_STATE = (
@@ -288,8 +311,12 @@ _UPSERT_STATE = (
 
 
 class _Listings:
-    """The pages of both listings as ``(archived, page)``: one listing after the other, or (when
-    ``concurrent``) from two producer threads that start fetching as soon as this is created."""
+    """The pages of both listings: one listing after the other, or (when ``concurrent``) from two
+    producer threads that start fetching as soon as this is created.
+
+    The consuming thread never waits on the network itself, so it sees a cancel request (shutdown,
+    ``poll_timeout``) within a fraction of a second even while a request hangs.
+    """
 
     def __init__(self, source: CustomerSource, concurrent: bool, check_cancel: Any) -> None:
         self.source = source
@@ -313,7 +340,7 @@ class _Listings:
             for page in self.source.iter_pages(archived=archived):
                 while not stop.is_set():
                     try:
-                        q.put((archived, page), timeout=0.1)
+                        q.put(_Page(archived, page), timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -323,11 +350,11 @@ class _Listings:
         except BaseException as exc:  # handed to the consumer, which raises it
             q.put(exc)
 
-    def __iter__(self) -> Iterator[tuple[bool, list[dict[str, Any]]]]:
+    def __iter__(self) -> Iterator[_Page]:
         if not self.threads:
             for archived in (False, True):
                 for page in self.source.iter_pages(archived=archived):
-                    yield archived, page
+                    yield _Page(archived, page)
             return
         done = 0
         while done < 2:
@@ -361,16 +388,19 @@ class _Cycle:
         self.poll_id = poll_id
         self.cancel = cancel
         self.pages = 0
-        #: archived -> {id: fingerprint} of every customer known to be in that listing. Plain ints in
-        #: two dicts rather than (hash, archived) tuples: this is the cycle's one account-sized structure.
+        #: archived -> {id: fingerprint} of the stored customers in that listing *not seen yet* in
+        #: this cycle: a sighting pops its entry, so whatever is left when both listings are read has
+        #: vanished. Plain ints in two dicts: this is the cycle's one account-sized structure.
         self.known: dict[bool, dict[str, int]] = {False: {}, True: {}}
-        #: id -> archived for every customer seen this cycle, and -> None for the known ones not
-        #: seen (yet). Pre-filled with the known ids: the scan then updates existing entries (no
-        #: resizing, and no second copy of each id string kept alive).
-        self.seen: dict[str, bool | None] = {}
+        self.n_known = 0
+        #: id -> (archived, stored) for the customers the fast path could not settle (changed, new,
+        #: moved between listings, seen twice); ``stored`` is the (archived, fingerprint) popped
+        #: from ``known`` at the first sighting, or None when there was none to pop.
+        self.sightings: dict[str, tuple[bool, tuple[bool, int] | None]] = {}
         self.counts = {False: 0, True: 0}  # customers seen, by listing
-        #: id -> (archived, fingerprint, canonical JSON or None to withdraw), not yet flushed.
-        self._stage_buf: dict[str, tuple[bool, int, bytes | None]] = {}
+        #: id -> (archived, fingerprint, canonical JSON or None to withdraw, check_duplicate), not
+        #: yet flushed. ``check_duplicate``: see ``_observe_slow``.
+        self._stage_buf: dict[str, tuple[bool, int, bytes | None, bool]] = {}
         self._conn: Connection | None = None
 
     # -- 1. listings --------------------------------------------------------------------------
@@ -400,14 +430,13 @@ class _Cycle:
             with self._transaction("DEFERRED"):
                 baseline = not self.store.has_baseline(conn)
                 self._load_known(conn)
-                self.seen = dict.fromkeys(self.known[False])
-                self.seen.update(dict.fromkeys(self.known[True]))
+                self.n_known = len(self.known[False]) + len(self.known[True])
                 conn.exec_driver_sql(_STAGED_DDL)
                 conn.exec_driver_sql("DELETE FROM temp.poll_staged")
-            for archived, page in listings:
+            for page in listings:
                 self._check_cancel()
                 self.pages += 1
-                self._observe_page(page, archived)
+                self._observe_page(page)
                 if len(self._stage_buf) >= _STAGE_BATCH:
                     self._flush()
         finally:
@@ -451,49 +480,69 @@ class _Cycle:
         if self.cancel.is_set():
             raise PollCancelled("poll abandoned: shutting down")
 
-    def _observe_page(self, page: list[dict[str, Any]], archived: bool) -> None:
-        """:meth:`_observe` for a whole page, with its common case inlined: this loop runs once per
-        customer per cycle, so it is the cycle's own cost on top of the API's."""
-        seen = self.seen
-        seen_before = seen.get
-        known = self.known[archived].get
-        stage = self._stage_buf
-        dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
-        new_hash, from_bytes = _BLAKE2B_8.copy, int.from_bytes
-        counted = 0
-        for record in page:
-            cid = record["id"]
-            if seen_before(cid) is not None:  # seen twice (in both listings): the general case decides
-                self._observe(record, archived)
-                continue
-            seen[cid] = archived
-            counted += 1
-            data = dumps(record, option=sort_keys)  # == store.canonical(record)
-            hasher = new_hash()
-            hasher.update(data)
-            h = from_bytes(hasher.digest(), "big", signed=True)  # == store.record_hash(data)
-            if known(cid) != h:
-                stage[cid] = (archived, h, data)
-        self.counts[archived] += counted
+    def _observe_page(self, p: _Page) -> None:
+        """Every record of a page against the stored fingerprints.
 
-    def _observe(self, record: dict[str, Any], archived: bool) -> None:
-        cid = record["id"]
-        before = self.seen.get(cid)
-        if before is True and not archived:
-            return  # seen in both listings: archived wins (it was archived mid-scan)
-        self.seen[cid] = archived
-        if before is not None:
-            self.counts[before] -= 1
-        self.counts[archived] += 1
-        data = canonical(record)
-        h = record_hash(data)
-        if self.known[archived].get(cid) == h:
-            if before is not None:
-                # Staged from the other listing: this sighting matches the stored state after all.
-                # It may already be flushed, so withdraw it (withdrawing nothing is harmless).
-                self._stage_buf[cid] = (archived, h, None)
+        This runs once per customer per cycle, so it is the cycle's own cost on top of the API's.
+        The common case is one C-level pass over the page: pop each id's stored fingerprint from
+        ``known`` and compare the lists. Only the records that differ go through
+        :meth:`_observe_slow` one by one.
+        """
+        archived, hashes = p.archived, p.hashes
+        stored = list(map(self.known[archived].pop, p.ids, repeat(None)))
+        self.counts[archived] += len(stored)
+        if stored != hashes:
+            for i in compress(count(), map(ne, stored, hashes)):
+                self._observe_slow(p.records[i], p.ids[i], archived, hashes[i], stored[i])
+
+    def _observe_slow(
+        self, record: dict[str, Any], cid: str, archived: bool, h: int, stored_hash: int | None
+    ) -> None:
+        """A sighting the fast path could not settle. It is already counted in ``counts[archived]``;
+        ``stored_hash`` is what it popped from ``known[archived]`` (None: nothing)."""
+        if stored_hash is not None:
+            # The first sighting of a stored customer, in its stored listing, changed.
+            self.sightings[cid] = (archived, (archived, stored_hash))
+            self._stage(cid, archived, h, record, check_duplicate=False)
             return
-        self._stage_buf[cid] = (archived, h, data)
+        prev = self.sightings.get(cid)
+        if prev is None:
+            other = self.known[not archived].pop(cid, None)
+            stored = None if other is None else (not archived, other)
+            self.sightings[cid] = (archived, stored)
+            # Nothing stored in either listing: a new customer, or one the fast path already saw
+            # in this cycle (it keeps no record of those, which is what makes it fast). Which of the
+            # two is settled when the staged row meets the stored state (``_apply_staged``).
+            self._stage(cid, archived, h, record, check_duplicate=stored is None)
+            return
+        # Seen before in this cycle: in both listings (it moved mid-scan), or twice in one.
+        prev_archived, stored = prev
+        if prev_archived and not archived:
+            self.counts[False] -= 1  # archived wins (it was archived mid-scan): not counted again
+            return
+        self.counts[prev_archived] -= 1
+        self.sightings[cid] = (archived, stored)
+        if stored == (archived, h):
+            # Staged from the other sighting, but this one matches the stored state after all. It
+            # may already be flushed, so withdraw it (withdrawing nothing is harmless).
+            self._stage_buf[cid] = (archived, h, None, False)
+        else:
+            self._stage(cid, archived, h, record, check_duplicate=stored is None)
+
+    def _stage(
+        self, cid: str, archived: bool, h: int, record: dict[str, Any], *, check_duplicate: bool
+    ) -> None:
+        self._stage_buf[cid] = (archived, h, canonical(record), check_duplicate)
+
+    def _observe_looked_up(self, record: dict[str, Any]) -> None:
+        """A vanished customer's record, fetched by id: a sighting like any other."""
+        cid = record["id"]
+        archived = record.get("archived_at") is not None
+        h = record_hash(canonical(record))
+        stored_hash = self.known[archived].pop(cid, None)
+        self.counts[archived] += 1
+        if stored_hash != h:
+            self._observe_slow(record, cid, archived, h, stored_hash)
 
     def _flush(self) -> None:
         if not self._stage_buf:
@@ -503,22 +552,23 @@ class _Cycle:
             db = conn.connection.dbapi_connection
             assert isinstance(db, sqlite3.Connection)
             limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-            per_statement = min(_STAGE_ROWS_PER_STATEMENT, limit // 4)
+            per_statement = min(_STAGE_ROWS_PER_STATEMENT, limit // 5)
             for i in range(0, len(rows), per_statement):
                 chunk = rows[i : i + per_statement]
                 params: list[Any] = []
-                for cid, (a, h, d) in chunk:
-                    params += (cid, a, h, None if d is None else d.decode())
+                for cid, (a, h, d, dup) in chunk:
+                    params += (cid, a, h, None if d is None else d.decode(), dup)
                 conn.exec_driver_sql(_insert_staged_sql(len(chunk)), tuple(params))
         self._stage_buf.clear()
 
     # -- 2. vanished customers ----------------------------------------------------------------
 
     def _resolve_vanished(self) -> tuple[list[str], int]:
-        vanished = [cid for cid, archived in self.seen.items() if archived is None]
+        # What the scan did not pop from ``known`` was seen in neither listing.
+        vanished = [*self.known[False], *self.known[True]]
         if not vanished:
             return [], 0
-        n_known = len(self.known[False]) + len(self.known[True])
+        n_known = self.n_known
         cfg = self.p.diff
         if len(vanished) > cfg.max_vanished_count and len(vanished) > cfg.max_vanished_fraction * n_known:
             raise PollRefused(
@@ -542,7 +592,7 @@ class _Cycle:
                 unresolved += 1
                 log.warning("poll.lookup_mismatch", poll_id=self.poll_id, customer_id=cid)
             else:
-                self._observe(record, record.get("archived_at") is not None)
+                self._observe_looked_up(record)
         return deleted, unresolved
 
     # -- 3. the one transaction ---------------------------------------------------------------
@@ -612,9 +662,18 @@ class _Cycle:
             batch = [r for r in rows if r[3] is not None]  # a row without a record withdraws it
             prev = _load_states(conn, [r[0] for r in batch]) if batch else {}
             upserts: list[tuple[Any, ...]] = []
-            for cid, archived, h, data, _ in batch:
+            for cid, archived, h, data, check_duplicate, _ in batch:
                 status = "archived" if archived else "active"
                 old = prev.get(cid)
+                if check_duplicate and old is not None and old[0] != "deleted":
+                    # The scan found no stored fingerprint for a stored customer: the fast path had
+                    # already popped it, so this was its second sighting in the cycle (it moved
+                    # between listings mid-scan, or a page shift repeated it). The first sighting
+                    # matched the stored state; count the customer once, and let archived win.
+                    was_archived = old[0] == "archived"
+                    self.counts[False if was_archived != archived else archived] -= 1
+                    if (was_archived and not archived) or (was_archived == archived and h == old[4]):
+                        continue
                 event_type: str | None
                 changes: list[dict[str, Any]] = []
                 previous: Any = None
@@ -657,16 +716,17 @@ class _Cycle:
 
 @functools.cache
 def _insert_staged_sql(rows: int) -> str:
-    return "INSERT INTO temp.poll_staged VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows)
+    return "INSERT INTO temp.poll_staged VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * rows)
 
 
-def _load_states(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str, str, str, str]]:
+def _load_states(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str, str, str, str, int]]:
+    """id -> (status, record, first_seen_at, changed_at, hash) of the stored customers among ``ids``."""
     rows = conn.exec_driver_sql(
-        "SELECT id, status, record, first_seen_at, changed_at FROM customers "
+        "SELECT id, status, record, first_seen_at, changed_at, hash FROM customers "
         f"WHERE id IN ({', '.join('?' * len(ids))})",
         tuple(ids),
     ).all()
-    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+    return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows}
 
 
 class _EventWriter:
