@@ -29,10 +29,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import compress, count, repeat
+from itertools import chain, compress, count, repeat
 from operator import itemgetter, ne, rshift
 from pathlib import Path
 from typing import Any, Protocol
@@ -265,16 +265,15 @@ class _Page:
     left with dictionary look-ups only.
     """
 
-    __slots__ = ("archived", "hashes", "ids", "records")
+    __slots__ = ("archived", "canonical", "hashes", "ids")
 
     def __init__(self, archived: bool, records: list[dict[str, Any]]) -> None:
         self.archived = archived
-        self.records = records
         self.ids: list[str] = list(map(_ID, records))
-        #: ``store.record_hash(store.canonical(record))`` of every record, without a Python-level loop.
-        self.hashes: list[int] = list(
-            map(rshift, map(_xxh3, map(_dumps, records, repeat(None), repeat(_SORT))), repeat(1))
-        )
+        #: ``store.canonical(record)`` and ``store.record_hash()`` of it, for every record, without
+        #: a Python-level loop. The parsed records themselves are not needed after this.
+        self.canonical: list[bytes] = list(map(_dumps, records, repeat(None), repeat(_SORT)))
+        self.hashes: list[int] = list(map(rshift, map(_xxh3, self.canonical), repeat(1)))
 
 
 #: Where the cycle stages records: a TEMP table of the cycle's own connection. Writing it takes no
@@ -379,6 +378,49 @@ class _Listings:
             t.join(timeout=0.5)
 
 
+class _Writer:
+    """Executes statements on a connection from a thread of its own, in order.
+
+    One multi-row INSERT is one SQLite step, and SQLite releases the GIL for all of it: on this
+    thread it runs on the other core while the listings are fetched and fingerprinted. The
+    connection must not be used by anyone else until :meth:`finish` or :meth:`stop` returned.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.max_params = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        # At most two batches waiting: bounded memory, and back-pressure if the disk is slower
+        # than the API.
+        self.q: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="baseline-writer")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is None:  # after a failure, only drain
+                try:
+                    self.db.execute(*item)
+                except BaseException as exc:
+                    self.error = exc
+
+    def submit(self, sql: str, params: tuple[Any, ...]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((sql, params))
+
+    def finish(self) -> None:
+        """Wait until everything submitted is written; raise what failed, if anything did."""
+        self.stop()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+
+
 class _Cycle:
     """The state of one cycle in progress."""
 
@@ -402,6 +444,9 @@ class _Cycle:
         #: yet flushed. ``check_duplicate``: see ``_observe_slow``.
         self._stage_buf: dict[str, tuple[bool, int, bytes | None, bool]] = {}
         self._conn: Connection | None = None
+        self.direct = False  # a silent baseline written straight into ``customers`` (see ``_run``)
+        self._writer: _Writer | None = None
+        self.detected_at = ""
 
     # -- 1. listings --------------------------------------------------------------------------
 
@@ -425,27 +470,51 @@ class _Cycle:
     def _run(self, conn: Connection) -> PollResult:
         # The first pages are in flight while the known state loads.
         listings = _Listings(self.p.source, self.p.concurrent_listings, self._check_cancel)
-        try:
-            conn.connection.dbapi_connection.execute("PRAGMA temp.journal_mode=MEMORY")  # type: ignore[union-attr]
-            with self._transaction("DEFERRED"):
-                baseline = not self.store.has_baseline(conn)
-                self._load_known(conn)
-                self.n_known = len(self.known[False]) + len(self.known[True])
-                conn.exec_driver_sql(_STAGED_DDL)
-                conn.exec_driver_sql("DELETE FROM temp.poll_staged")
-            for page in listings:
-                self._check_cancel()
-                self.pages += 1
-                self._observe_page(page)
-                if len(self._stage_buf) >= _STAGE_BATCH:
-                    self._flush()
-        finally:
-            listings.close()
-        self._flush()
-        deleted, unresolved = self._resolve_vanished()
-        self._flush()
-        self._check_cancel()
-        events = self._commit(baseline, deleted)
+        with ExitStack() as direct_transaction:
+            try:
+                conn.connection.dbapi_connection.execute("PRAGMA temp.journal_mode=MEMORY")  # type: ignore[union-attr]
+                with self._transaction("DEFERRED"):
+                    baseline = not self.store.has_baseline(conn)
+                    self._load_known(conn)
+                    self.n_known = len(self.known[False]) + len(self.known[True])
+                    self.direct = (
+                        baseline
+                        and not self.p.diff.emit_baseline_events
+                        and conn.exec_driver_sql("SELECT 1 FROM customers LIMIT 1").first() is None
+                    )
+                    if not self.direct:
+                        conn.exec_driver_sql(_STAGED_DDL)
+                        conn.exec_driver_sql("DELETE FROM temp.poll_staged")
+                if self.direct:
+                    # A silent baseline into an empty store: there is nothing to diff against, so
+                    # its rows go straight into ``customers``, in one transaction that holds the
+                    # write lock for the whole scan and commits with the poll-run row (or rolls
+                    # back: rule 1 holds). Nothing else writes to an empty store meanwhile (there
+                    # are no events to deliver). The INSERTs run on a thread of their own: SQLite
+                    # releases the GIL, so the account is written while it is still being fetched
+                    # instead of copied once the scan is over.
+                    self.detected_at = format_ts(self.p.clock())
+                    direct_transaction.enter_context(self._transaction("IMMEDIATE"))
+                    db = conn.connection.dbapi_connection
+                    assert isinstance(db, sqlite3.Connection)
+                    self._writer = _Writer(db)
+                    # On the way out the writer stops before the transaction ends (LIFO).
+                    direct_transaction.callback(self._writer.stop)
+                for page in listings:
+                    self._check_cancel()
+                    self.pages += 1
+                    self._observe_page(page)
+                    if len(self._stage_buf) >= _STAGE_BATCH:
+                        self._flush()
+            finally:
+                listings.close()
+            self._flush()
+            deleted, unresolved = self._resolve_vanished()
+            self._flush()
+            if self._writer is not None:
+                self._writer.finish()
+            self._check_cancel()
+            events = self._commit(baseline, deleted)
         return PollResult(
             self.poll_id,
             "succeeded",
@@ -488,22 +557,32 @@ class _Cycle:
         ``known`` and compare the lists. Only the records that differ go through
         :meth:`_observe_slow` one by one.
         """
-        archived, hashes = p.archived, p.hashes
-        stored = list(map(self.known[archived].pop, p.ids, repeat(None)))
+        archived, ids, hashes = p.archived, p.ids, p.hashes
+        if not self.n_known and self._all_new(ids):
+            # Nothing stored (a baseline): every record is new, staged as a whole page.
+            self.counts[archived] += len(ids)
+            self.sightings.update(zip(ids, repeat((archived, None))))
+            staged = zip(repeat(archived), hashes, p.canonical, repeat(True), strict=False)
+            self._stage_buf.update(zip(ids, staged, strict=False))
+            return
+        stored = list(map(self.known[archived].pop, ids, repeat(None)))
         self.counts[archived] += len(stored)
         if stored != hashes:
             for i in compress(count(), map(ne, stored, hashes)):
-                self._observe_slow(p.records[i], p.ids[i], archived, hashes[i], stored[i])
+                self._observe_slow(ids[i], archived, hashes[i], p.canonical[i], stored[i])
 
-    def _observe_slow(
-        self, record: dict[str, Any], cid: str, archived: bool, h: int, stored_hash: int | None
-    ) -> None:
+    def _all_new(self, ids: list[str]) -> bool:
+        """No id seen before in this cycle, nor twice in the page."""
+        prior = list(map(self.sightings.get, ids))
+        return prior.count(None) == len(prior) and len(set(ids)) == len(ids)
+
+    def _observe_slow(self, cid: str, archived: bool, h: int, data: bytes, stored_hash: int | None) -> None:
         """A sighting the fast path could not settle. It is already counted in ``counts[archived]``;
         ``stored_hash`` is what it popped from ``known[archived]`` (None: nothing)."""
         if stored_hash is not None:
             # The first sighting of a stored customer, in its stored listing, changed.
             self.sightings[cid] = (archived, (archived, stored_hash))
-            self._stage(cid, archived, h, record, check_duplicate=False)
+            self._stage_buf[cid] = (archived, h, data, False)
             return
         prev = self.sightings.get(cid)
         if prev is None:
@@ -513,7 +592,7 @@ class _Cycle:
             # Nothing stored in either listing: a new customer, or one the fast path already saw
             # in this cycle (it keeps no record of those, which is what makes it fast). Which of the
             # two is settled when the staged row meets the stored state (``_apply_staged``).
-            self._stage(cid, archived, h, record, check_duplicate=stored is None)
+            self._stage_buf[cid] = (archived, h, data, stored is None)
             return
         # Seen before in this cycle: in both listings (it moved mid-scan), or twice in one.
         prev_archived, stored = prev
@@ -527,25 +606,24 @@ class _Cycle:
             # may already be flushed, so withdraw it (withdrawing nothing is harmless).
             self._stage_buf[cid] = (archived, h, None, False)
         else:
-            self._stage(cid, archived, h, record, check_duplicate=stored is None)
-
-    def _stage(
-        self, cid: str, archived: bool, h: int, record: dict[str, Any], *, check_duplicate: bool
-    ) -> None:
-        self._stage_buf[cid] = (archived, h, canonical(record), check_duplicate)
+            self._stage_buf[cid] = (archived, h, data, stored is None)
 
     def _observe_looked_up(self, record: dict[str, Any]) -> None:
         """A vanished customer's record, fetched by id: a sighting like any other."""
         cid = record["id"]
         archived = record.get("archived_at") is not None
-        h = record_hash(canonical(record))
+        data = canonical(record)
+        h = record_hash(data)
         stored_hash = self.known[archived].pop(cid, None)
         self.counts[archived] += 1
         if stored_hash != h:
-            self._observe_slow(record, cid, archived, h, stored_hash)
+            self._observe_slow(cid, archived, h, data, stored_hash)
 
     def _flush(self) -> None:
         if not self._stage_buf:
+            return
+        if self.direct:
+            self._flush_direct()
             return
         rows = list(self._stage_buf.items())
         with self._transaction("DEFERRED") as conn:
@@ -559,6 +637,34 @@ class _Cycle:
                 for cid, (a, h, d, dup) in chunk:
                     params += (cid, a, h, None if d is None else d.decode(), dup)
                 conn.exec_driver_sql(_insert_staged_sql(len(chunk)), tuple(params))
+        self._stage_buf.clear()
+
+    def _flush_direct(self) -> None:
+        """Staged rows of a silent baseline straight into ``customers`` (see ``_run``)."""
+        assert self._conn is not None
+        assert self._writer is not None
+        per_statement = min(_STAGE_ROWS_PER_STATEMENT, self._writer.max_params // 7)
+        ids = list(self._stage_buf)
+        archived, hashes, data, _ = zip(*self._stage_buf.values(), strict=True)
+        # Nothing is stored, so no sighting can match a stored state and be withdrawn.
+        assert None not in data
+        at, poll_id = self.detected_at, self.poll_id
+        rows = list(
+            zip(
+                ids,
+                map(_STATUS.__getitem__, archived),
+                hashes,
+                map(bytes.decode, data),
+                repeat(at),
+                repeat(at),
+                repeat(poll_id),
+                strict=False,
+            )
+        )
+        for i in range(0, len(rows), per_statement):
+            chunk = rows[i : i + per_statement]
+            # OR REPLACE: a later sighting of the same customer wins.
+            self._writer.submit(_insert_customers_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
         self._stage_buf.clear()
 
     # -- 2. vanished customers ----------------------------------------------------------------
@@ -602,22 +708,16 @@ class _Cycle:
         detected_at = format_ts(now)
         emit = not baseline or self.p.diff.emit_baseline_events
         counts: Counter[str] = Counter()
+        if self.direct:  # the rows are in; the transaction is already open
+            assert self._conn is not None
+            self._record_success(self._conn, baseline, counts)
+            return {}
         with self._transaction("DEFERRED") as conn:  # before the write lock is taken
             conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS temp.staged_by_id ON poll_staged (customer_id)")
         with self._transaction("IMMEDIATE") as conn:
             seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
             writer = _EventWriter(conn, self.poll_id, detected_at, self.p.routes, seq)
-            if not emit and conn.exec_driver_sql("SELECT 1 FROM customers LIMIT 1").first() is None:
-                # A silent baseline into an empty store: every staged record is simply new, so the
-                # copy is one statement instead of a Python loop over the whole account.
-                conn.exec_driver_sql(
-                    "INSERT INTO customers (id, status, hash, record, first_seen_at, changed_at, "
-                    "last_poll_id) SELECT customer_id, CASE WHEN archived THEN 'archived' ELSE 'active' END, "
-                    f"hash, record, ?, ?, ? FROM ({_LATEST_STAGED}) WHERE record IS NOT NULL",
-                    (detected_at, detected_at, self.poll_id, ""),
-                )
-            else:
-                self._apply_staged(conn, writer, emit, detected_at, counts)
+            self._apply_staged(conn, writer, emit, detected_at, counts)
             for i in range(0, len(deleted), _COMMIT_BATCH):
                 chunk = deleted[i : i + _COMMIT_BATCH]
                 prev = _load_states(conn, chunk)
@@ -632,21 +732,24 @@ class _Cycle:
                     .values(status="deleted", changed_at=detected_at, last_poll_id=self.poll_id)
                 )
                 writer.flush()
-            conn.execute(
-                update(PollRun)
-                .where(PollRun.id == self.poll_id)  # type: ignore[arg-type]
-                .values(
-                    outcome="succeeded",
-                    finished_at=format_ts(self.p.clock()),
-                    baseline=baseline,
-                    pages=self.pages,
-                    active=self.counts[False],
-                    archived=self.counts[True],
-                    events=sum(counts.values()),
-                    events_by_type=orjson.dumps(dict(counts)).decode(),
-                )
-            )
+            self._record_success(conn, baseline, counts)
         return dict(counts)
+
+    def _record_success(self, conn: Connection, baseline: bool, counts: Counter[str]) -> None:
+        conn.execute(
+            update(PollRun)
+            .where(PollRun.id == self.poll_id)  # type: ignore[arg-type]
+            .values(
+                outcome="succeeded",
+                finished_at=format_ts(self.p.clock()),
+                baseline=baseline,
+                pages=self.pages,
+                active=self.counts[False],
+                archived=self.counts[True],
+                events=sum(counts.values()),
+                events_by_type=orjson.dumps(dict(counts)).decode(),
+            )
+        )
 
     def _apply_staged(
         self, conn: Connection, writer: _EventWriter, emit: bool, detected_at: str, counts: Counter[str]
@@ -712,6 +815,17 @@ class _Cycle:
             if upserts:
                 conn.exec_driver_sql(_UPSERT_STATE, upserts)
             writer.flush()
+
+
+_STATUS = {False: "active", True: "archived"}
+
+
+@functools.cache
+def _insert_customers_sql(rows: int) -> str:
+    return (
+        "INSERT OR REPLACE INTO customers (id, status, hash, record, first_seen_at, changed_at, "
+        "last_poll_id) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
+    )
 
 
 @functools.cache
