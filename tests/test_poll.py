@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import sqlite3
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from watcher.fake_metronome import FakeMetronome, Fault
-from watcher.store import Store
+from watcher.poll import Poller, PollResult
+from watcher.routing import Route
+from watcher.store import SCHEMA_VERSION, Store, record_hash
 
 from .conftest import Harness
 
@@ -321,11 +328,12 @@ def test_customer_in_both_listings_counts_as_archived(fake: FakeMetronome, seede
     fake.on_page(2, lambda f: f.archive(cid), archived=False)
     seeded.poller.concurrent_listings = False
 
-    seeded.poll()
+    result = seeded.poll()
 
     only(seeded.events(), type="customer.archived", customer_id=cid)
     stored = seeded.store.get_customer(cid)
     assert stored is not None and stored.status == "archived"
+    assert (result.active, result.archived) == (24, 6), "counted once, as archived"
 
 
 def test_mass_vanish_is_refused(fake: FakeMetronome, seeded: Harness) -> None:
@@ -400,3 +408,161 @@ def test_schema_version_is_recorded_and_a_newer_database_is_refused(tmp_path: Pa
     con.close()
     with pytest.raises(StoreError, match="newer than this release"):
         Store(db)
+
+
+# -- sightings the fast path cannot settle alone ------------------------------------------------
+#
+# The scan pops each customer's stored fingerprint as it sees it and keeps no other record of the
+# customers it settled, so a second sighting of one of them is only recognised when its staged row
+# meets the stored state. A scripted source (``CustomerSource`` is a Protocol) makes those
+# sightings happen on demand, in a chosen order.
+
+
+class ScriptedSource:
+    """Serves fixed pages; with ``archived_first`` the active listing waits for the archived one."""
+
+    def __init__(self, active: list[dict], archived: list[dict], *, archived_first: bool = False) -> None:
+        self.pages = {False: [active[i : i + 3] for i in range(0, len(active), 3)], True: [archived]}
+        self.archived_first = archived_first
+        self.archived_done = threading.Event()
+
+    def iter_pages(self, *, archived: bool) -> Iterator[list[dict[str, Any]]]:
+        if self.archived_first and not archived:
+            assert self.archived_done.wait(10)
+        for page in self.pages[archived]:
+            yield copy.deepcopy(page)
+        if archived:
+            self.archived_done.set()
+
+    def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+        raise AssertionError(f"no lookup expected ({customer_id})")
+
+
+def customers_of(fake: FakeMetronome) -> tuple[list[dict], list[dict]]:
+    for i in range(8):
+        fake.create_customer(f"Scripted {i}")
+    for c in fake.customers(archived=False)[:2]:
+        fake.archive(c["id"])
+    return fake.customers(archived=False), fake.customers(archived=True)
+
+
+def scripted_poll(store: Store, source: ScriptedSource, *, concurrent: bool = False) -> PollResult:
+    return Poller(store, source, routes=[Route("audit")], concurrent_listings=concurrent).run()
+
+
+def archived_copy(record: dict) -> dict:
+    return {**record, "archived_at": "2026-11-01T00:00:00.000Z"}
+
+
+def test_a_customer_listed_twice_unchanged_counts_once_and_changes_nothing(
+    fake: FakeMetronome, tmp_path: Path
+) -> None:
+    active, archived = customers_of(fake)
+    store = Store(tmp_path / "w.db")
+    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+    before = store.get_customer(active[0]["id"])
+
+    result = scripted_poll(store, ScriptedSource([*active, active[0]], archived))
+
+    assert result.ok and result.events == 0
+    assert (result.active, result.archived) == (len(active), len(archived))
+    assert store.get_customer(active[0]["id"]) == before  # not even rewritten
+
+
+def test_a_customer_listed_twice_with_a_change_in_between_gives_one_update(
+    fake: FakeMetronome, tmp_path: Path
+) -> None:
+    active, archived = customers_of(fake)
+    store = Store(tmp_path / "w.db")
+    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+    renamed = {**active[0], "name": "Renamed Between Two Pages"}
+
+    result = scripted_poll(store, ScriptedSource([*active, renamed], archived))
+
+    assert result.ok and (result.active, result.archived) == (len(active), len(archived))
+    event = only(store.query_events(), type="customer.updated", customer_id=active[0]["id"])
+    assert event["customer"]["name"] == "Renamed Between Two Pages"
+
+
+def test_archived_listing_read_first_then_a_stale_active_sighting_still_archives(
+    fake: FakeMetronome, tmp_path: Path
+) -> None:
+    active, archived = customers_of(fake)
+    store = Store(tmp_path / "w.db")
+    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+    victim = active[3]
+
+    # Archived mid-scan: the archived listing (read first) has it, the active one still does too.
+    source = ScriptedSource(active, [*archived, archived_copy(victim)], archived_first=True)
+    result = scripted_poll(store, source, concurrent=True)
+
+    assert result.ok
+    assert (result.active, result.archived) == (len(active) - 1, len(archived) + 1)
+    only(store.query_events(), type="customer.archived", customer_id=victim["id"])
+    stored = store.get_customer(victim["id"])
+    assert stored is not None and stored.status == "archived"
+
+
+def test_an_archived_customer_also_seen_active_mid_scan_stays_archived(
+    fake: FakeMetronome, tmp_path: Path
+) -> None:
+    active, archived = customers_of(fake)
+    store = Store(tmp_path / "w.db")
+    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+    ghost = {**archived[0], "archived_at": None}
+
+    # Seen unchanged in the archived listing (read first), then active: archived wins, as when
+    # the two sightings come the other way round; the next cycle settles it.
+    source = ScriptedSource([*active, ghost], archived, archived_first=True)
+    result = scripted_poll(store, source, concurrent=True)
+
+    assert result.ok and result.events == 0
+    assert (result.active, result.archived) == (len(active), len(archived))
+    stored = store.get_customer(archived[0]["id"])
+    assert stored is not None and stored.status == "archived"
+
+
+def test_a_failed_baseline_commits_nothing_and_the_next_one_starts_afresh(
+    fake: FakeMetronome, harness: Harness
+) -> None:
+    fake.seed(45)
+    fake.add_fault(Fault("status", status=400, message="bad request", page=3, archived=False))
+
+    failed = harness.poll()
+
+    assert failed.outcome == "failed"
+    assert harness.store.customer_counts() == {}
+    fake.clear_faults()
+    ok = harness.poll()
+    assert ok.ok and ok.baseline
+    assert sum(harness.store.customer_counts().values()) == 45
+    assert (ok.active, ok.archived) == (
+        len(fake.customers(archived=False)),
+        len(fake.customers(archived=True)),
+    )
+
+
+def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: FakeMetronome, harness: Harness) -> None:
+    fake.seed(25)
+    assert harness.poll().ok
+    harness.store.close()
+    con = sqlite3.connect(harness.db)
+    with con:
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        con.execute("UPDATE customers SET hash = 12345")  # what an older fingerprint would look like
+    con.close()
+
+    store = Store(harness.db)
+
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    con = sqlite3.connect(harness.db)
+    rows = con.execute("SELECT hash, record, last_poll_id FROM customers").fetchall()
+    con.close()
+    assert rows and all(h == record_hash(r.encode()) for h, r, _ in rows)
+    # The next cycle recognises every customer: nothing is staged, nothing rewritten.
+    harness.store = harness.poller.store = store
+    result = harness.poll()
+    assert result.ok and result.events == 0
+    con = sqlite3.connect(harness.db)
+    assert con.execute("SELECT DISTINCT last_poll_id FROM customers").fetchall() == [(rows[0][2],)]
+    con.close()
