@@ -27,8 +27,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -251,7 +251,7 @@ class _PollLock:
             self.fd = None
 
 
-_DONE = object()
+_QUEUED_PAGES = 64
 #: The pieces of ``store.record_hash(store.canonical(record))``, for ``map`` over a whole page.
 _ID = itemgetter("id")
 _dumps, _SORT, _xxh3 = orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_64_intdigest
@@ -309,22 +309,41 @@ _UPSERT_STATE = (
 )
 
 
-class _Listings:
-    """The pages of both listings: one listing after the other, or (when ``concurrent``) from two
-    producer threads that start fetching as soon as this is created.
+class _Scan:
+    """Reads both listings and hands every page to ``observe`` exactly once, one page at a time.
 
-    The consuming thread never waits on the network itself, so it sees a cancel request (shutdown,
+    One listing after the other in the calling thread, or (``concurrent``) from two producer
+    threads that start fetching as soon as this is created. While the API answers quickly the
+    cycle is CPU-bound under the GIL, and waking a consumer thread for every page would cost a
+    thread switch per page; so a producer observes its own pages, and the other producer's that
+    are waiting, whenever the observing lock is free, and queues them when it is not.
+
+    The consuming thread holds the lock until :meth:`run` (the stored fingerprints load in the
+    meantime, while the first pages are fetched) and takes it back for good on the way out, so
+    the cycle's state is only ever touched by one thread at a time, and by none once the scan
+    is over. It never waits on the network itself, so it sees a cancel request (shutdown,
     ``poll_timeout``) within a fraction of a second even while a request hangs.
     """
 
-    def __init__(self, source: CustomerSource, concurrent: bool, check_cancel: Any) -> None:
+    def __init__(
+        self,
+        source: CustomerSource,
+        concurrent: bool,
+        observe: Callable[[_Page], None],
+        check_cancel: Callable[[], None],
+    ) -> None:
         self.source = source
+        self.observe = observe
         self.check_cancel = check_cancel
-        self.threads: list[threading.Thread] = []
-        # Two producer threads, one consumer: diffing stays single-threaded and needs no locks;
-        # the small bounded queue keeps at most a few pages in memory.
-        self.q: queue.Queue[Any] = queue.Queue(maxsize=8)
+        self.pending: deque[_Page] = deque()
+        # Bounded memory: a queued page is its ids, fingerprints and canonical JSON (about 60 kB
+        # for 100 records); 64 of them let the producers run ahead while the stored state loads.
+        self.slots = threading.Semaphore(_QUEUED_PAGES)
+        self.lock = threading.RLock()
+        self.lock.acquire()
         self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.threads: list[threading.Thread] = []
         if concurrent:
             self.threads = [
                 threading.Thread(target=self._produce, args=(a,), daemon=True, name=f"list-{a}")
@@ -334,46 +353,68 @@ class _Listings:
                 t.start()
 
     def _produce(self, archived: bool) -> None:
-        q, stop = self.q, self.stop
         try:
-            for page in self.source.iter_pages(archived=archived):
-                while not stop.is_set():
-                    try:
-                        q.put(_Page(archived, page), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            for records in self.source.iter_pages(archived=archived):
+                page = _Page(archived, records)
+                while not self.slots.acquire(timeout=0.05):
+                    if self.stop.is_set():
+                        return
+                    self._try_observe()
+                if self.stop.is_set():
                     return
-            q.put(_DONE)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            q.put(exc)
+                self.pending.append(page)
+                self._try_observe()
+        except BaseException as exc:  # raised in the consuming thread
+            if self.error is None:
+                self.error = exc
+            self.stop.set()
 
-    def __iter__(self) -> Iterator[_Page]:
+    def _try_observe(self) -> None:
+        if self.lock.acquire(blocking=False):
+            try:
+                self._observe_pending()
+            except BaseException as exc:
+                if self.error is None:
+                    self.error = exc
+                self.stop.set()
+            finally:
+                self.lock.release()
+
+    def _observe_pending(self) -> None:
+        while self.pending and not self.stop.is_set():
+            page = self.pending.popleft()
+            self.slots.release()
+            self.observe(page)
+
+    def run(self) -> None:
+        """Observe every page of both listings; the caller holds the lock (since ``__init__``)."""
         if not self.threads:
             for archived in (False, True):
-                for page in self.source.iter_pages(archived=archived):
-                    yield _Page(archived, page)
+                for records in self.source.iter_pages(archived=archived):
+                    self.check_cancel()
+                    self.observe(_Page(archived, records))
             return
-        done = 0
-        while done < 2:
-            try:
-                item = self.q.get(timeout=0.2)
-            except queue.Empty:
-                self.check_cancel()
-                continue
-            if item is _DONE:
-                done += 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
+        while any(t.is_alive() for t in self.threads):
+            self._observe_pending()  # what queued up while the lock was ours
+            self.lock.release()
+            self.threads[0 if self.threads[0].is_alive() else 1].join(0.2)
+            self.lock.acquire()
+            self.check_cancel()
+            if self.error is not None:
+                raise self.error
+        if self.error is not None:
+            raise self.error
+        self._observe_pending()
 
     def close(self) -> None:
+        """Stop the producers and take the lock for good: nothing is observed after this.
+
+        A producer stuck in a request sees ``stop`` only when the request ends. It is a daemon
+        thread that touches nothing but its own page, so there is no need to wait for it: a short
+        join keeps a cancelled poll (SIGTERM) from stalling shutdown for a read timeout.
+        """
         self.stop.set()
-        # A producer stuck in a request sees ``stop`` only when the request ends. It is a daemon
-        # thread that touches nothing but the queue, so there is no need to wait for it: a short
-        # join keeps a cancelled poll (SIGTERM) from stalling shutdown for a read timeout.
+        self.lock.acquire()
         for t in self.threads:
             t.join(timeout=0.5)
 
@@ -469,7 +510,7 @@ class _Cycle:
 
     def _run(self, conn: Connection) -> PollResult:
         # The first pages are in flight while the known state loads.
-        listings = _Listings(self.p.source, self.p.concurrent_listings, self._check_cancel)
+        scan = _Scan(self.p.source, self.p.concurrent_listings, self._observe_page, self._check_cancel)
         with ExitStack() as direct_transaction:
             try:
                 conn.connection.dbapi_connection.execute("PRAGMA temp.journal_mode=MEMORY")  # type: ignore[union-attr]
@@ -500,14 +541,9 @@ class _Cycle:
                     self._writer = _Writer(db)
                     # On the way out the writer stops before the transaction ends (LIFO).
                     direct_transaction.callback(self._writer.stop)
-                for page in listings:
-                    self._check_cancel()
-                    self.pages += 1
-                    self._observe_page(page)
-                    if len(self._stage_buf) >= _STAGE_BATCH:
-                        self._flush()
+                scan.run()
             finally:
-                listings.close()
+                scan.close()
             self._flush()
             deleted, unresolved = self._resolve_vanished()
             self._flush()
@@ -557,6 +593,9 @@ class _Cycle:
         ``known`` and compare the lists. Only the records that differ go through
         :meth:`_observe_slow` one by one.
         """
+        self.pages += 1
+        if len(self._stage_buf) >= _STAGE_BATCH:
+            self._flush()
         archived, ids, hashes = p.archived, p.ids, p.hashes
         if not self.n_known and self._all_new(ids):
             # Nothing stored (a baseline): every record is new, staged as a whole page.
