@@ -14,7 +14,12 @@ The cycle, and why it is shaped this way:
 3. One ``BEGIN IMMEDIATE`` transaction turns the staged records into new state, audit events with
    consecutive ``sequence`` numbers and one outbox row per (event, routed sink) (rule 5).
 
-Any failure before step 3 commits nothing but the failed poll-run row (rule 1).
+A silent baseline into an empty store skips the staging: it has nothing to diff, so its rows go
+straight into ``customers`` inside the one transaction, opened before the scan (see ``_Cycle._run``).
+
+Any failure before the commit leaves nothing but the failed poll-run row (rule 1). Why the hot
+path looks the way it does (fingerprints by ``map``, a pop per customer, producers that observe
+their own pages) is in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -251,7 +256,9 @@ class _PollLock:
             self.fd = None
 
 
-_QUEUED_PAGES = 64
+#: Pages parsed but not yet observed, at most. More let the producers run further ahead while the
+#: stored state loads, but every parsed page in flight raises the peak RSS (64 cost 25 MB at 100k).
+_QUEUED_PAGES = 8
 #: The pieces of ``store.record_hash(store.canonical(record))``, for ``map`` over a whole page.
 _ID = itemgetter("id")
 _dumps, _SORT, _xxh3 = orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_64_intdigest
@@ -337,7 +344,7 @@ class _Scan:
         self.check_cancel = check_cancel
         self.pending: deque[_Page] = deque()
         # Bounded memory: a queued page is its ids, fingerprints and canonical JSON (about 60 kB
-        # for 100 records); 64 of them let the producers run ahead while the stored state loads.
+        # for 100 records).
         self.slots = threading.Semaphore(_QUEUED_PAGES)
         self.lock = threading.RLock()
         self.lock.acquire()
