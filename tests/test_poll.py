@@ -6,6 +6,7 @@ import copy
 import sqlite3
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -438,12 +439,25 @@ class ScriptedSource:
         raise AssertionError(f"no lookup expected ({customer_id})")
 
 
-def customers_of(fake: FakeMetronome) -> tuple[list[dict], list[dict]]:
+@dataclass
+class Scripted:
+    store: Store
+    active: list[dict]
+    archived: list[dict]
+
+
+@pytest.fixture
+def scripted(fake: FakeMetronome, tmp_path: Path) -> Iterator[Scripted]:
+    """8 customers (2 archived) served by a ScriptedSource, baseline taken."""
     for i in range(8):
         fake.create_customer(f"Scripted {i}")
     for c in fake.customers(archived=False)[:2]:
         fake.archive(c["id"])
-    return fake.customers(archived=False), fake.customers(archived=True)
+    active, archived = fake.customers(archived=False), fake.customers(archived=True)
+    store = Store(tmp_path / "w.db")
+    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+    yield Scripted(store, active, archived)
+    store.close()
 
 
 def scripted_poll(store: Store, source: ScriptedSource, *, concurrent: bool = False) -> PollResult:
@@ -454,12 +468,8 @@ def archived_copy(record: dict) -> dict:
     return {**record, "archived_at": "2026-11-01T00:00:00.000Z"}
 
 
-def test_a_customer_listed_twice_unchanged_counts_once_and_changes_nothing(
-    fake: FakeMetronome, tmp_path: Path
-) -> None:
-    active, archived = customers_of(fake)
-    store = Store(tmp_path / "w.db")
-    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+def test_a_customer_listed_twice_unchanged_counts_once_and_changes_nothing(scripted: Scripted) -> None:
+    store, active, archived = scripted.store, scripted.active, scripted.archived
     before = store.get_customer(active[0]["id"])
 
     result = scripted_poll(store, ScriptedSource([*active, active[0]], archived))
@@ -469,12 +479,8 @@ def test_a_customer_listed_twice_unchanged_counts_once_and_changes_nothing(
     assert store.get_customer(active[0]["id"]) == before  # not even rewritten
 
 
-def test_a_customer_listed_twice_with_a_change_in_between_gives_one_update(
-    fake: FakeMetronome, tmp_path: Path
-) -> None:
-    active, archived = customers_of(fake)
-    store = Store(tmp_path / "w.db")
-    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+def test_a_customer_listed_twice_with_a_change_in_between_gives_one_update(scripted: Scripted) -> None:
+    store, active, archived = scripted.store, scripted.active, scripted.archived
     renamed = {**active[0], "name": "Renamed Between Two Pages"}
 
     result = scripted_poll(store, ScriptedSource([*active, renamed], archived))
@@ -484,12 +490,8 @@ def test_a_customer_listed_twice_with_a_change_in_between_gives_one_update(
     assert event["customer"]["name"] == "Renamed Between Two Pages"
 
 
-def test_archived_listing_read_first_then_a_stale_active_sighting_still_archives(
-    fake: FakeMetronome, tmp_path: Path
-) -> None:
-    active, archived = customers_of(fake)
-    store = Store(tmp_path / "w.db")
-    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+def test_archived_listing_read_first_then_a_stale_active_sighting_still_archives(scripted: Scripted) -> None:
+    store, active, archived = scripted.store, scripted.active, scripted.archived
     victim = active[3]
 
     # Archived mid-scan: the archived listing (read first) has it, the active one still does too.
@@ -503,12 +505,8 @@ def test_archived_listing_read_first_then_a_stale_active_sighting_still_archives
     assert stored is not None and stored.status == "archived"
 
 
-def test_an_archived_customer_also_seen_active_mid_scan_stays_archived(
-    fake: FakeMetronome, tmp_path: Path
-) -> None:
-    active, archived = customers_of(fake)
-    store = Store(tmp_path / "w.db")
-    assert scripted_poll(store, ScriptedSource(active, archived)).ok
+def test_an_archived_customer_also_seen_active_mid_scan_stays_archived(scripted: Scripted) -> None:
+    store, active, archived = scripted.store, scripted.active, scripted.archived
     ghost = {**archived[0], "archived_at": None}
 
     # Seen unchanged in the archived listing (read first), then active: archived wins, as when

@@ -492,7 +492,7 @@ class _Cycle:
         #: yet flushed. ``check_duplicate``: see ``_observe_slow``.
         self._stage_buf: dict[str, tuple[bool, int, bytes | None, bool]] = {}
         self._conn: Connection | None = None
-        self.direct = False  # a silent baseline written straight into ``customers`` (see ``_run``)
+        #: Set when a silent baseline is written straight into ``customers`` (see ``_run``).
         self._writer: _Writer | None = None
         self.detected_at = ""
 
@@ -525,15 +525,15 @@ class _Cycle:
                     baseline = not self.store.has_baseline(conn)
                     self._load_known(conn)
                     self.n_known = len(self.known[False]) + len(self.known[True])
-                    self.direct = (
+                    direct = (
                         baseline
                         and not self.p.diff.emit_baseline_events
                         and conn.exec_driver_sql("SELECT 1 FROM customers LIMIT 1").first() is None
                     )
-                    if not self.direct:
+                    if not direct:
                         conn.exec_driver_sql(_STAGED_DDL)
                         conn.exec_driver_sql("DELETE FROM temp.poll_staged")
-                if self.direct:
+                if direct:
                     # A silent baseline into an empty store: there is nothing to diff against, so
                     # its rows go straight into ``customers``, in one transaction that holds the
                     # write lock for the whole scan and commits with the poll-run row (or rolls
@@ -668,7 +668,7 @@ class _Cycle:
     def _flush(self) -> None:
         if not self._stage_buf:
             return
-        if self.direct:
+        if self._writer is not None:
             self._flush_direct()
             return
         rows = list(self._stage_buf.items())
@@ -754,7 +754,7 @@ class _Cycle:
         detected_at = format_ts(now)
         emit = not baseline or self.p.diff.emit_baseline_events
         counts: Counter[str] = Counter()
-        if self.direct:  # the rows are in; the transaction is already open
+        if self._writer is not None:  # the rows are in; the transaction is already open
             assert self._conn is not None
             self._record_success(self._conn, baseline, counts)
             return {}
