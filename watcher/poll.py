@@ -32,13 +32,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import chain, compress, count, repeat
-from operator import itemgetter, ne, rshift
+from itertools import chain, repeat
+from operator import itemgetter, rshift
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,8 +59,8 @@ __all__ = ["CustomerSource", "PollCancelled", "PollResult", "Poller", "record_no
 
 log = structlog.get_logger("watcher.poll")
 
-#: Staged rows are flushed in batches of this size: large enough to amortise a commit,
-#: small enough that memory stays flat however many customers changed.
+#: Staged rows are flushed to the staging table in batches of this size: large enough to amortise
+#: a transaction, small enough that memory stays flat however many customers changed.
 _STAGE_BATCH = 2000
 _COMMIT_BATCH = 500
 
@@ -256,9 +256,10 @@ class _PollLock:
             self.fd = None
 
 
-#: Pages parsed but not yet observed, at most. More let the producers run further ahead while the
-#: stored state loads, but every parsed page in flight raises the peak RSS (64 cost 25 MB at 100k).
-_QUEUED_PAGES = 8
+#: Pages each producer may fetch and fingerprint ahead while the stored fingerprints load. The load
+#: is one short SQLite step per listing (a covering index), so this is a small, bounded backlog:
+#: a page waiting here is its ids, fingerprints and canonical JSON (about 60 kB for 100 records).
+_BACKLOG_PAGES = 32
 #: The pieces of ``store.record_hash(store.canonical(record))``, for ``map`` over a whole page.
 _ID = itemgetter("id")
 _dumps, _SORT, _xxh3 = orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_64_intdigest
@@ -268,8 +269,7 @@ class _Page:
     """One page of a listing, with the id and fingerprint of every record.
 
     The fingerprints are computed where the page is parsed (in the producer thread when listings
-    are fetched concurrently): the records are still in the CPU's caches there, and the consumer is
-    left with dictionary look-ups only.
+    are fetched concurrently), with builtins only: no Python bytecode runs per record.
     """
 
     __slots__ = ("archived", "canonical", "hashes", "ids")
@@ -277,8 +277,8 @@ class _Page:
     def __init__(self, archived: bool, records: list[dict[str, Any]]) -> None:
         self.archived = archived
         self.ids: list[str] = list(map(_ID, records))
-        #: ``store.canonical(record)`` and ``store.record_hash()`` of it, for every record, without
-        #: a Python-level loop. The parsed records themselves are not needed after this.
+        #: ``store.canonical(record)`` and ``store.record_hash()`` of it, for every record. The
+        #: parsed records themselves are not needed after this.
         self.canonical: list[bytes] = list(map(_dumps, records, repeat(None), repeat(_SORT)))
         self.hashes: list[int] = list(map(rshift, map(_xxh3, self.canonical), repeat(1)))
 
@@ -289,27 +289,35 @@ class _Page:
 #: connection, which is exactly what a failed or interrupted cycle needs (rule 1). Its rollback
 #: journal is kept in memory: it only ever holds the pages of one batch.
 #:
-#: Rows are only ever appended (no index to maintain while the scan runs): when a customer's
-#: staging is revised (seen in both listings), a later row supersedes the earlier one, and a row
-#: without a record withdraws it. The final transaction reads the latest row per customer, through
-#: an index built once the scan is over.
+#: Rows are only ever appended, one per sighting the fast path could not settle; a customer seen
+#: more than once has several. The final transaction reads one row per customer (archived wins,
+#: else the latest), through an index built once the scan is over. ``record`` is the canonical
+#: JSON as UTF-8 bytes.
 _STAGED_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS poll_staged (customer_id TEXT NOT NULL, "
-    "archived INTEGER NOT NULL, hash INTEGER NOT NULL, record TEXT, check_duplicate INTEGER NOT NULL)"
+    "archived INTEGER NOT NULL, hash INTEGER NOT NULL, record BLOB NOT NULL)"
 )
-#: The latest staged row of every customer, in id order (SQLite takes the bare columns of a
-#: ``max()`` aggregate from the row holding the maximum).
-_LATEST_STAGED = (
-    "SELECT customer_id, archived, hash, record, check_duplicate, max(rowid) FROM temp.poll_staged "
-    "WHERE customer_id > ? GROUP BY customer_id ORDER BY customer_id"
+#: One staged row per customer, in id order: its archived sighting if it has one (archived wins),
+#: else its latest. SQLite takes the bare columns of a ``max()`` aggregate from the row holding
+#: the maximum.
+_CHOSEN_STAGED = (
+    "SELECT customer_id, archived, hash, record, max(archived * 4294967296 + rowid) "
+    "FROM temp.poll_staged WHERE customer_id > ? GROUP BY customer_id ORDER BY customer_id LIMIT ?"
 )
-#: At most this many staged rows per INSERT statement (fewer when the SQLite library allows fewer
-#: than 5 x this many parameters). One multi-row statement is one SQLite step, so the GIL is
-#: handed over once per statement rather than once per row: each hand-over can wait for a
-#: producer thread's switch interval while the listings are being fetched.
-_STAGE_ROWS_PER_STATEMENT = _STAGE_BATCH
-#: Customers per chunk when the known state loads (a rowid range; keeps the JSON text small).
-_KNOWN_CHUNK = 20_000
+#: Rows per INSERT statement (fewer when the SQLite library allows fewer parameters), and per batch
+#: of a silent baseline. One multi-row statement is one SQLite step, so the GIL is handed over once
+#: per statement rather than once per row. Measured on a baseline of 100k customers, 250 rows
+#: beat 2,000 by a fifth of the cycle: big statements kept the writer thread behind the scan.
+_STATEMENT_ROWS = 250
+#: Stored fingerprints per SQLite step when they load (bounds the JSON text at a million customers).
+_KNOWN_CHUNK = 100_000
+_LOAD_KNOWN = (
+    "SELECT json_group_array(hash) FILTER (WHERE status = 'active'), "
+    "json_group_array(hash) FILTER (WHERE status = 'archived') "
+    "FROM customers WHERE rowid >= ? AND rowid < ?"
+)
+#: Page cache of a silent baseline's connection, in KiB (see ``_run``).
+_DIRECT_CACHE_KIB = 16 * 1024
 _UPSERT_STATE = (
     "INSERT OR REPLACE INTO customers (id, status, hash, record, first_seen_at, changed_at, last_poll_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -322,13 +330,12 @@ class _Scan:
     One listing after the other in the calling thread, or (``concurrent``) from two producer
     threads that start fetching as soon as this is created. While the API answers quickly the
     cycle is CPU-bound under the GIL, and waking a consumer thread for every page would cost a
-    thread switch per page; so a producer observes its own pages, and the other producer's that
-    are waiting, whenever the observing lock is free, and queues them when it is not.
+    thread switch per page; so each producer observes its own pages, under a lock that keeps it
+    to one page at a time.
 
-    The consuming thread holds the lock until :meth:`run` (the stored fingerprints load in the
-    meantime, while the first pages are fetched) and takes it back for good on the way out, so
-    the cycle's state is only ever touched by one thread at a time, and by none once the scan
-    is over. It never waits on the network itself, so it sees a cancel request (shutdown,
+    Nothing is observed before :meth:`run` (the stored fingerprints load in the meantime, while
+    each producer fetches up to ``_BACKLOG_PAGES`` pages ahead), and nothing after :meth:`close`.
+    The calling thread never waits on the network itself, so it sees a cancel request (shutdown,
     ``poll_timeout``) within a fraction of a second even while a request hangs.
     """
 
@@ -342,12 +349,8 @@ class _Scan:
         self.source = source
         self.observe = observe
         self.check_cancel = check_cancel
-        self.pending: deque[_Page] = deque()
-        # Bounded memory: a queued page is its ids, fingerprints and canonical JSON (about 60 kB
-        # for 100 records).
-        self.slots = threading.Semaphore(_QUEUED_PAGES)
-        self.lock = threading.RLock()
-        self.lock.acquire()
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.threads: list[threading.Thread] = []
@@ -360,68 +363,64 @@ class _Scan:
                 t.start()
 
     def _produce(self, archived: bool) -> None:
+        backlog: list[_Page] = []
         try:
             for records in self.source.iter_pages(archived=archived):
-                page = _Page(archived, records)
-                while not self.slots.acquire(timeout=0.05):
-                    if self.stop.is_set():
-                        return
-                    self._try_observe()
                 if self.stop.is_set():
                     return
-                self.pending.append(page)
-                self._try_observe()
-        except BaseException as exc:  # raised in the consuming thread
+                backlog.append(_Page(archived, records))
+                if len(backlog) < _BACKLOG_PAGES and not self.ready.is_set():
+                    continue  # fetch ahead while the stored fingerprints load
+                if not self._observe(backlog):
+                    return
+            self._observe(backlog)
+        except BaseException as exc:  # raised in the calling thread
             if self.error is None:
                 self.error = exc
             self.stop.set()
 
-    def _try_observe(self) -> None:
-        if self.lock.acquire(blocking=False):
-            try:
-                self._observe_pending()
-            except BaseException as exc:
-                if self.error is None:
-                    self.error = exc
-                self.stop.set()
-            finally:
-                self.lock.release()
-
-    def _observe_pending(self) -> None:
-        while self.pending and not self.stop.is_set():
-            page = self.pending.popleft()
-            self.slots.release()
-            self.observe(page)
+    def _observe(self, pages: list[_Page]) -> bool:
+        """Observe ``pages`` (and empty the list) once observing has started; False on stop."""
+        while not self.ready.wait(0.05):
+            if self.stop.is_set():
+                return False
+        with self.lock:
+            for page in pages:
+                if self.stop.is_set():
+                    return False
+                self.observe(page)
+        pages.clear()
+        return True
 
     def run(self) -> None:
-        """Observe every page of both listings; the caller holds the lock (since ``__init__``)."""
+        """Observe every page of both listings (the stored state is ready)."""
+        self.ready.set()
         if not self.threads:
             for archived in (False, True):
                 for records in self.source.iter_pages(archived=archived):
                     self.check_cancel()
                     self.observe(_Page(archived, records))
             return
-        while any(t.is_alive() for t in self.threads):
-            self._observe_pending()  # what queued up while the lock was ours
-            self.lock.release()
-            self.threads[0 if self.threads[0].is_alive() else 1].join(0.2)
-            self.lock.acquire()
-            self.check_cancel()
-            if self.error is not None:
-                raise self.error
+        for t in self.threads:
+            while t.is_alive():
+                t.join(0.2)
+                self.check_cancel()
+                if self.error is not None:
+                    raise self.error
         if self.error is not None:
             raise self.error
-        self._observe_pending()
 
     def close(self) -> None:
-        """Stop the producers and take the lock for good: nothing is observed after this.
+        """Stop the producers: nothing is observed once this returns.
 
-        A producer stuck in a request sees ``stop`` only when the request ends. It is a daemon
-        thread that touches nothing but its own page, so there is no need to wait for it: a short
-        join keeps a cancelled poll (SIGTERM) from stalling shutdown for a read timeout.
+        ``stop`` is set under the observing lock, so a page being observed is finished first and
+        none is started after. A producer stuck in a request sees ``stop`` only when the request
+        ends. It is a daemon thread that touches nothing but its own pages, so there is no need to
+        wait for it: a short join keeps a cancelled poll (SIGTERM) from stalling shutdown for a
+        read timeout.
         """
-        self.stop.set()
-        self.lock.acquire()
+        with self.lock:
+            self.stop.set()
         for t in self.threads:
             t.join(timeout=0.5)
 
@@ -437,9 +436,9 @@ class _Writer:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.max_params = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        # At most two batches waiting: bounded memory, and back-pressure if the disk is slower
-        # than the API.
-        self.q: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue(maxsize=2)
+        # A bounded backlog (16 statements of ``_STATEMENT_ROWS``): flat memory, and back-pressure
+        # if the disk is slower than the API.
+        self.q: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue(maxsize=16)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="baseline-writer")
         self.thread.start()
@@ -469,6 +468,10 @@ class _Writer:
             self.thread.join()
 
 
+#: A sighting the fast path could not settle: (customer id, archived, fingerprint, canonical JSON).
+_Sighting = tuple[str, bool, int, bytes]
+
+
 class _Cycle:
     """The state of one cycle in progress."""
 
@@ -478,19 +481,22 @@ class _Cycle:
         self.poll_id = poll_id
         self.cancel = cancel
         self.pages = 0
-        #: archived -> {id: fingerprint} of the stored customers in that listing *not seen yet* in
-        #: this cycle: a sighting pops its entry, so whatever is left when both listings are read has
-        #: vanished. Plain ints in two dicts: this is the cycle's one account-sized structure.
-        self.known: dict[bool, dict[str, int]] = {False: {}, True: {}}
-        self.n_known = 0
-        #: id -> (archived, stored) for the customers the fast path could not settle (changed, new,
-        #: moved between listings, seen twice); ``stored`` is the (archived, fingerprint) popped
-        #: from ``known`` at the first sighting, or None when there was none to pop.
-        self.sightings: dict[str, tuple[bool, tuple[bool, int] | None]] = {}
-        self.counts = {False: 0, True: 0}  # customers seen, by listing
-        #: id -> (archived, fingerprint, canonical JSON or None to withdraw, check_duplicate), not
-        #: yet flushed. ``check_duplicate``: see ``_observe_slow``.
-        self._stage_buf: dict[str, tuple[bool, int, bytes | None, bool]] = {}
+        #: archived -> the fingerprints of the stored customers in that listing that no sighting
+        #: has matched yet. A fingerprint covers the whole canonical record, id included, so a
+        #: sighting whose fingerprint is in its listing's set *is* a stored customer, unchanged,
+        #: and settling it is removing the fingerprint. Plain ints in two sets: this is the
+        #: cycle's one account-sized structure, and it loads without building a string per
+        #: customer.
+        self.known: dict[bool, set[int]] = {False: set(), True: set()}
+        self.n_known = {False: 0, True: 0}
+        #: Customers seen, by listing; final once the staged rows are applied (``_apply_staged``).
+        self.counts = {False: 0, True: 0}
+        #: Sightings not yet flushed to the staging table, and how many were staged in all.
+        self._stage_buf: list[_Sighting] = []
+        self.staged = 0
+        #: Staged customers that were *also* seen exactly as stored in their stored listing (a
+        #: second sighting: they moved between listings mid-scan, or a listing repeated them).
+        self.also_settled: set[str] = set()
         self._conn: Connection | None = None
         #: Set when a silent baseline is written straight into ``customers`` (see ``_run``).
         self._writer: _Writer | None = None
@@ -506,6 +512,13 @@ class _Cycle:
             self._conn = conn
             return self._run(conn)
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        assert self._conn is not None
+        db = self._conn.connection.dbapi_connection
+        assert isinstance(db, sqlite3.Connection)
+        return db
+
     @contextmanager
     def _transaction(self, mode: str) -> Iterator[Connection]:
         """``BEGIN <mode>`` on the cycle's connection (see ``Store.write``): DEFERRED for the
@@ -520,11 +533,10 @@ class _Cycle:
         scan = _Scan(self.p.source, self.p.concurrent_listings, self._observe_page, self._check_cancel)
         with ExitStack() as direct_transaction:
             try:
-                conn.connection.dbapi_connection.execute("PRAGMA temp.journal_mode=MEMORY")  # type: ignore[union-attr]
+                self._db.execute("PRAGMA temp.journal_mode=MEMORY")
                 with self._transaction("DEFERRED"):
                     baseline = not self.store.has_baseline(conn)
-                    self._load_known(conn)
-                    self.n_known = len(self.known[False]) + len(self.known[True])
+                    self._load_known()
                     direct = (
                         baseline
                         and not self.p.diff.emit_baseline_events
@@ -543,19 +555,25 @@ class _Cycle:
                     # instead of copied once the scan is over.
                     self.detected_at = format_ts(self.p.clock())
                     direct_transaction.enter_context(self._transaction("IMMEDIATE"))
-                    db = conn.connection.dbapi_connection
-                    assert isinstance(db, sqlite3.Connection)
-                    self._writer = _Writer(db)
+                    # The account's rows go into the id index in random order: a page cache
+                    # that holds that index (about 6 MB per 100k customers) keeps those inserts
+                    # from evicting and re-reading it. The connection is closed after the cycle.
+                    self._db.execute(f"PRAGMA cache_size = -{_DIRECT_CACHE_KIB}")
+                    self._writer = _Writer(self._db)
                     # On the way out the writer stops before the transaction ends (LIFO).
                     direct_transaction.callback(self._writer.stop)
                 scan.run()
             finally:
                 scan.close()
             self._flush()
-            deleted, unresolved = self._resolve_vanished()
-            self._flush()
             if self._writer is not None:
                 self._writer.finish()
+                self._count_direct()
+                deleted: list[str] = []
+                unresolved = 0
+            else:
+                deleted, unresolved = self._resolve_vanished(self._match_unseen())
+                self._flush()
             self._check_cancel()
             events = self._commit(baseline, deleted)
         return PollResult(
@@ -569,24 +587,18 @@ class _Cycle:
             unresolved=unresolved,
         )
 
-    def _load_known(self, conn: Connection) -> None:
-        # SQLite builds each chunk as one JSON object in a single step, without holding the GIL
-        # (so the producer threads keep fetching meanwhile), and orjson turns it into a dict in C:
-        # no per-row Python work, and no per-row GIL hand-over.
-        db = conn.connection.dbapi_connection
-        assert db is not None
+    def _load_known(self) -> None:
+        # Each chunk is one SQLite step that builds two JSON arrays without holding the GIL (the
+        # producer threads keep fetching meanwhile), and orjson turns them into ints in C: no
+        # per-row Python work, and no string per customer.
+        db = self._db
         lo, hi = db.execute("SELECT min(rowid), max(rowid) FROM customers").fetchone()
-        if lo is None:
-            return
-        for start in range(lo, hi + 1, _KNOWN_CHUNK):
-            active, archived = db.execute(
-                "SELECT json_group_object(id, hash) FILTER (WHERE status = 'active'), "
-                "json_group_object(id, hash) FILTER (WHERE status = 'archived') "
-                "FROM customers WHERE rowid >= ? AND rowid < ?",
-                (start, start + _KNOWN_CHUNK),
-            ).fetchone()
-            self.known[False].update(orjson.loads(active))
-            self.known[True].update(orjson.loads(archived))
+        if lo is not None:
+            for start in range(lo, hi + 1, _KNOWN_CHUNK):
+                active, archived = db.execute(_LOAD_KNOWN, (start, start + _KNOWN_CHUNK)).fetchone()
+                self.known[False].update(orjson.loads(active))
+                self.known[True].update(orjson.loads(archived))
+        self.n_known = {archived: len(known) for archived, known in self.known.items()}
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -596,131 +608,110 @@ class _Cycle:
         """Every record of a page against the stored fingerprints.
 
         This runs once per customer per cycle, so it is the cycle's own cost on top of the API's.
-        The common case is one C-level pass over the page: pop each id's stored fingerprint from
-        ``known`` and compare the lists. Only the records that differ go through
-        :meth:`_observe_slow` one by one.
+        The common case is two C-level passes over the page: the fingerprints it shares with its
+        listing's set, and their removal. Only when some record is not among them (changed, new,
+        moved, or repeated) does the page go through Python record by record, to stage those.
         """
         self.pages += 1
-        if len(self._stage_buf) >= _STAGE_BATCH:
-            self._flush()
-        archived, ids, hashes = p.archived, p.ids, p.hashes
-        if not self.n_known and self._all_new(ids):
-            # Nothing stored (a baseline): every record is new, staged as a whole page.
-            self.counts[archived] += len(ids)
-            self.sightings.update(zip(ids, repeat((archived, None))))
-            staged = zip(repeat(archived), hashes, p.canonical, repeat(True), strict=False)
-            self._stage_buf.update(zip(ids, staged, strict=False))
-            return
-        stored = list(map(self.known[archived].pop, ids, repeat(None)))
-        self.counts[archived] += len(stored)
-        if stored != hashes:
-            for i in compress(count(), map(ne, stored, hashes)):
-                self._observe_slow(ids[i], archived, hashes[i], p.canonical[i], stored[i])
-
-    def _all_new(self, ids: list[str]) -> bool:
-        """No id seen before in this cycle, nor twice in the page."""
-        prior = list(map(self.sightings.get, ids))
-        return prior.count(None) == len(prior) and len(set(ids)) == len(ids)
-
-    def _observe_slow(self, cid: str, archived: bool, h: int, data: bytes, stored_hash: int | None) -> None:
-        """A sighting the fast path could not settle. It is already counted in ``counts[archived]``;
-        ``stored_hash`` is what it popped from ``known[archived]`` (None: nothing)."""
-        if stored_hash is not None:
-            # The first sighting of a stored customer, in its stored listing, changed.
-            self.sightings[cid] = (archived, (archived, stored_hash))
-            self._stage_buf[cid] = (archived, h, data, False)
-            return
-        prev = self.sightings.get(cid)
-        if prev is None:
-            other = self.known[not archived].pop(cid, None)
-            stored = None if other is None else (not archived, other)
-            self.sightings[cid] = (archived, stored)
-            # Nothing stored in either listing: a new customer, or one the fast path already saw
-            # in this cycle (it keeps no record of those, which is what makes it fast). Which of the
-            # two is settled when the staged row meets the stored state (``_apply_staged``).
-            self._stage_buf[cid] = (archived, h, data, stored is None)
-            return
-        # Seen before in this cycle: in both listings (it moved mid-scan), or twice in one.
-        prev_archived, stored = prev
-        if prev_archived and not archived:
-            self.counts[False] -= 1  # archived wins (it was archived mid-scan): not counted again
-            return
-        self.counts[prev_archived] -= 1
-        self.sightings[cid] = (archived, stored)
-        if stored == (archived, h):
-            # Staged from the other sighting, but this one matches the stored state after all. It
-            # may already be flushed, so withdraw it (withdrawing nothing is harmless).
-            self._stage_buf[cid] = (archived, h, None, False)
+        known, hashes = self.known[p.archived], p.hashes
+        settled = known.intersection(hashes) if known else set()
+        if settled:
+            known.difference_update(settled)
+            if len(settled) == len(hashes):
+                return
+        buf = self._stage_buf
+        if not settled:
+            buf.extend(zip(p.ids, repeat(p.archived), hashes, p.canonical, strict=False))
         else:
-            self._stage_buf[cid] = (archived, h, data, stored is None)
-
-    def _observe_looked_up(self, record: dict[str, Any]) -> None:
-        """A vanished customer's record, fetched by id: a sighting like any other."""
-        cid = record["id"]
-        archived = record.get("archived_at") is not None
-        data = canonical(record)
-        h = record_hash(data)
-        stored_hash = self.known[archived].pop(cid, None)
-        self.counts[archived] += 1
-        if stored_hash != h:
-            self._observe_slow(cid, archived, h, data, stored_hash)
+            for i, h in enumerate(hashes):
+                if h in settled:
+                    settled.discard(h)  # a repeat of it further down this page is staged
+                else:
+                    buf.append((p.ids[i], p.archived, h, p.canonical[i]))
+        if len(buf) >= (_STATEMENT_ROWS if self._writer is not None else _STAGE_BATCH):
+            self._flush()
 
     def _flush(self) -> None:
         if not self._stage_buf:
             return
+        rows, self._stage_buf = self._stage_buf, []
+        self.staged += len(rows)
         if self._writer is not None:
-            self._flush_direct()
+            self._flush_direct(rows)
             return
-        rows = list(self._stage_buf.items())
-        with self._transaction("DEFERRED") as conn:
-            db = conn.connection.dbapi_connection
-            assert isinstance(db, sqlite3.Connection)
-            limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-            per_statement = min(_STAGE_ROWS_PER_STATEMENT, limit // 5)
+        with self._transaction("DEFERRED"):
+            per_statement = min(_STATEMENT_ROWS, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4)
             for i in range(0, len(rows), per_statement):
                 chunk = rows[i : i + per_statement]
-                params: list[Any] = []
-                for cid, (a, h, d, dup) in chunk:
-                    params += (cid, a, h, None if d is None else d.decode(), dup)
-                conn.exec_driver_sql(_insert_staged_sql(len(chunk)), tuple(params))
-        self._stage_buf.clear()
+                self._db.execute(_insert_staged_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
 
-    def _flush_direct(self) -> None:
+    def _flush_direct(self, rows: list[_Sighting]) -> None:
         """Staged rows of a silent baseline straight into ``customers`` (see ``_run``)."""
-        assert self._conn is not None
         assert self._writer is not None
-        per_statement = min(_STAGE_ROWS_PER_STATEMENT, self._writer.max_params // 7)
-        ids = list(self._stage_buf)
-        archived, hashes, data, _ = zip(*self._stage_buf.values(), strict=True)
-        # Nothing is stored, so no sighting can match a stored state and be withdrawn.
-        assert None not in data
-        at, poll_id = self.detected_at, self.poll_id
-        rows = list(
-            zip(
-                ids,
-                map(_STATUS.__getitem__, archived),
-                hashes,
-                map(bytes.decode, data),
-                repeat(at),
-                repeat(at),
-                repeat(poll_id),
-                strict=False,
-            )
-        )
+        archived = sum(map(itemgetter(1), rows))
+        self.counts[True] += archived
+        self.counts[False] += len(rows) - archived
+        per_statement = min(_STATEMENT_ROWS, (self._writer.max_params - 2) // 4)
         for i in range(0, len(rows), per_statement):
             chunk = rows[i : i + per_statement]
-            # OR REPLACE: a later sighting of the same customer wins.
-            self._writer.submit(_insert_customers_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
-        self._stage_buf.clear()
+            self._writer.submit(
+                _insert_customers_sql(len(chunk)),
+                (self.detected_at, self.poll_id, *chain.from_iterable(chunk)),
+            )
 
-    # -- 2. vanished customers ----------------------------------------------------------------
+    def _count_direct(self) -> None:
+        """A silent baseline's counts: each customer once, as the upserts left it (archived wins)."""
+        db = self._db
+        (rows,) = db.execute("SELECT count(*) FROM customers").fetchone()  # from the id index
+        if rows != self.staged:  # someone was seen twice: count what the upserts kept
+            self.counts = {False: 0, True: 0}
+            for status, n in db.execute("SELECT status, count(*) FROM customers GROUP BY status"):
+                self.counts[status == "archived"] = n
 
-    def _resolve_vanished(self) -> tuple[list[str], int]:
-        # What the scan did not pop from ``known`` was seen in neither listing.
-        vanished = [*self.known[False], *self.known[True]]
+    # -- 2. unseen and vanished customers -------------------------------------------------------
+
+    def _match_unseen(self) -> list[tuple[str, bool, int]]:
+        """Settle the stored fingerprints no sighting matched; return the vanished customers.
+
+        What is left in ``known`` once both listings are read belongs to stored customers that
+        were not seen as stored: those that were staged (changed, or moved between listings) and
+        those seen nowhere (vanished). A staged customer whose stored fingerprint is *not* left
+        was also seen as stored: that is recorded for the final transaction (``also_settled``).
+        """
+        known = self.known
+        for archived in (False, True):
+            self.counts[archived] = self.n_known[archived] - len(known[archived])
+        db = self._db
+        if self.staged:
+            rows = db.execute(
+                "SELECT id, status, hash FROM customers WHERE status != 'deleted' AND id IN "
+                "(SELECT customer_id FROM temp.poll_staged)"
+            ).fetchall()
+            for cid, status, h in rows:
+                if h in known[status == "archived"]:
+                    known[status == "archived"].discard(h)
+                else:
+                    self.also_settled.add(cid)
+        if not (known[False] or known[True]):
+            return []
+        # One pass over the table (SQLite builds a transient index over the JSON array's values):
+        # it only runs when customers vanished, and needs no index of the table's own.
+        rows = db.execute(
+            "SELECT id, status, hash FROM customers WHERE status != 'deleted' "
+            "AND hash IN (SELECT value FROM json_each(?))",
+            (orjson.dumps([*known[False], *known[True]]).decode(),),
+        ).fetchall()
+        vanished = []
+        for cid, status, h in rows:
+            archived = status == "archived"
+            if h in known[archived]:
+                vanished.append((cid, archived, h))
+        return vanished
+
+    def _resolve_vanished(self, vanished: list[tuple[str, bool, int]]) -> tuple[list[str], int]:
         if not vanished:
             return [], 0
-        n_known = self.n_known
+        n_known = self.n_known[False] + self.n_known[True]
         cfg = self.p.diff
         if len(vanished) > cfg.max_vanished_count and len(vanished) > cfg.max_vanished_fraction * n_known:
             raise PollRefused(
@@ -730,7 +721,7 @@ class _Cycle:
             )
         deleted: list[str] = []
         unresolved = 0
-        for cid in vanished:
+        for cid, stored_archived, stored_hash in sorted(vanished):
             self._check_cancel()
             try:
                 record = self.p.source.get_customer(cid)
@@ -744,7 +735,14 @@ class _Cycle:
                 unresolved += 1
                 log.warning("poll.lookup_mismatch", poll_id=self.poll_id, customer_id=cid)
             else:
-                self._observe_looked_up(record)
+                # A sighting like any other: as stored, it is settled here; otherwise staged.
+                archived = record.get("archived_at") is not None
+                data = canonical(record)
+                h = record_hash(data)
+                if (archived, h) == (stored_archived, stored_hash):
+                    self.counts[archived] += 1
+                else:
+                    self._stage_buf.append((cid, archived, h, data))
         return deleted, unresolved
 
     # -- 3. the one transaction ---------------------------------------------------------------
@@ -758,12 +756,16 @@ class _Cycle:
             assert self._conn is not None
             self._record_success(self._conn, baseline, counts)
             return {}
-        with self._transaction("DEFERRED") as conn:  # before the write lock is taken
-            conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS temp.staged_by_id ON poll_staged (customer_id)")
+        if self.staged:
+            with self._transaction("DEFERRED") as conn:  # before the write lock is taken
+                conn.exec_driver_sql(
+                    "CREATE INDEX IF NOT EXISTS temp.staged_by_id ON poll_staged (customer_id)"
+                )
         with self._transaction("IMMEDIATE") as conn:
             seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
             writer = _EventWriter(conn, self.poll_id, detected_at, self.p.routes, seq)
-            self._apply_staged(conn, writer, emit, detected_at, counts)
+            if self.staged:
+                self._apply_staged(conn, writer, emit, detected_at, counts)
             for i in range(0, len(deleted), _COMMIT_BATCH):
                 chunk = deleted[i : i + _COMMIT_BATCH]
                 prev = _load_states(conn, chunk)
@@ -804,25 +806,29 @@ class _Cycle:
         ignore = self.p.diff.ignore_fields
         last_id = ""
         while True:
-            rows = conn.exec_driver_sql(f"{_LATEST_STAGED} LIMIT ?", (last_id, _COMMIT_BATCH)).all()
+            rows = conn.exec_driver_sql(_CHOSEN_STAGED, (last_id, _COMMIT_BATCH)).all()
             if not rows:
                 break
             last_id = rows[-1][0]
-            batch = [r for r in rows if r[3] is not None]  # a row without a record withdraws it
-            prev = _load_states(conn, [r[0] for r in batch]) if batch else {}
+            prev = _load_states(conn, [r[0] for r in rows])
             upserts: list[tuple[Any, ...]] = []
-            for cid, archived, h, data, check_duplicate, _ in batch:
-                status = "archived" if archived else "active"
+            for cid, archived, h, data, _ in rows:
+                archived = bool(archived)
                 old = prev.get(cid)
-                if check_duplicate and old is not None and old[0] != "deleted":
-                    # The scan found no stored fingerprint for a stored customer: the fast path had
-                    # already popped it, so this was its second sighting in the cycle (it moved
-                    # between listings mid-scan, or a page shift repeated it). The first sighting
-                    # matched the stored state; count the customer once, and let archived win.
+                if cid in self.also_settled:
+                    # Seen as stored too, so already counted, in its stored listing: this is a
+                    # second sighting (it moved between listings mid-scan, or a page shift repeated
+                    # it). Count the customer once, and let archived win.
+                    assert old is not None
                     was_archived = old[0] == "archived"
-                    self.counts[False if was_archived != archived else archived] -= 1
+                    if archived and not was_archived:
+                        self.counts[False] -= 1
+                        self.counts[True] += 1
                     if (was_archived and not archived) or (was_archived == archived and h == old[4]):
                         continue
+                else:
+                    self.counts[archived] += 1
+                status = "archived" if archived else "active"
                 event_type: str | None
                 changes: list[dict[str, Any]] = []
                 previous: Any = None
@@ -852,7 +858,7 @@ class _Cycle:
                         cid,
                         status,
                         h,
-                        data,
+                        data.decode(),
                         old[2] if old else detected_at,
                         detected_at if (event_type or old is None) else old[3],
                         self.poll_id,
@@ -863,20 +869,27 @@ class _Cycle:
             writer.flush()
 
 
-_STATUS = {False: "active", True: "archived"}
-
-
 @functools.cache
 def _insert_customers_sql(rows: int) -> str:
+    # ?1 and ?2 (detected_at, poll id) are bound once per statement, and each row binds exactly
+    # the four values of a staged sighting, so the parameters are one flat pass over the batch.
+    # A repeated sighting replaces the first, except that an active one never replaces an
+    # archived one (archived wins, as in ``_CHOSEN_STAGED``).
+    values = ", ".join(
+        f"(?{i}, iif(?{i + 1}, 'archived', 'active'), ?{i + 2}, CAST(?{i + 3} AS TEXT), ?1, ?1, ?2)"
+        for i in range(3, 3 + 4 * rows, 4)
+    )
     return (
-        "INSERT OR REPLACE INTO customers (id, status, hash, record, first_seen_at, changed_at, "
-        "last_poll_id) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
+        "INSERT INTO customers (id, status, hash, record, first_seen_at, changed_at, last_poll_id) "
+        f"VALUES {values} ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+        "hash = excluded.hash, record = excluded.record "
+        "WHERE excluded.status = 'archived' OR customers.status = 'active'"
     )
 
 
 @functools.cache
 def _insert_staged_sql(rows: int) -> str:
-    return "INSERT INTO temp.poll_staged VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    return "INSERT INTO temp.poll_staged VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows)
 
 
 def _load_states(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str, str, str, str, int]]:
