@@ -53,7 +53,7 @@ from .config import DiffConfig
 from .diff import diff_records
 from .errors import APIError, PollRefused, WatcherError
 from .routing import Route
-from .store import CustomerState, EventRecord, OutboxRow, PollRun, Store, canonical, record_hash
+from .store import CustomerState, EventRecord, PollRun, Store, canonical, record_hash
 
 __all__ = ["CustomerSource", "PollCancelled", "PollResult", "Poller", "record_notice"]
 
@@ -318,9 +318,13 @@ _LOAD_KNOWN = (
 )
 #: Page cache of a silent baseline's connection, in KiB (see ``_run``).
 _DIRECT_CACHE_KIB = 16 * 1024
+#: A changed customer's new state. An UPDATE in place when the customer is stored (same rowid,
+#: same id index entry: one page touched per customer, where REPLACE would delete and re-insert).
 _UPSERT_STATE = (
-    "INSERT OR REPLACE INTO customers (id, status, hash, record, first_seen_at, changed_at, last_poll_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO customers (id, status, hash, record, first_seen_at, changed_at, last_poll_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+    "hash = excluded.hash, record = excluded.record, first_seen_at = excluded.first_seen_at, "
+    "changed_at = excluded.changed_at, last_poll_id = excluded.last_poll_id"
 )
 
 
@@ -918,8 +922,9 @@ class _EventWriter:
         self.detected_at = detected_at
         self.routes = routes
         self.sequence = last_sequence
-        self.events: list[dict[str, Any]] = []
-        self.outbox: list[dict[str, Any]] = []
+        #: Rows of ``_INSERT_EVENT`` and ``_INSERT_OUTBOX`` not yet written.
+        self.events: list[tuple[Any, ...]] = []
+        self.outbox: list[tuple[Any, ...]] = []
 
     def add(
         self,
@@ -945,38 +950,41 @@ class _EventWriter:
         if extra:
             payload.update(extra)
         self.events.append(
-            {
-                "sequence": self.sequence,
-                "id": payload["id"],
-                "type": event_type,
-                "customer_id": customer_id,
-                "poll_id": self.poll_id,
-                "detected_at": self.detected_at,
-                "payload": orjson.dumps(payload).decode(),
-            }
+            (
+                self.sequence,
+                payload["id"],
+                event_type,
+                customer_id,
+                self.poll_id,
+                self.detected_at,
+                orjson.dumps(payload).decode(),
+            )
         )
         fields = [c["field"] for c in changes]
         for route in self.routes:
             if route.accepts(event_type, fields):
-                self.outbox.append(
-                    {
-                        "sequence": self.sequence,
-                        "sink": route.sink,
-                        "status": "pending",
-                        "attempts": 0,
-                        "created_at": self.detected_at,
-                        "next_attempt_at": self.detected_at,
-                    }
-                )
+                self.outbox.append((self.sequence, route.sink, self.detected_at))
         return payload
 
     def flush(self) -> None:
+        # Plain parameter tuples: a cycle that archives thousands of customers writes thousands
+        # of events, and building an ORM-level insert per batch of dicts cost more than the rows.
         if self.events:
-            self.conn.execute(insert(EventRecord), self.events)
+            self.conn.exec_driver_sql(_INSERT_EVENT, self.events)
             self.events = []
         if self.outbox:
-            self.conn.execute(insert(OutboxRow), self.outbox)
+            self.conn.exec_driver_sql(_INSERT_OUTBOX, self.outbox)
             self.outbox = []
+
+
+_INSERT_EVENT = (
+    "INSERT INTO events (sequence, id, type, customer_id, poll_id, detected_at, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (sequence, sink, status, attempts, created_at, next_attempt_at) "
+    "VALUES (?1, ?2, 'pending', 0, ?3, ?3)"
+)
 
 
 def record_notice(
