@@ -20,6 +20,48 @@ from watcher.store import Store
 TOKEN = "mtr_test_Zq8v1SECRETtoken42xY"
 
 
+def page_memo(db: Path) -> tuple[dict[bool, bool], dict[bool, list[int]]]:
+    """``page_memo`` as stored (see ``store.PageMemo``): listing -> complete, and every
+    fingerprint on that listing's pages, sorted."""
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT archived, complete, pages FROM page_memo").fetchall()
+    finally:
+        con.close()
+    complete, fingerprints = {}, {}
+    for archived, is_complete, pages in rows:
+        complete[bool(archived)] = bool(is_complete)
+        found: list[int] = []
+        while pages:
+            n = int.from_bytes(pages[16:20], "little")
+            found += [
+                int.from_bytes(pages[i : i + 8], "little", signed=True) for i in range(20, 20 + 8 * n, 8)
+            ]
+            pages = pages[20 + 8 * n :]
+        fingerprints[bool(archived)] = sorted(found)
+    return complete, fingerprints
+
+
+def stored_fingerprints(db: Path) -> dict[bool, list[int]]:
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT status, hash FROM customers WHERE status != 'deleted'").fetchall()
+    finally:
+        con.close()
+    by_listing: dict[bool, list[int]] = {False: [], True: []}
+    for status, h in rows:
+        by_listing[status == "archived"].append(h)
+    return {archived: sorted(hashes) for archived, hashes in by_listing.items()}
+
+
+def check_page_memo(db: Path) -> None:
+    """The page memo may only call itself complete when it holds exactly the stored fingerprints:
+    a cycle then trusts it instead of the customers table."""
+    complete, fingerprints = page_memo(db)
+    if complete and all(complete.values()):
+        assert fingerprints == stored_fingerprints(db)
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeMetronome]:
     with FakeMetronome(token=TOKEN) as server:
@@ -59,7 +101,9 @@ class Harness:
         )
 
     def poll(self) -> PollResult:
-        return self.poller.run()
+        result = self.poller.run()
+        check_page_memo(self.db)
+        return result
 
     def events(self, **kw: Any) -> list[dict[str, Any]]:
         return self.store.query_events(**kw)

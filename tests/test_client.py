@@ -187,6 +187,41 @@ def test_max_pages_exceeded_raises_data_error(make_client: Any) -> None:
     assert len(rec.requests) == 2  # the third page is never requested
 
 
+def body(records: list[dict[str, Any]], next_page: str | None, *, cursor_first: bool = False) -> bytes:
+    data, cursor = orjson.dumps(records), orjson.dumps(next_page)
+    if cursor_first:
+        return b'{"next_page":' + cursor + b',"data":' + data + b"}"
+    return b'{"data":' + data + b',"next_page":' + cursor + b"}"
+
+
+def test_a_page_digest_stands_for_its_records_whatever_its_cursor(make_client: Any) -> None:
+    a, b = [customer("a")], [customer("a", name="Renamed")]
+    client, _ = make_client(raw(200, body(a, "cursor-1")), raw(200, body(b, None)), raw(200, body(a, None)))
+
+    first, second = client.iter_pages(archived=False)
+    (again,) = client.iter_pages(archived=False)
+
+    assert first == again == a and second == b  # pages are the records, as parsed
+    assert first.digest == again.digest  # the same records, behind another cursor
+    assert second.digest != first.digest
+    assert first.digest is not None and len(first.digest) == 16
+
+
+def test_a_body_that_does_not_end_with_its_cursor_is_digested_whole(make_client: Any) -> None:
+    a = [customer("a")]
+    client, _ = make_client(
+        raw(200, body(a, "cursor-1", cursor_first=True)),
+        raw(200, body(a, None, cursor_first=True)),
+        raw(200, body(a, None, cursor_first=True)),
+    )
+
+    first, last = client.iter_pages(archived=False)
+    (again,) = client.iter_pages(archived=False)
+
+    assert first == last == a
+    assert first.digest != last.digest == again.digest  # the cursor is part of what was digested
+
+
 def test_page_limit_is_sent(make_client: Any) -> None:
     client, rec = make_client(page([], None), page_limit=25)
     list(client.iter_pages(archived=False))

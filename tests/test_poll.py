@@ -10,14 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+import xxhash
 
+from watcher.client import ListingPage
 from watcher.fake_metronome import FakeMetronome, Fault
 from watcher.poll import Poller, PollResult
 from watcher.routing import Route
 from watcher.store import SCHEMA_VERSION, Store, record_hash
 
-from .conftest import Harness
+from .conftest import Harness, check_page_memo, page_memo, stored_fingerprints
 
 
 def only(events: list[dict], **match: object) -> dict:
@@ -461,7 +464,9 @@ def scripted(fake: FakeMetronome, tmp_path: Path) -> Iterator[Scripted]:
 
 
 def scripted_poll(store: Store, source: ScriptedSource, *, concurrent: bool = False) -> PollResult:
-    return Poller(store, source, routes=[Route("audit")], concurrent_listings=concurrent).run()
+    result = Poller(store, source, routes=[Route("audit")], concurrent_listings=concurrent).run()
+    check_page_memo(store.path)
+    return result
 
 
 def archived_copy(record: dict) -> dict:
@@ -552,7 +557,7 @@ def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: FakeMetronome, ha
 
     store = Store(harness.db)
 
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     con = sqlite3.connect(harness.db)
     rows = con.execute("SELECT hash, record, last_poll_id FROM customers").fetchall()
     con.close()
@@ -564,3 +569,169 @@ def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: FakeMetronome, ha
     con = sqlite3.connect(harness.db)
     assert con.execute("SELECT DISTINCT last_poll_id FROM customers").fetchall() == [(rows[0][2],)]
     con.close()
+
+
+# -- the silent baseline, written while it is fetched ------------------------------------------
+
+
+@pytest.mark.parametrize("archived_first", [False, True], ids=["active-first", "archived-first"])
+def test_a_silent_baseline_stores_a_customer_seen_in_both_listings_once_as_archived(
+    fake: FakeMetronome, tmp_path: Path, archived_first: bool
+) -> None:
+    for i in range(7):
+        fake.create_customer(f"Baseline {i}")
+    active = fake.customers(archived=False)
+    moved = archived_copy(active[4])
+    store = Store(tmp_path / "w.db")
+    try:
+        source = ScriptedSource(active, [moved], archived_first=archived_first)
+        result = scripted_poll(store, source, concurrent=archived_first)
+
+        assert result.ok and result.baseline and result.events == 0
+        assert (result.active, result.archived) == (6, 1)
+        assert store.customer_counts() == {"active": 6, "archived": 1}
+        stored = store.get_customer(moved["id"])
+        assert stored is not None and stored.status == "archived"
+        assert orjson.loads(stored.record)["archived_at"] == moved["archived_at"]
+    finally:
+        store.close()
+
+
+def test_a_silent_baseline_keeps_the_later_of_two_active_sightings(
+    fake: FakeMetronome, tmp_path: Path
+) -> None:
+    for i in range(5):
+        fake.create_customer(f"Baseline {i}")
+    active = fake.customers(archived=False)
+    renamed = {**active[0], "name": "Renamed Mid-Scan"}
+    store = Store(tmp_path / "w.db")
+    try:
+        result = scripted_poll(store, ScriptedSource([*active, renamed], []))
+
+        assert result.ok and (result.active, result.archived) == (5, 0)
+        stored = store.get_customer(renamed["id"])
+        assert stored is not None and orjson.loads(stored.record)["name"] == "Renamed Mid-Scan"
+    finally:
+        store.close()
+
+
+# -- the page memo -------------------------------------------------------------------------------
+#
+# ``Harness.poll`` checks after every cycle that a memo calling itself complete holds exactly the
+# stored fingerprints (``check_page_memo``). These tests make sure that it is complete when it
+# should be, so that the check is not vacuous, and never when it must not be.
+
+
+def memo_is_complete(db: Path) -> bool:
+    complete, _ = page_memo(db)
+    return complete == {False: True, True: True}
+
+
+def test_the_memo_is_complete_after_ordinary_cycles_of_every_kind(
+    fake: FakeMetronome, seeded: Harness
+) -> None:
+    assert memo_is_complete(seeded.db)
+    ids = [c["id"] for c in fake.customers(archived=False)]
+    archived_id = fake.customers(archived=True)[0]["id"]
+    changes = [
+        lambda: None,
+        lambda: fake.set_name(ids[3], "Renamed"),
+        lambda: fake.touch(ids[4]),
+        lambda: fake.archive(ids[5]),
+        lambda: fake.unarchive(archived_id),
+        lambda: fake.delete(ids[6]),
+        lambda: fake.create_customer("Newcomer"),
+    ]
+    for change in changes:
+        change()
+        assert seeded.poll().ok
+        assert memo_is_complete(seeded.db)
+        _, fingerprints = page_memo(seeded.db)
+        assert fingerprints == stored_fingerprints(seeded.db)
+    assert {e["type"] for e in seeded.events()} == {
+        "customer.updated",
+        "customer.archived",
+        "customer.unarchived",
+        "customer.deleted",
+        "customer.created",
+    }
+
+
+def test_a_second_sighting_leaves_the_memo_incomplete_until_a_clean_cycle(
+    fake: FakeMetronome, seeded: Harness
+) -> None:
+    cid = fake.customers(archived=False)[0]["id"]
+    fake.on_page(2, lambda f: f.archive(cid), archived=False)
+    seeded.poller.concurrent_listings = False
+
+    assert seeded.poll().ok  # seen active on page 1, then archived: the stale sighting is on a page
+
+    assert not memo_is_complete(seeded.db)
+    assert seeded.poll().ok
+    assert memo_is_complete(seeded.db)
+    only(seeded.events(), type="customer.archived", customer_id=cid)
+
+
+def test_a_customer_found_only_by_id_leaves_the_memo_incomplete(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=False)[2]["id"]
+    real = seeded.client
+
+    class HidingSource:
+        """The listings without one customer, as pages with digests of what they hold."""
+
+        def iter_pages(self, *, archived: bool) -> Iterator[ListingPage]:
+            for page in real.iter_pages(archived=archived):
+                kept = [r for r in page if r["id"] != cid]
+                yield ListingPage(kept, xxhash.xxh3_128_digest(orjson.dumps(kept)))
+
+        def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+            return real.get_customer(customer_id)
+
+    seeded.poller.source = HidingSource()
+    assert seeded.poll().events == 0
+    assert not memo_is_complete(seeded.db)  # the stored customer is on no page
+
+    seeded.poller.source = real
+    assert seeded.poll().events == 0
+    assert memo_is_complete(seeded.db)
+
+
+def test_a_damaged_memo_costs_time_but_hides_nothing_and_is_repaired(
+    fake: FakeMetronome, seeded: Harness
+) -> None:
+    con = sqlite3.connect(seeded.db)
+    with con:  # every page keeps its digest, but its fingerprints are wrong
+        for archived, pages in con.execute("SELECT archived, pages FROM page_memo").fetchall():
+            damaged, view = b"", pages
+            while view:
+                n = int.from_bytes(view[16:20], "little")
+                damaged += view[:20] + bytes(8 * n)
+                view = view[20 + 8 * n :]
+            con.execute(
+                "UPDATE page_memo SET complete = 0, pages = ? WHERE archived = ?", (damaged, archived)
+            )
+    con.close()
+    before = seeded.snapshot()
+    cid = fake.customers(archived=False)[8]["id"]
+
+    assert seeded.poll().events == 0
+    assert seeded.snapshot() == before  # nothing rewritten
+    assert memo_is_complete(seeded.db)
+
+    fake.set_name(cid, "Seen Anyway")
+    seeded.poll()
+    only(seeded.events(), type="customer.updated", customer_id=cid)
+
+
+def test_a_change_reverted_is_two_changes(fake: FakeMetronome, seeded: Harness) -> None:
+    cid = fake.customers(archived=False)[9]["id"]
+    original = fake.get(cid)["name"]
+
+    fake.set_name(cid, "Briefly Renamed")
+    seeded.poll()
+    fake.set_name(cid, original)
+    seeded.poll()
+    assert seeded.poll().events == 0
+
+    names = [(e["changes"][0]["before"], e["changes"][0]["after"]) for e in seeded.events()]
+    assert names == [(original, "Briefly Renamed"), ("Briefly Renamed", original)]

@@ -18,7 +18,9 @@ appears in an exception, a log line or a repr: every message built here is passe
 
 Bodies are parsed with orjson and validated with a few ``isinstance`` checks only: 100k customers is 2,000
 pages per listing, and per-record model validation would dominate the poll time. Unknown fields are
-returned untouched; they are data to diff, never an error.
+returned untouched; they are data to diff, never an error. Each page comes as a :class:`ListingPage`: the
+records, and a digest of the bytes they were parsed from, by which the poll cycle recognises a page it
+has seen before.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from typing import Any, Literal, Self, cast
 import httpx
 import orjson
 import structlog
+import xxhash
 
 from watcher.errors import APIDataError, APIStatusError, APITransportError
 from watcher.metrics import API_PAGES, API_REQUESTS, API_RETRIES
 
-__all__ = ["DEFAULT_TIMEOUT", "MetronomeClient", "RetryPolicy"]
+__all__ = ["DEFAULT_TIMEOUT", "ListingPage", "MetronomeClient", "RetryPolicy"]
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +67,32 @@ _RETRYABLE_TRANSPORT_ERRORS: tuple[type[httpx.TransportError], ...] = (
     httpx.RemoteProtocolError,  # the server dropped the connection mid-response
     httpx.ProxyError,
 )
+
+
+class ListingPage(list[dict[str, Any]]):
+    """The records of one listing page, exactly as parsed, and a digest of the bytes behind them.
+
+    ``digest`` is the XXH3-128 of the response body without its final ``"next_page"`` member, when
+    the body ends with exactly that member (as the API's do), else of the whole body. Two pages with
+    the same digest therefore hold the same records, byte for byte, whatever their cursors: the
+    cut only ever removes the last member of the top-level object, because quotes inside JSON
+    strings are escaped. ``None`` means no digest is known (a page from some other source).
+    """
+
+    __slots__ = ("digest",)
+
+    def __init__(self, records: list[dict[str, Any]], digest: bytes | None = None) -> None:
+        super().__init__(records)
+        self.digest = digest
+
+
+def _page_digest(body: bytes, next_page: str | None) -> bytes:
+    """``ListingPage.digest`` of a listing body whose parsed ``next_page`` is ``next_page``."""
+    tail = b',"next_page":' + orjson.dumps(next_page) + b"}"
+    view = memoryview(body)
+    if body.endswith(tail):
+        view = view[: len(body) - len(tail)]
+    return xxhash.xxh3_128_digest(view)
 
 
 @dataclass(frozen=True)
@@ -250,12 +279,12 @@ class MetronomeClient:
 
     # -- the endpoints --------------------------------------------------------------------------------
 
-    def iter_pages(self, *, archived: bool) -> Iterator[list[dict[str, Any]]]:
+    def iter_pages(self, *, archived: bool) -> Iterator[ListingPage]:
         """Yield the ``data`` list of every page of one listing, following ``next_page`` until ``null``.
 
         ``archived=False`` lists active customers, ``archived=True`` archived ones. Records are yielded
-        exactly as parsed. Raises :class:`~watcher.errors.APIError`; a caller that needs a complete
-        picture must treat any exception as "no picture".
+        exactly as parsed, as a :class:`ListingPage`. Raises :class:`~watcher.errors.APIError`; a caller
+        that needs a complete picture must treat any exception as "no picture".
         """
         listing = "archived" if archived else "active"
         endpoint: _Endpoint = "list_archived" if archived else "list_active"
@@ -281,7 +310,7 @@ class MetronomeClient:
                 raise self._status_error(response, what=what, attempts=None)
             data, next_page = self._parse_listing(response, what=what)
             API_PAGES.labels(listing).inc()
-            yield data
+            yield ListingPage(data, _page_digest(response.content, next_page))
             if next_page is None:
                 return
             if next_page in seen_cursors:

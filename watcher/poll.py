@@ -48,6 +48,7 @@ import xxhash
 from sqlalchemy import Connection, func, insert, select, update
 
 from . import metrics
+from ._memo import Memo
 from ._time import Clock, format_ts, utcnow
 from .config import DiffConfig
 from .diff import diff_records
@@ -66,7 +67,11 @@ _COMMIT_BATCH = 500
 
 
 class CustomerSource(Protocol):
-    """What the cycle needs from Metronome (``watcher.client.MetronomeClient`` provides it)."""
+    """What the cycle needs from Metronome (``watcher.client.MetronomeClient`` provides it).
+
+    A page that carries a ``digest`` (``watcher.client.ListingPage``) and was seen before, byte for
+    byte, is recognised from ``PageMemo`` instead of being fingerprinted again.
+    """
 
     def iter_pages(self, *, archived: bool) -> Iterator[list[dict[str, Any]]]: ...
 
@@ -269,18 +274,33 @@ class _Page:
     """One page of a listing, with the id and fingerprint of every record.
 
     The fingerprints are computed where the page is parsed (in the producer thread when listings
-    are fetched concurrently), with builtins only: no Python bytecode runs per record.
+    are fetched concurrently), with builtins only: no Python bytecode runs per record. A page
+    whose fingerprints are known from ``PageMemo`` is *lazy*: it keeps its records and computes
+    ids and canonical JSON only if the fingerprints do not settle it (:meth:`fingerprint`).
     """
 
-    __slots__ = ("archived", "canonical", "hashes", "ids")
+    __slots__ = ("archived", "canonical", "digest", "hashes", "ids", "records")
 
-    def __init__(self, archived: bool, records: list[dict[str, Any]]) -> None:
+    def __init__(self, archived: bool, records: list[dict[str, Any]], memo: Memo | None = None) -> None:
         self.archived = archived
-        self.ids: list[str] = list(map(_ID, records))
+        self.digest: bytes | None = getattr(records, "digest", None)
+        self.ids: list[str] = []
+        self.canonical: list[bytes] = []
+        self.records: list[dict[str, Any]] | None = None
+        hashes = None if memo is None else memo.get(self.digest)
+        if hashes is None:
+            self.fingerprint(records)
+        else:
+            self.records = records
+            self.hashes = hashes
+
+    def fingerprint(self, records: list[dict[str, Any]]) -> None:
+        self.ids = list(map(_ID, records))
         #: ``store.canonical(record)`` and ``store.record_hash()`` of it, for every record. The
         #: parsed records themselves are not needed after this.
-        self.canonical: list[bytes] = list(map(_dumps, records, repeat(None), repeat(_SORT)))
-        self.hashes: list[int] = list(map(rshift, map(_xxh3, self.canonical), repeat(1)))
+        self.canonical = list(map(_dumps, records, repeat(None), repeat(_SORT)))
+        self.hashes = list(map(rshift, map(_xxh3, self.canonical), repeat(1)))
+        self.records = None
 
 
 #: Where the cycle stages records: a TEMP table of the cycle's own connection. Writing it takes no
@@ -352,6 +372,9 @@ class _Scan:
     ) -> None:
         self.source = source
         self.observe = observe
+        #: Fingerprints of pages seen before, set before :meth:`run`. Only a page observed
+        #: straight away may be lazy: one waiting in a backlog would hold its records.
+        self.memo: Memo | None = None
         self.check_cancel = check_cancel
         self.lock = threading.Lock()
         self.ready = threading.Event()
@@ -372,7 +395,8 @@ class _Scan:
             for records in self.source.iter_pages(archived=archived):
                 if self.stop.is_set():
                     return
-                backlog.append(_Page(archived, records))
+                lazy = not backlog and self.ready.is_set()
+                backlog.append(_Page(archived, records, self.memo if lazy else None))
                 if len(backlog) < _BACKLOG_PAGES and not self.ready.is_set():
                     continue  # fetch ahead while the stored fingerprints load
                 if not self._observe(backlog):
@@ -403,7 +427,7 @@ class _Scan:
             for archived in (False, True):
                 for records in self.source.iter_pages(archived=archived):
                     self.check_cancel()
-                    self.observe(_Page(archived, records))
+                    self.observe(_Page(archived, records, self.memo))
             return
         for t in self.threads:
             while t.is_alive():
@@ -501,6 +525,9 @@ class _Cycle:
         #: Staged customers that were *also* seen exactly as stored in their stored listing (a
         #: second sighting: they moved between listings mid-scan, or a listing repeated them).
         self.also_settled: set[str] = set()
+        self.memo = Memo()
+        self.looked_up = 0  # vanished customers whose lookup by id returned a record
+        self.unresolved = 0  # vanished customers whose lookup failed: no conclusion
         self._conn: Connection | None = None
         #: Set when a silent baseline is written straight into ``customers`` (see ``_run``).
         self._writer: _Writer | None = None
@@ -540,7 +567,13 @@ class _Cycle:
                 self._db.execute("PRAGMA temp.journal_mode=MEMORY")
                 with self._transaction("DEFERRED"):
                     baseline = not self.store.has_baseline(conn)
-                    self._load_known()
+                    known = self.memo.load(self._db)
+                    if known is None:
+                        self._load_known()
+                    else:
+                        self.known = known
+                    self.n_known = {archived: len(known) for archived, known in self.known.items()}
+                    scan.memo = self.memo
                     direct = (
                         baseline
                         and not self.p.diff.emit_baseline_events
@@ -602,7 +635,6 @@ class _Cycle:
                 active, archived = db.execute(_LOAD_KNOWN, (start, start + _KNOWN_CHUNK)).fetchone()
                 self.known[False].update(orjson.loads(active))
                 self.known[True].update(orjson.loads(archived))
-        self.n_known = {archived: len(known) for archived, known in self.known.items()}
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -619,10 +651,17 @@ class _Cycle:
         self.pages += 1
         known, hashes = self.known[p.archived], p.hashes
         settled = known.intersection(hashes) if known else set()
+        if len(settled) == len(hashes):
+            known.difference_update(settled)
+            self.memo.note(p.archived, p.digest, hashes, lazy=p.records is not None)
+            return
+        if p.records is not None:  # lazy (from the memo): its records are needed after all
+            p.fingerprint(p.records)
+            hashes = p.hashes
+            settled = known.intersection(hashes) if known else set()
+        self.memo.note(p.archived, p.digest, hashes, lazy=False)
         if settled:
             known.difference_update(settled)
-            if len(settled) == len(hashes):
-                return
         buf = self._stage_buf
         if not settled:
             buf.extend(zip(p.ids, repeat(p.archived), hashes, p.canonical, strict=False))
@@ -740,6 +779,7 @@ class _Cycle:
                 log.warning("poll.lookup_mismatch", poll_id=self.poll_id, customer_id=cid)
             else:
                 # A sighting like any other: as stored, it is settled here; otherwise staged.
+                self.looked_up += 1
                 archived = record.get("archived_at") is not None
                 data = canonical(record)
                 h = record_hash(data)
@@ -747,6 +787,7 @@ class _Cycle:
                     self.counts[archived] += 1
                 else:
                     self._stage_buf.append((cid, archived, h, data))
+        self.unresolved = unresolved
         return deleted, unresolved
 
     # -- 3. the one transaction ---------------------------------------------------------------
@@ -788,6 +829,11 @@ class _Cycle:
         return dict(counts)
 
     def _record_success(self, conn: Connection, baseline: bool, counts: Counter[str]) -> None:
+        # The memo holds exactly the stored fingerprints when every customer now stored was seen
+        # once, on a page, as stored: no second sightings (the records seen are the customers
+        # counted) and none known only from a lookup by id, or not known at all this cycle.
+        seen_once = self.memo.records == self.counts[False] + self.counts[True]
+        self.memo.save(self._db, complete=seen_once and not self.looked_up and not self.unresolved)
         conn.execute(
             update(PollRun)
             .where(PollRun.id == self.poll_id)  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ __all__ = [
     "EventRecord",
     "Meta",
     "OutboxRow",
+    "PageMemo",
     "PollRun",
     "SinkState",
     "Store",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 #: Bump when the schema changes, and add a step to ``_MIGRATIONS`` that brings version N-1 to N.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def canonical(record: Any) -> bytes:
@@ -75,6 +76,23 @@ class CustomerState(SQLModel, table=True):
     first_seen_at: str
     changed_at: str
     last_poll_id: int
+
+
+class PageMemo(SQLModel, table=True):
+    """The fingerprints of every listing page the last successful poll saw, one row per listing,
+    by the page's digest (``client.ListingPage.digest``): a page seen again byte for byte needs no
+    fingerprinting (see ``watcher._memo``). Written in the poll's own transaction. Clear it
+    whenever ``record_hash`` changes, or anything but a poll changes ``customers``.
+    """
+
+    __tablename__ = "page_memo"
+    archived: bool = Field(primary_key=True)
+    #: The last successful poll saw every stored customer exactly once, on these pages: their
+    #: fingerprints are the stored fingerprints (see ``watcher._memo``).
+    complete: bool
+    #: The listing's pages in order, each as its 16-byte digest, its number of records (4 bytes,
+    #: little-endian) and the ``record_hash`` of each record (8 bytes each, little-endian).
+    pages: bytes
 
 
 class PollRun(SQLModel, table=True):
@@ -159,6 +177,14 @@ def _migrate_to_2(conn: Connection) -> None:
 
 
 _MIGRATIONS[2] = _migrate_to_2
+
+
+def _migrate_to_3(conn: Connection) -> None:
+    """Version 3 remembers the fingerprints of the pages last seen (``PageMemo``)."""
+    PageMemo.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
+_MIGRATIONS[3] = _migrate_to_3
 
 
 class Store:
