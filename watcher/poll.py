@@ -2,24 +2,30 @@
 
 The cycle, and why it is shaped this way:
 
-1. Both listings are read in full (concurrently when asked: the cycle's floor is the API's
-   latency, so overlapping the two halves it). Each record is fingerprinted and compared with the
-   stored fingerprint; only records that differ are *staged*, in batches, in a TEMP table of the
-   cycle's own connection (no lock on the database, no fsync, gone with the connection). A cycle
-   without changes therefore writes nothing but its poll-run row, and memory holds only
-   ``id -> fingerprint`` rather than whole records.
-2. Known customers seen in neither listing are looked up by id (rule 3): 404 means deleted, a
+1. The stored fingerprints load as two sets of integers, one per listing (from the page memo when
+   it holds exactly them, else from the customers table). Both listings are read in full
+   (concurrently when asked: the cycle's floor is the API's latency, so overlapping the two halves
+   it). Each record is fingerprinted, or a page seen before byte for byte takes its fingerprints
+   from the page memo (``watcher._memo``). A fingerprint covers the whole record, id included, so
+   a record whose fingerprint is in its listing's set is a stored customer, unchanged: settling it
+   is removing the fingerprint. Only the rest (changed, new, moved between listings, seen twice)
+   is *staged*, in batches, in a TEMP table of the cycle's own connection (no lock on the
+   database, no fsync, gone with the connection). A cycle without changes therefore writes nothing
+   but its poll-run row, and memory holds only integers rather than records or ids.
+2. What is left in the sets belongs to stored customers not seen as stored: the staged ones are
+   matched by id, the others vanished. Those are looked up by id (rule 3): 404 means deleted, a
    record is used as seen, an error means no conclusion this cycle. Before that, the mass-vanish
    guard refuses an implausible cycle.
 3. One ``BEGIN IMMEDIATE`` transaction turns the staged records into new state, audit events with
-   consecutive ``sequence`` numbers and one outbox row per (event, routed sink) (rule 5).
+   consecutive ``sequence`` numbers and one outbox row per (event, routed sink) (rule 5), and
+   stores the page memo.
 
 A silent baseline into an empty store skips the staging: it has nothing to diff, so its rows go
 straight into ``customers`` inside the one transaction, opened before the scan (see ``_Cycle._run``).
 
 Any failure before the commit leaves nothing but the failed poll-run row (rule 1). Why the hot
-path looks the way it does (fingerprints by ``map``, a pop per customer, producers that observe
-their own pages) is in ``docs/performance.md``.
+path looks the way it does (fingerprints by ``map``, sets of integers, the page memo, producers
+that observe their own pages) is in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from typing import Any, Protocol
 import orjson
 import structlog
 import xxhash
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, insert, update
 
 from . import metrics
 from ._memo import Memo
@@ -54,7 +60,7 @@ from .config import DiffConfig
 from .diff import diff_records
 from .errors import APIError, PollRefused, WatcherError
 from .routing import Route
-from .store import CustomerState, EventRecord, PollRun, Store, canonical, record_hash
+from .store import CustomerState, PollRun, Store, canonical, record_hash
 
 __all__ = ["CustomerSource", "PollCancelled", "PollResult", "Poller", "record_notice"]
 
@@ -546,9 +552,7 @@ class _Cycle:
     @property
     def _db(self) -> sqlite3.Connection:
         assert self._conn is not None
-        db = self._conn.connection.dbapi_connection
-        assert isinstance(db, sqlite3.Connection)
-        return db
+        return _dbapi(self._conn)
 
     @contextmanager
     def _transaction(self, mode: str) -> Iterator[Connection]:
@@ -560,7 +564,7 @@ class _Cycle:
             yield conn
 
     def _run(self, conn: Connection) -> PollResult:
-        # The first pages are in flight while the known state loads.
+        # The first pages are in flight while the stored fingerprints load.
         scan = _Scan(self.p.source, self.p.concurrent_listings, self._observe_page, self._check_cancel)
         with ExitStack() as direct_transaction:
             try:
@@ -807,8 +811,7 @@ class _Cycle:
                     "CREATE INDEX IF NOT EXISTS temp.staged_by_id ON poll_staged (customer_id)"
                 )
         with self._transaction("IMMEDIATE") as conn:
-            seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
-            writer = _EventWriter(conn, self.poll_id, detected_at, self.p.routes, seq)
+            writer = _EventWriter(conn, self.poll_id, detected_at, self.p.routes, _last_sequence(conn))
             if self.staged:
                 self._apply_staged(conn, writer, emit, detected_at, counts)
             for i in range(0, len(deleted), _COMMIT_BATCH):
@@ -944,12 +947,23 @@ def _insert_staged_sql(rows: int) -> str:
 
 def _load_states(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str, str, str, str, int]]:
     """id -> (status, record, first_seen_at, changed_at, hash) of the stored customers among ``ids``."""
-    rows = conn.exec_driver_sql(
+    rows = _dbapi(conn).execute(
         "SELECT id, status, record, first_seen_at, changed_at, hash FROM customers "
         f"WHERE id IN ({', '.join('?' * len(ids))})",
         tuple(ids),
-    ).all()
-    return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows}
+    )
+    return {r[0]: r[1:] for r in rows}
+
+
+def _last_sequence(conn: Connection) -> int:
+    (seq,) = _dbapi(conn).execute("SELECT coalesce(max(sequence), 0) FROM events").fetchone()
+    return int(seq)
+
+
+def _dbapi(conn: Connection) -> sqlite3.Connection:
+    db = conn.connection.dbapi_connection
+    assert isinstance(db, sqlite3.Connection)
+    return db
 
 
 class _EventWriter:
@@ -1038,8 +1052,7 @@ def record_notice(
 ) -> dict[str, Any]:
     """Append a ``watcher.*`` notice (not a customer change) to the audit log and route it."""
     with store.write() as conn:
-        seq = conn.execute(select(func.coalesce(func.max(EventRecord.sequence), 0))).scalar_one()
-        writer = _EventWriter(conn, None, format_ts(now), routes, seq)
+        writer = _EventWriter(conn, None, format_ts(now), routes, _last_sequence(conn))
         payload = writer.add(event_type, None, None, None, [], extra={"detail": dict(detail)})
         writer.flush()
     return payload

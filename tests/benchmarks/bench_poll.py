@@ -30,6 +30,12 @@ and ``ratio_to_floor`` is the median of those per-pair ratios: the machine's spe
 of percent over a run on a shared host, and pairing cancels most of it. Times are medians of
 ``--repeat`` runs; ``all_seconds`` and ``all_ratios`` keep every run.
 
+Seen from outside, as whole processes (``whole_process``): the same three cycles run as the command an
+operator would put in cron, ``python -m watcher --config ... poll --no-deliver``, each paired with a floor
+run in a process of its own, timed by this process from spawn to exit. Interpreter start-up and imports are
+then in every figure, so they are compared by their marginal cost: ``marginal_10k_to_100k`` is how much
+longer a cycle gets from 10k to 100k customers over how much longer the floor gets.
+
 The latency run (``--latency-ms``, default 50; 0 skips it) makes the fake sleep that long before
 every page and compares cycles with ``pages x latency``: the sum of both listings' pages when they
 are fetched one after the other, the larger of the two when they are fetched concurrently. It also
@@ -234,6 +240,7 @@ def _log(msg: str) -> None:
 
 
 def _child(*args: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "tests.benchmarks.bench_poll", *args],
         cwd=ROOT,
@@ -241,9 +248,40 @@ def _child(*args: str) -> dict[str, Any]:
         text=True,
         check=False,
     )
+    process_seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = process_seconds
+    return result
+
+
+def _cli_poll(config: Path) -> float:
+    """Seconds for one ``python -m watcher poll`` from spawn to exit, as cron would run it."""
+    env = {**os.environ, "METRONOME_BEARER_TOKEN": TOKEN}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "watcher", "--config", str(config), "poll", "--no-deliver"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"watcher poll failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return seconds
+
+
+def _cli_config(workdir: Path, url: str, db: Path) -> Path:
+    config = workdir / f"{db.stem}.toml"
+    config.write_text(
+        f'[metronome]\nbase_url = "{url}"\n\n[store]\npath = "{db}"\n\n[schedule]\ninterval = "5m"\n\n'
+        f'[logging]\nlevel = "warning"\nformat = "json"\n\n'
+        f'[[sinks]]\ntype = "log"\nname = "log"\npath = "{workdir / "events.jsonl"}"\n'
+    )
+    return config
 
 
 class Server:
@@ -331,12 +369,22 @@ class _Bench:
         self.floors[mode].append(run)
         return run
 
+    def fresh_db(self) -> None:
+        for p in (self.db, Path(f"{self.db}-wal"), Path(f"{self.db}-shm"), Path(f"{self.db}.lock")):
+            p.unlink(missing_ok=True)
+
+    def process(self, config: Path, *, fresh: bool = False) -> dict[str, float]:
+        """A floor process and a ``watcher poll`` process, each timed from spawn to exit."""
+        floor = _child("_floor", self.server.url, "conc")["process_seconds"]
+        if fresh:
+            self.fresh_db()
+        return {"floor_seconds": floor, "seconds": _cli_poll(config)}
+
     def poll(self, scenario: str, concurrent: bool = True, *, fresh: bool = False) -> dict[str, Any]:
         mode = "conc" if concurrent else "seq"
         floor = self.floor(mode)
         if fresh:
-            for p in (self.db, Path(f"{self.db}-wal"), Path(f"{self.db}-shm"), Path(f"{self.db}.lock")):
-                p.unlink(missing_ok=True)
+            self.fresh_db()
         args = ["_poll", self.server.url, str(self.db), mode]
         if self.profile_dir is not None:
             args.append(str(self.profile_dir / f"{self.tag}-{scenario}.txt"))
@@ -374,8 +422,28 @@ def bench_size(n: int, repeat: int, seed: int, workdir: Path, profile_dir: Path 
         raw = server.call("raw")
         n_events, events_bytes = _events_bytes(db)
         db_size = _db_size(db)
+
+        _log(f"{n}: whole processes")
+        config = _cli_config(workdir, server.url, db)
+        process: dict[str, list[dict[str, float]]] = {"baseline": [], "no_change": [], "changed_1pct": []}
+        for _ in range(repeat):
+            process["baseline"].append(bench.process(config, fresh=True))
+        for _ in range(repeat):
+            process["no_change"].append(bench.process(config))
+        for _ in range(repeat):
+            server.call("mutate", fraction=0.01)
+            process["changed_1pct"].append(bench.process(config))
     finally:
         server.close()
+    whole_process = {
+        name: {
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "floor_seconds": statistics.median(r["floor_seconds"] for r in runs),
+            "all_seconds": [round(r["seconds"], 4) for r in runs],
+            "all_floor_seconds": [round(r["floor_seconds"], 4) for r in runs],
+        }
+        for name, runs in process.items()
+    }
 
     floor_seq, floor_conc = _median_run(bench.floors["seq"]), _median_run(bench.floors["conc"])
     scenarios = {
@@ -405,6 +473,7 @@ def bench_size(n: int, repeat: int, seed: int, workdir: Path, profile_dir: Path 
             "note": "CPU (user+sys) of the fake server's own process per page served, over all floor runs",
         },
         "scenarios": {k: _rounded(v) for k, v in scenarios.items()},
+        "whole_process": whole_process,
         "peak_rss_mb": peak_rss,
         "mutations_per_1pct_run": mutations,
         "database": {
@@ -560,6 +629,21 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("baseline", "no_change", "changed_1pct")
             }
             results["rss_growth_10k_to_100k"] = {**growth, "target_le_1.5x": max(growth.values()) <= 1.5}
+            small, large = by_n[10_000]["whole_process"], by_n[100_000]["whole_process"]
+            marginal = {
+                name: round(
+                    (large[name]["seconds"] - small[name]["seconds"])
+                    / (large[name]["floor_seconds"] - small[name]["floor_seconds"]),
+                    4,
+                )
+                for name in large
+            }
+            limits = {"no_change": 1.25, "changed_1pct": 1.5, "baseline": 2.0}
+            results["whole_process_marginal_10k_to_100k"] = {
+                **marginal,
+                "targets_met": all(marginal[k] <= limit for k, limit in limits.items()),
+                "note": "(cycle process at 100k - at 10k) / (floor process at 100k - at 10k), medians",
+            }
         if args.latency_ms > 0:
             results["latency"] = bench_latency(
                 args.latency_customers, args.latency_ms / 1000, args.repeat, args.seed, workdir
