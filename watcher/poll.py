@@ -142,11 +142,13 @@ class Poller:
         except PollRefused as exc:
             return self._refused_by_lock(str(exc))
         with lock:
-            poll_id = self._begin()
-            cycle = _Cycle(self, poll_id, cancel)
+            cycle = _Cycle(self, cancel)
             try:
                 result = cycle.run()
             except BaseException as exc:
+                poll_id = cycle.poll_id
+                if poll_id is None:  # not even the poll run could be recorded
+                    raise
                 outcome = (
                     "abandoned"
                     if isinstance(exc, PollCancelled) or cancel.is_set()
@@ -182,6 +184,7 @@ class Poller:
                 if not isinstance(exc, WatcherError) and outcome != "abandoned":
                     raise
                 return PollResult(poll_id, outcome, pages=cycle.pages, duration=duration, error=reason)
+        poll_id = result.poll_id
         duration = time.perf_counter() - t0
         result = PollResult(**{**result.__dict__, "duration": duration})
         metrics.POLLS.labels("succeeded").inc()
@@ -204,20 +207,6 @@ class Poller:
             unresolved=result.unresolved,
         )
         return result
-
-    def _begin(self) -> int:
-        now = format_ts(self.clock())
-        with self.store.write() as conn:
-            # A run left "running" belongs to a process that died mid-cycle: it committed nothing.
-            conn.execute(
-                update(PollRun)
-                .where(PollRun.outcome == "running")  # type: ignore[arg-type]
-                .values(outcome="abandoned", finished_at=now, error="process ended during the cycle")
-            )
-            run = conn.execute(insert(PollRun).values(started_at=now, outcome="running"))
-            poll_id = run.inserted_primary_key
-        assert poll_id is not None
-        return int(poll_id[0])
 
     def _refused_by_lock(self, error: str) -> PollResult:
         now = format_ts(self.clock())
@@ -517,10 +506,11 @@ _Sighting = tuple[str, bool, int, bytes]
 class _Cycle:
     """The state of one cycle in progress."""
 
-    def __init__(self, poller: Poller, poll_id: int, cancel: threading.Event) -> None:
+    def __init__(self, poller: Poller, cancel: threading.Event) -> None:
         self.p = poller
         self.store = poller.store
-        self.poll_id = poll_id
+        #: The poll run's id, once it is recorded (the first thing ``run`` writes).
+        self.poll_id: int | None = None
         self.cancel = cancel
         self.pages = 0
         #: archived -> the fingerprints of the stored customers in that listing that no sighting
@@ -572,11 +562,31 @@ class _Cycle:
         with conn.begin():
             yield conn
 
+    def _begin(self) -> int:
+        """Record the poll run; a run left "running" belongs to a process that died mid-cycle."""
+        now = format_ts(self.p.clock())
+        with self._transaction("IMMEDIATE"):
+            db = self._db
+            db.execute(
+                "UPDATE poll_runs SET outcome = 'abandoned', finished_at = ?, "
+                "error = 'process ended during the cycle' WHERE outcome = 'running'",
+                (now,),
+            )
+            cursor = db.execute(
+                "INSERT INTO poll_runs (started_at, outcome, baseline, pages, active, archived, events, "
+                "events_by_type) VALUES (?, 'running', 0, 0, 0, 0, 0, '{}')",
+                (now,),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
     def _run(self, conn: Connection) -> PollResult:
-        # The first pages are in flight while the stored fingerprints load.
+        # The first pages are in flight while the poll run is recorded and the stored fingerprints
+        # load (nothing is observed before ``scan.run()``).
         scan = _Scan(self.p.source, self.p.concurrent_listings, self._observe_page, self._check_cancel)
         with ExitStack() as direct_transaction:
             try:
+                self.poll_id = self._begin()
                 self._db.execute("PRAGMA temp.journal_mode=MEMORY")
                 with self._transaction("DEFERRED"):
                     baseline = not self.store.has_baseline(conn)
@@ -623,6 +633,7 @@ class _Cycle:
                 self._flush()
             self._check_cancel()
             events = self._commit(baseline, deleted)
+        assert self.poll_id is not None
         return PollResult(
             self.poll_id,
             "succeeded",
@@ -846,19 +857,19 @@ class _Cycle:
         # counted) and none known only from a lookup by id, or not known at all this cycle.
         seen_once = self.memo.records == self.counts[False] + self.counts[True]
         self.memo.save(self._db, complete=seen_once and not self.looked_up and not self.unresolved)
-        conn.execute(
-            update(PollRun)
-            .where(PollRun.id == self.poll_id)  # type: ignore[arg-type]
-            .values(
-                outcome="succeeded",
-                finished_at=format_ts(self.p.clock()),
-                baseline=baseline,
-                pages=self.pages,
-                active=self.counts[False],
-                archived=self.counts[True],
-                events=sum(counts.values()),
-                events_by_type=orjson.dumps(dict(counts)).decode(),
-            )
+        self._db.execute(
+            "UPDATE poll_runs SET outcome = 'succeeded', finished_at = ?, baseline = ?, pages = ?, "
+            "active = ?, archived = ?, events = ?, events_by_type = ? WHERE id = ?",
+            (
+                format_ts(self.p.clock()),
+                baseline,
+                self.pages,
+                self.counts[False],
+                self.counts[True],
+                sum(counts.values()),
+                orjson.dumps(dict(counts)).decode(),
+                self.poll_id,
+            ),
         )
 
     def _apply_staged(

@@ -265,11 +265,12 @@ class Store:
 
     def has_baseline(self, conn: Connection | None = None) -> bool:
         """True once any poll has succeeded: only then are differences changes."""
-        q = select(func.count()).select_from(PollRun).where(PollRun.outcome == "succeeded")  # type: ignore[arg-type]
+        # One row is enough (a daemon that polls every few minutes has a long history to count).
+        q = "SELECT 1 FROM poll_runs WHERE outcome = 'succeeded' LIMIT 1"
         if conn is not None:
-            return bool(conn.execute(q).scalar())
+            return conn.exec_driver_sql(q).first() is not None
         with self.read() as c:
-            return bool(c.execute(q).scalar())
+            return c.exec_driver_sql(q).first() is not None
 
     def last_polls(self, limit: int = 10) -> list[PollRun]:
         with self.read() as conn:
