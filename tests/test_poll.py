@@ -735,3 +735,45 @@ def test_a_change_reverted_is_two_changes(fake: FakeMetronome, seeded: Harness) 
 
     names = [(e["changes"][0]["before"], e["changes"][0]["after"]) for e in seeded.events()]
     assert names == [(original, "Briefly Renamed"), ("Briefly Renamed", original)]
+
+
+def test_a_page_repeated_by_the_listing_is_a_second_sighting_not_a_change(
+    fake: FakeMetronome, seeded: Harness
+) -> None:
+    real = seeded.client
+    expected = (len(fake.customers(archived=False)), len(fake.customers(archived=True)))
+
+    class RepeatingSource:
+        """The real listings, with the first active page served twice (same bytes, same digest)."""
+
+        def iter_pages(self, *, archived: bool) -> Iterator[ListingPage]:
+            for i, page in enumerate(real.iter_pages(archived=archived)):
+                yield page
+                if i == 0 and not archived:
+                    yield page
+
+        def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+            return real.get_customer(customer_id)
+
+    assert memo_is_complete(seeded.db)
+    seeded.poller.source = RepeatingSource()
+    result = seeded.poll()
+
+    assert result.ok and result.events == 0
+    assert (result.active, result.archived) == expected
+    assert not memo_is_complete(seeded.db)  # a second sighting: the memo no longer holds exactly the state
+
+
+def test_empty_listings_share_a_digest_and_are_each_settled_in_their_own_listing(
+    fake: FakeMetronome, harness: Harness
+) -> None:
+    assert harness.poll().ok and harness.poll().ok  # no customers at all: two empty pages
+    assert memo_is_complete(harness.db)
+    assert harness.poll().events == 0
+
+    cid = fake.create_customer("First Customer")["id"]
+    fake.archive(cid)
+    harness.poll()
+
+    only(harness.events(), type="customer.created", customer_id=cid)
+    assert harness.store.customer_counts() == {"archived": 1}

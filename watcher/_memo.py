@@ -6,9 +6,12 @@ fingerprints from here instead (``poll._Page``). That is the common case, since 
 long-running daemon find an account that did not change.
 
 When the last successful cycle saw every stored customer exactly once, each on a page with a
-digest, and looked none up by id, the memo holds exactly the stored fingerprints as well: the next
-cycle then loads them from here (``complete``), which is one blob per listing instead of a scan of
-the customers table.
+digest, and looked none up by id, the memo holds exactly the stored fingerprints as well
+(``complete``). The next cycle then needs no set of stored fingerprints at all while every page it
+sees is one of those pages, seen again: it settles each by its digest (:meth:`Memo.settle`), and
+only builds the set, from the pages not settled yet, when some other page comes along
+(:meth:`Memo.unsettled`). A cycle that finds nothing changed therefore reads no customer and
+holds no per-customer structure, however large the account.
 
 It is stored in ``store.PageMemo``, written in the cycle's own transaction, so it always matches the
 committed state it was computed with.
@@ -48,6 +51,9 @@ class Memo:
         self._pages: dict[bytes, bytes] = {}
         #: archived -> (the digests of its pages in order, complete) as stored.
         self._stored: dict[bool, tuple[list[bytes], bool]] = {}
+        #: archived -> the digests of its stored pages not yet seen again (a complete memo only).
+        self._unsettled: dict[bool, set[bytes]] = {False: set(), True: set()}
+        self.complete = False
         #: archived -> (digest, packed fingerprints) of each page seen in this cycle, in order.
         self._seen: dict[bool, list[tuple[bytes, bytes]]] = {False: [], True: []}
         self._new = {False: False, True: False}
@@ -55,24 +61,40 @@ class Memo:
         self.records = 0
         self.all_digests = True
 
-    def load(self, db: sqlite3.Connection) -> dict[bool, set[int]] | None:
-        """Load the memo; return the stored fingerprints by listing if it holds exactly them."""
-        fingerprints: dict[bool, list[bytes]] = {}
+    def load(self, db: sqlite3.Connection) -> bool:
+        """Load the memo; True if it holds exactly the stored fingerprints (``complete``)."""
         for archived, complete, blob in db.execute("SELECT archived, complete, pages FROM page_memo"):
             digests: list[bytes] = []
-            packs = fingerprints[bool(archived)] = []
             view = memoryview(blob)
             while view:
                 end = _HEADER + 8 * int.from_bytes(view[_DIGEST:_HEADER], "little")
-                digest, packed = bytes(view[:_DIGEST]), bytes(view[_HEADER:end])
-                self._pages[digest] = packed
+                digest = bytes(view[:_DIGEST])
+                self._pages[digest] = bytes(view[_HEADER:end])
                 digests.append(digest)
-                packs.append(packed)
                 view = view[end:]
             self._stored[bool(archived)] = (digests, bool(complete))
-        if len(self._stored) != 2 or not all(complete for _, complete in self._stored.values()):
-            return None
-        return {archived: set(_ints(b"".join(packs))) for archived, packs in fingerprints.items()}
+        self.complete = len(self._stored) == 2 and all(c for _, c in self._stored.values())
+        if self.complete:
+            for archived, (digests, _) in self._stored.items():
+                self._unsettled[archived] = set(digests)
+        return self.complete
+
+    def stored_records(self, archived: bool) -> int:
+        """How many fingerprints the listing's stored pages hold (the stored customers, if complete)."""
+        return sum(len(self._pages[d]) // 8 for d in self._stored.get(archived, ([], False))[0])
+
+    def settle(self, archived: bool, digest: bytes | None) -> bool:
+        """Settle a page of a complete memo that is one of its listing's stored pages, seen again
+        for the first time: its records are stored customers, unchanged. False for any other."""
+        unsettled = self._unsettled[archived]
+        if digest is None or digest not in unsettled:
+            return False
+        unsettled.discard(digest)
+        return True
+
+    def unsettled(self, archived: bool) -> set[int]:
+        """The fingerprints on the listing's stored pages that were not settled (complete memo)."""
+        return set(_ints(b"".join(self._pages[d] for d in self._unsettled[archived])))
 
     def get(self, digest: bytes | None) -> list[int] | None:
         """The fingerprints of a page with this digest, if the last successful cycle saw it."""

@@ -521,6 +521,8 @@ class _Cycle:
         #: customer.
         self.known: dict[bool, set[int]] = {False: set(), True: set()}
         self.n_known = {False: 0, True: 0}
+        #: ``known`` is not built yet: the memo is complete and every page so far was settled by it.
+        self.deferred = False
         #: Customers seen, by listing; final once the staged rows are applied (``_apply_staged``).
         self.counts = {False: 0, True: 0}
         #: Sightings not yet flushed to the staging table, and how many were staged in all.
@@ -590,12 +592,13 @@ class _Cycle:
                 self._db.execute("PRAGMA temp.journal_mode=MEMORY")
                 with self._transaction("DEFERRED"):
                     baseline = not self.store.has_baseline(conn)
-                    known = self.memo.load(self._db)
-                    if known is None:
-                        self._load_known()
+                    if self.memo.load(self._db):
+                        # Settled page by page from the memo; see ``_observe_page``.
+                        self.deferred = True
+                        self.n_known = {a: self.memo.stored_records(a) for a in (False, True)}
                     else:
-                        self.known = known
-                    self.n_known = {archived: len(known) for archived, known in self.known.items()}
+                        self._load_known()
+                        self.n_known = {archived: len(known) for archived, known in self.known.items()}
                     scan.memo = self.memo
                     direct = (
                         baseline
@@ -657,6 +660,11 @@ class _Cycle:
                 self.known[False].update(orjson.loads(active))
                 self.known[True].update(orjson.loads(archived))
 
+    def _undefer(self) -> None:
+        if self.deferred:
+            self.known = {archived: self.memo.unsettled(archived) for archived in (False, True)}
+            self.deferred = False
+
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
             raise PollCancelled("poll abandoned: shutting down")
@@ -670,6 +678,14 @@ class _Cycle:
         moved, or repeated) does the page go through Python record by record, to stage those.
         """
         self.pages += 1
+        if self.deferred:
+            # A complete memo: while every page is one of its pages, seen again, no set of stored
+            # fingerprints is needed (``watcher._memo``). On the first other page, build it.
+            lazy = p.records is not None
+            if (lazy or self.memo.get(p.digest) == p.hashes) and self.memo.settle(p.archived, p.digest):
+                self.memo.note(p.archived, p.digest, p.hashes, lazy=lazy)
+                return
+            self._undefer()
         known, hashes = self.known[p.archived], p.hashes
         settled = known.intersection(hashes) if known else set()
         if len(settled) == len(hashes):
@@ -745,6 +761,7 @@ class _Cycle:
         those seen nowhere (vanished). A staged customer whose stored fingerprint is *not* left
         was also seen as stored: that is recorded for the final transaction (``also_settled``).
         """
+        self._undefer()
         known = self.known
         for archived in (False, True):
             self.counts[archived] = self.n_known[archived] - len(known[archived])
