@@ -333,13 +333,13 @@ _LOAD_KNOWN = (
     "json_group_array(hash) FILTER (WHERE status = 'archived') "
     "FROM customers WHERE rowid >= ? AND rowid < ?"
 )
-#: The page cache of a silent baseline's connection: at least this many KiB, doubled whenever it
-#: has fewer bytes than this per row written. The rows go into the id index in random order, and a
-#: cache that holds that index (about 80 bytes a customer) keeps the inserts from evicting and
-#: re-reading its pages: at a million customers, a 16 MB cache made the writer the bottleneck
-#: (15 s of inserts against 9 s with 128 MB). The cache only grows with the account, and goes
-#: away with the cycle's connection.
-_DIRECT_CACHE_KIB = 16 * 1024
+#: The page cache of the cycle's connection, in KiB (it goes away with the connection). A silent
+#: baseline doubles it whenever it has fewer bytes than ``_DIRECT_CACHE_BYTES_PER_ROW`` per row
+#: written: the rows go into the id index in random order, and a cache that holds that index
+#: (about 80 bytes a customer) keeps the inserts from evicting and re-reading its pages. At a
+#: million customers a 16 MB cache made the writer the bottleneck (15 s of inserts, against 9 s
+#: with 128 MB).
+_CACHE_KIB = 16 * 1024
 _DIRECT_CACHE_BYTES_PER_ROW = 128
 #: A changed customer's new state. An UPDATE in place when the customer is stored (same rowid,
 #: same id index entry: one page touched per customer, where REPLACE would delete and re-insert).
@@ -537,7 +537,7 @@ class _Cycle:
         self._conn: Connection | None = None
         #: Set when a silent baseline is written straight into ``customers`` (see ``_run``).
         self._writer: _Writer | None = None
-        self._direct_cache_kib = _DIRECT_CACHE_KIB
+        self._cache_kib = _CACHE_KIB
         self.detected_at = ""
 
     # -- 1. listings --------------------------------------------------------------------------
@@ -590,6 +590,10 @@ class _Cycle:
             try:
                 self.poll_id = self._begin()
                 self._db.execute("PRAGMA temp.journal_mode=MEMORY")
+                # The stored rows of changed customers are read twice, scattered over the table
+                # (matched after the scan, applied in the final transaction): a page cache that
+                # keeps them for the second read. Memory is only taken as pages are read.
+                self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
                 with self._transaction("DEFERRED"):
                     baseline = not self.store.has_baseline(conn)
                     if self.memo.load(self._db):
@@ -619,7 +623,6 @@ class _Cycle:
                     self.detected_at = format_ts(self.p.clock())
                     direct_transaction.enter_context(self._transaction("IMMEDIATE"))
                     self._writer = _Writer(self._db)
-                    self._writer.submit(f"PRAGMA cache_size = -{self._direct_cache_kib}", ())
                     # On the way out the writer stops before the transaction ends (LIFO).
                     direct_transaction.callback(self._writer.stop)
                 scan.run()
@@ -731,9 +734,9 @@ class _Cycle:
         archived = sum(map(itemgetter(1), rows))
         self.counts[True] += archived
         self.counts[False] += len(rows) - archived
-        if self.staged * _DIRECT_CACHE_BYTES_PER_ROW > 1024 * self._direct_cache_kib:
-            self._direct_cache_kib *= 2
-            self._writer.submit(f"PRAGMA cache_size = -{self._direct_cache_kib}", ())
+        if self.staged * _DIRECT_CACHE_BYTES_PER_ROW > 1024 * self._cache_kib:
+            self._cache_kib *= 2
+            self._writer.submit(f"PRAGMA cache_size = -{self._cache_kib}", ())
         per_statement = min(_STATEMENT_ROWS, (self._writer.max_params - 2) // 4)
         for i in range(0, len(rows), per_statement):
             chunk = rows[i : i + per_statement]
