@@ -2,7 +2,7 @@
 
 Run from the repository root, with the package installed (it is not collected by ``pytest``)::
 
-    python -m tests.benchmarks.bench_poll --repeat 5                # 10k and 100k, plus the 50 ms latency run
+    python -m tests.benchmarks.bench_poll --repeat 9                # 10k and 100k, plus the 50 ms latency run
     python -m tests.benchmarks.bench_poll --million                 # ... and 1M customers too
     python -m tests.benchmarks.bench_poll --customers 10000 --latency-ms 0   # quick look: 10k only
     python -m tests.benchmarks.bench_poll --profile /tmp/prof       # + a pyinstrument profile per cycle
@@ -33,8 +33,8 @@ of percent over a run on a shared host, and pairing cancels most of it. Times ar
 Seen from outside, as whole processes (``whole_process``): the same three cycles run as the command an
 operator would put in cron, ``python -m watcher --config ... poll --no-deliver``, each paired with a floor
 run in a process of its own, timed by this process from spawn to exit. Interpreter start-up and imports are
-then in every figure, so they are compared by their marginal cost: ``marginal_10k_to_100k`` is how much
-longer a cycle gets from 10k to 100k customers over how much longer the floor gets.
+then in every figure, so they are compared by their marginal cost: ``whole_process_marginal_10k_to_100k``
+is how much longer a cycle process gets from 10k to 100k customers over how much longer the floor gets.
 
 The latency run (``--latency-ms``, default 50; 0 skips it) makes the fake sleep that long before
 every page and compares cycles with ``pages x latency``: the sum of both listings' pages when they
