@@ -463,17 +463,8 @@ def scripted(fake: FakeMetronome, tmp_path: Path) -> Iterator[Scripted]:
     store.close()
 
 
-def scripted_poll(
-    store: Store, source: ScriptedSource, *, concurrent: bool = False, index_after: int = 200_000
-) -> PollResult:
-    poller = Poller(
-        store,
-        source,
-        routes=[Route("audit")],
-        concurrent_listings=concurrent,
-        baseline_index_after=index_after,
-    )
-    result = poller.run()
+def scripted_poll(store: Store, source: ScriptedSource, *, concurrent: bool = False) -> PollResult:
+    result = Poller(store, source, routes=[Route("audit")], concurrent_listings=concurrent).run()
     check_page_memo(store.path)
     return result
 
@@ -583,15 +574,9 @@ def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: FakeMetronome, ha
 # -- the silent baseline, written while it is fetched ------------------------------------------
 
 
-# ``index_after=2``: the path of a large account, where the baseline drops the id index after a few
-# rows and builds it at the end, settling repeated sightings then.
-INDEXED = pytest.mark.parametrize("index_after", [200_000, 2], ids=["indexed", "index-built-after"])
-
-
-@INDEXED
 @pytest.mark.parametrize("archived_first", [False, True], ids=["active-first", "archived-first"])
 def test_a_silent_baseline_stores_a_customer_seen_in_both_listings_once_as_archived(
-    fake: FakeMetronome, tmp_path: Path, archived_first: bool, index_after: int
+    fake: FakeMetronome, tmp_path: Path, archived_first: bool
 ) -> None:
     for i in range(7):
         fake.create_customer(f"Baseline {i}")
@@ -600,7 +585,7 @@ def test_a_silent_baseline_stores_a_customer_seen_in_both_listings_once_as_archi
     store = Store(tmp_path / "w.db")
     try:
         source = ScriptedSource(active, [moved], archived_first=archived_first)
-        result = scripted_poll(store, source, concurrent=archived_first, index_after=index_after)
+        result = scripted_poll(store, source, concurrent=archived_first)
 
         assert result.ok and result.baseline and result.events == 0
         assert (result.active, result.archived) == (6, 1)
@@ -612,9 +597,8 @@ def test_a_silent_baseline_stores_a_customer_seen_in_both_listings_once_as_archi
         store.close()
 
 
-@INDEXED
 def test_a_silent_baseline_keeps_the_later_of_two_active_sightings(
-    fake: FakeMetronome, tmp_path: Path, index_after: int
+    fake: FakeMetronome, tmp_path: Path
 ) -> None:
     for i in range(5):
         fake.create_customer(f"Baseline {i}")
@@ -622,7 +606,7 @@ def test_a_silent_baseline_keeps_the_later_of_two_active_sightings(
     renamed = {**active[0], "name": "Renamed Mid-Scan"}
     store = Store(tmp_path / "w.db")
     try:
-        result = scripted_poll(store, ScriptedSource([*active, renamed], []), index_after=index_after)
+        result = scripted_poll(store, ScriptedSource([*active, renamed], []))
 
         assert result.ok and (result.active, result.archived) == (5, 0)
         stored = store.get_customer(renamed["id"])
@@ -793,65 +777,3 @@ def test_empty_listings_share_a_digest_and_are_each_settled_in_their_own_listing
 
     only(harness.events(), type="customer.created", customer_id=cid)
     assert harness.store.customer_counts() == {"archived": 1}
-
-
-def test_a_large_baseline_builds_the_id_index_at_the_end_and_the_next_cycle_finds_everyone(
-    fake: FakeMetronome, tmp_path: Path
-) -> None:
-    fake.seed(45)
-    h = Harness(fake, tmp_path / "w.db")
-    h.poller.baseline_index_after = 10
-    try:
-        result = h.poll()
-        assert result.ok and result.baseline
-        assert sum(h.store.customer_counts().values()) == 45 == result.active + result.archived
-        con = sqlite3.connect(h.db)
-        indexes = con.execute("SELECT sql FROM sqlite_master WHERE tbl_name = 'customers'").fetchall()
-        con.close()
-        assert ("CREATE UNIQUE INDEX ix_customers_id ON customers (id)",) in indexes
-
-        before = h.snapshot()
-        assert h.poll().events == 0
-        assert h.snapshot() == before
-        cid = fake.customers(archived=False)[30]["id"]
-        fake.set_name(cid, "After A Large Baseline")
-        h.poll()
-        only(h.events(), type="customer.updated", customer_id=cid)
-    finally:
-        h.close()
-
-
-def test_a_version_2_database_is_rebuilt_with_its_rows_and_nothing_looks_changed(
-    fake: FakeMetronome, harness: Harness
-) -> None:
-    fake.seed(25)
-    assert harness.poll().ok
-    harness.store.close()
-    con = sqlite3.connect(harness.db)
-    with con:  # what version 2 looked like: the id as the PRIMARY KEY, no page memo
-        con.execute("DROP TABLE page_memo")
-        con.execute("ALTER TABLE customers RENAME TO customers_v3")
-        con.execute("DROP INDEX ix_customers_id")
-        con.execute(
-            "CREATE TABLE customers (id VARCHAR NOT NULL, status VARCHAR NOT NULL, hash INTEGER NOT NULL, "
-            "record VARCHAR NOT NULL, first_seen_at VARCHAR NOT NULL, changed_at VARCHAR NOT NULL, "
-            "last_poll_id INTEGER NOT NULL, PRIMARY KEY (id))"
-        )
-        con.execute("INSERT INTO customers SELECT * FROM customers_v3")
-        con.execute("DROP TABLE customers_v3")
-        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-        rows = con.execute("SELECT * FROM customers ORDER BY id").fetchall()
-    con.close()
-
-    harness.store = harness.poller.store = Store(harness.db)
-
-    assert harness.store.schema_version() == SCHEMA_VERSION
-    result = harness.poll()
-    assert result.ok and result.events == 0
-    con = sqlite3.connect(harness.db)
-    assert con.execute("SELECT * FROM customers ORDER BY id").fetchall() == rows
-    assert (
-        "PRIMARY KEY"
-        not in con.execute("SELECT sql FROM sqlite_master WHERE name = 'customers'").fetchone()[0]
-    )
-    con.close()

@@ -60,7 +60,7 @@ from .config import DiffConfig
 from .diff import diff_records
 from .errors import APIError, PollRefused, WatcherError
 from .routing import Route
-from .store import CUSTOMERS_ID_INDEX, CustomerState, PollRun, Store, canonical, record_hash
+from .store import CustomerState, PollRun, Store, canonical, record_hash
 
 __all__ = ["CustomerSource", "PollCancelled", "PollResult", "Poller", "record_notice"]
 
@@ -124,7 +124,6 @@ class Poller:
         routes: Sequence[Route] = (),
         clock: Clock = utcnow,
         concurrent_listings: bool = True,
-        baseline_index_after: int = 200_000,
     ) -> None:
         self.store = store
         self.source = source
@@ -132,9 +131,6 @@ class Poller:
         self.routes = tuple(routes)
         self.clock = clock
         self.concurrent_listings = concurrent_listings
-        #: A silent baseline stops maintaining the id index after this many rows, and builds it
-        #: once all are written (see ``_Cycle._flush_direct``).
-        self.baseline_index_after = baseline_index_after
 
     def run(self, *, cancel: threading.Event | None = None) -> PollResult:
         """Run one cycle. Never raises for API trouble: the outcome says what happened."""
@@ -542,7 +538,6 @@ class _Cycle:
         #: Set when a silent baseline is written straight into ``customers`` (see ``_run``).
         self._writer: _Writer | None = None
         self._cache_kib = _CACHE_KIB
-        self._index_dropped = False  # see ``_flush_direct``
         self.detected_at = ""
 
     # -- 1. listings --------------------------------------------------------------------------
@@ -636,8 +631,6 @@ class _Cycle:
             self._flush()
             if self._writer is not None:
                 self._writer.finish()
-                if self._index_dropped:
-                    self._build_id_index()
                 self._count_direct()
                 deleted: list[str] = []
                 unresolved = 0
@@ -741,41 +734,16 @@ class _Cycle:
         archived = sum(map(itemgetter(1), rows))
         self.counts[True] += archived
         self.counts[False] += len(rows) - archived
-        if not self._index_dropped and self.staged > self.p.baseline_index_after:
-            # A large account: the ids go into the index in the API's order, all over it, and
-            # past a few hundred thousand of them its pages no longer stay in the cache. Appending
-            # the rest and building the index once, sorted, at the end is several times cheaper.
-            # Until then the upserts settle repeated sightings; after, ``_build_id_index`` does.
-            self._writer.submit(f"DROP INDEX {CUSTOMERS_ID_INDEX}", ())
-            self._index_dropped = True
-        elif not self._index_dropped and self.staged * _DIRECT_CACHE_BYTES_PER_ROW > 1024 * self._cache_kib:
+        if self.staged * _DIRECT_CACHE_BYTES_PER_ROW > 1024 * self._cache_kib:
             self._cache_kib *= 2
             self._writer.submit(f"PRAGMA cache_size = -{self._cache_kib}", ())
         per_statement = min(_STATEMENT_ROWS, (self._writer.max_params - 2) // 4)
         for i in range(0, len(rows), per_statement):
             chunk = rows[i : i + per_statement]
             self._writer.submit(
-                _insert_customers_sql(len(chunk), upsert=not self._index_dropped),
+                _insert_customers_sql(len(chunk)),
                 (self.detected_at, self.poll_id, *chain.from_iterable(chunk)),
             )
-
-    def _build_id_index(self) -> None:
-        """The id index a large silent baseline dropped, built over every row it wrote.
-
-        A customer seen twice (it moved between listings mid-scan, or a listing repeated it) has
-        two rows by now, and the unique index refuses them: keep the one the upserts would have
-        kept (archived wins, else the later sighting) and build it again.
-        """
-        db = self._db
-        create = f"CREATE UNIQUE INDEX {CUSTOMERS_ID_INDEX} ON customers (id)"
-        try:
-            db.execute(create)
-        except sqlite3.IntegrityError:
-            db.execute(
-                "DELETE FROM customers WHERE rowid NOT IN (SELECT max(iif(status = 'archived', "
-                f"{1 << 40}, 0) + rowid) % {1 << 40} FROM customers GROUP BY id)"
-            )
-            db.execute(create)
 
     def _count_direct(self) -> None:
         """A silent baseline's counts: each customer once, as the upserts left it (archived wins)."""
@@ -995,25 +963,21 @@ class _Cycle:
 
 
 @functools.cache
-def _insert_customers_sql(rows: int, *, upsert: bool) -> str:
+def _insert_customers_sql(rows: int) -> str:
     # ?1 and ?2 (detected_at, poll id) are bound once per statement, and each row binds exactly
     # the four values of a staged sighting, so the parameters are one flat pass over the batch.
-    # As an upsert, a repeated sighting replaces the first, except that an active one never
-    # replaces an archived one (archived wins, as in ``_CHOSEN_STAGED``).
+    # A repeated sighting replaces the first, except that an active one never replaces an
+    # archived one (archived wins, as in ``_CHOSEN_STAGED``).
     values = ", ".join(
         f"(?{i}, iif(?{i + 1}, 'archived', 'active'), ?{i + 2}, CAST(?{i + 3} AS TEXT), ?1, ?1, ?2)"
         for i in range(3, 3 + 4 * rows, 4)
     )
-    sql = (
+    return (
         "INSERT INTO customers (id, status, hash, record, first_seen_at, changed_at, last_poll_id) "
-        f"VALUES {values}"
+        f"VALUES {values} ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+        "hash = excluded.hash, record = excluded.record "
+        "WHERE excluded.status = 'archived' OR customers.status = 'active'"
     )
-    if upsert:
-        sql += (
-            " ON CONFLICT (id) DO UPDATE SET status = excluded.status, hash = excluded.hash, "
-            "record = excluded.record WHERE excluded.status = 'archived' OR customers.status = 'active'"
-        )
-    return sql
 
 
 @functools.cache

@@ -19,14 +19,13 @@ from typing import Any
 
 import orjson
 import xxhash
-from sqlalchemy import Column, Connection, Engine, Index, String, UniqueConstraint, event, func, select
+from sqlalchemy import Connection, Engine, Index, UniqueConstraint, event, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, SQLModel, col, create_engine
 
 from .errors import StoreError
 
 __all__ = [
-    "CUSTOMERS_ID_INDEX",
     "SCHEMA_VERSION",
     "CustomerState",
     "EventRecord",
@@ -66,20 +65,11 @@ class Meta(SQLModel, table=True):
     value: str
 
 
-#: The unique index on ``customers.id``. It is a named index rather than a PRIMARY KEY so that a
-#: silent baseline of a large account can drop it while it writes and build it once at the end:
-#: inserted in the API's order, the ids land all over the index, and at a million customers those
-#: inserts were most of a baseline's time (``poll._Cycle``).
-CUSTOMERS_ID_INDEX = "ix_customers_id"
-
-
 class CustomerState(SQLModel, table=True):
     """The last committed picture of one customer."""
 
     __tablename__ = "customers"
-    __table_args__ = (Index(CUSTOMERS_ID_INDEX, "id", unique=True),)
-    __mapper_args__ = {"primary_key": ["id"]}
-    id: str = Field(sa_column=Column("id", String, nullable=False))
+    id: str = Field(primary_key=True)
     status: str  # "active" | "archived" | "deleted"
     hash: int
     record: str  # canonical JSON, as Metronome last returned it
@@ -190,18 +180,8 @@ _MIGRATIONS[2] = _migrate_to_2
 
 
 def _migrate_to_3(conn: Connection) -> None:
-    """Version 3 remembers the fingerprints of the pages last seen (``PageMemo``), and keeps the
-    customers' ids unique with a named index instead of a PRIMARY KEY (``CUSTOMERS_ID_INDEX``):
-    the table is rebuilt once, rows and rowids as they were."""
+    """Version 3 remembers the fingerprints of the pages last seen (``PageMemo``)."""
     PageMemo.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
-    conn.exec_driver_sql("ALTER TABLE customers RENAME TO customers_v2")
-    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {CUSTOMERS_ID_INDEX}")  # a half-upgraded file's
-    CustomerState.__table__.create(conn)  # type: ignore[attr-defined]
-    conn.exec_driver_sql(
-        "INSERT INTO customers (rowid, id, status, hash, record, first_seen_at, changed_at, last_poll_id) "
-        "SELECT rowid, id, status, hash, record, first_seen_at, changed_at, last_poll_id FROM customers_v2"
-    )
-    conn.exec_driver_sql("DROP TABLE customers_v2")
 
 
 _MIGRATIONS[3] = _migrate_to_3
