@@ -40,7 +40,9 @@ The latency run (``--latency-ms``, default 50; 0 skips it) makes the fake sleep 
 every page and compares cycles with ``pages x latency``: the sum of both listings' pages when they
 are fetched one after the other, the larger of the two when they are fetched concurrently. It also
 reports each cycle against the floor measured under the same latency (``over_floor``), which
-includes the API's own serving time per page.
+includes the API's own serving time per page, and what one page (request and parse) costs this
+machine back to back and after idling for the latency (``page_without_latency_ms``): the floor's
+own distance from ``pages x latency``.
 """
 
 from __future__ import annotations
@@ -186,6 +188,45 @@ def floor(url: str, concurrent: bool) -> dict[str, Any]:
     }
 
 
+def wake_up(url: str, gap: float) -> dict[str, Any]:
+    """What a page costs this machine when it comes after ``gap`` seconds of idling, against back to back.
+
+    The same requests and parses as the floor, without latency on the server, once with the
+    client idling ``gap`` before every request (as it does when the API takes that long to answer)
+    and once without. On a VM the first is slower: idle vCPUs are descheduled, and what runs
+    after waking runs on cold caches. That difference is in every page of a latency run, floor
+    included, and no client can avoid it but by spinning.
+    """
+    import httpx
+    import orjson
+
+    def pages(pause: float) -> dict[str, float]:
+        gets: list[float] = []
+        parses: list[float] = []
+        params: dict[str, Any] = {"limit": PAGE_LIMIT}
+        with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+            for _ in range(60):
+                if pause:
+                    time.sleep(pause)
+                t0 = time.perf_counter()
+                content = client.get(url + "/v1/customers", params=params).content
+                t1 = time.perf_counter()
+                body = orjson.loads(content)
+                gets.append(t1 - t0)
+                parses.append(time.perf_counter() - t1)
+                if body["next_page"] is None:
+                    params.pop("next_page", None)
+                else:
+                    params["next_page"] = body["next_page"]
+        return {
+            "request_ms": round(1000 * statistics.median(gets), 3),
+            "parse_ms": round(1000 * statistics.median(parses), 3),
+        }
+
+    pages(0)  # warm-up
+    return {"back_to_back": pages(0), "after_idle": pages(gap), "idle_ms": gap * 1000}
+
+
 # -- child: one poll cycle ----------------------------------------------------------------------------
 
 
@@ -212,7 +253,7 @@ def poll(url: str, db: str, concurrent: bool, profile: str | None) -> dict[str, 
     result = poller.run()
     seconds = time.perf_counter() - t0
     cpu = _cpu_seconds() - cpu0
-    if profiler is not None:
+    if profiler is not None and profile:
         profiler.stop()
         Path(profile).write_text(profiler.output_text(unicode=True, color=False, show_all=False))
     client.close()
@@ -500,6 +541,7 @@ def bench_latency(n: int, latency: float, repeat: int, seed: int, workdir: Path)
         return _child("_poll", server.url, str(db), mode)
 
     try:
+        wake = _child("_wake_up", server.url, str(latency))
         server.call("latency", seconds=latency)
         floor_seq = _median_run([_child("_floor", server.url, "seq") for _ in range(repeat)])
         floor_conc = _median_run([_child("_floor", server.url, "conc") for _ in range(repeat)])
@@ -532,9 +574,12 @@ def bench_latency(n: int, latency: float, repeat: int, seed: int, workdir: Path)
         "pages_x_latency_sequential_s": ideal_seq,
         "pages_x_latency_concurrent_s": ideal_conc,
         "round_trip_ms_per_page": 1000 * floor_seq["seconds"] / (pa + pr),
+        # Why the floor itself is more than ``pages x latency``: a page, request and parse, costs
+        # this much more after idling for the latency than back to back (see ``wake_up``).
+        "page_without_latency_ms": {k: v for k, v in wake.items() if k != "process_seconds"},
         "note": (
-            f"{n} customers: at 100k, {(pa + pr) * 10} pages x {latency * 1000:.0f} ms is about "
-            f"{(pa + pr) * 10 * latency:.0f} s per cycle; the overhead ratio does not grow with the account"
+            f"{n} customers; at 100k, about {round((pa + pr) * 100_000 / n)} pages x {latency * 1000:.0f} ms "
+            f"is {(pa + pr) * 100_000 / n * latency:.0f} s per cycle: the ratios do not grow with the account"
         ),
     }
     for name, (r, ideal, floor) in runs.items():
@@ -568,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "_floor":
         print(json.dumps(floor(argv[1], argv[2] == "conc")))
+        return 0
+    if argv and argv[0] == "_wake_up":
+        print(json.dumps(wake_up(argv[1], float(argv[2]))))
         return 0
     if argv and argv[0] == "_poll":
         print(json.dumps(poll(argv[1], argv[2], argv[3] == "conc", argv[4] if len(argv) > 4 else None)))
