@@ -138,6 +138,19 @@ def test_readyz_is_503_with_age_and_last_error_when_the_last_success_is_too_old(
     assert body["last_error"] == "HTTP 401: bad token"
 
 
+def test_readyz_keeps_the_last_error_while_the_next_poll_is_running(server: Server, store: Store) -> None:
+    add_poll(store, "succeeded", finished=NOW - timedelta(seconds=200))
+    add_poll(store, "failed", finished=NOW - timedelta(seconds=20), error="HTTP 503 from Metronome")
+    with store.write() as conn:  # the next cycle has recorded its run and not finished yet
+        conn.execute(insert(PollRun).values(started_at=format_ts(NOW), outcome="running"))
+
+    status, body = server.json("/readyz")
+
+    assert status == 503
+    assert "200s ago" in body["reason"]
+    assert body["last_error"] == "HTTP 503 from Metronome"
+
+
 def test_metrics_is_prometheus_text_with_gauges_refreshed_from_the_store(
     server: Server, store: Store
 ) -> None:

@@ -142,7 +142,9 @@ class HealthServer:
         max_age = self.max_age.total_seconds()
         try:
             last = self.store.last_successful_poll()
-            latest = self.store.last_polls(1)
+            # Two: the latest may be the poll in progress, which has no outcome yet; the one before
+            # it then says how the last attempt went (one poll runs at a time per database).
+            latest = [p for p in self.store.last_polls(2) if p.outcome != "running"][:1]
         except Exception as exc:  # the database is part of the job: unreadable means not ready
             return False, {"ready": False, "reason": f"cannot read the database: {exc}"}
         last_error = next((p.error for p in latest if p.outcome != "succeeded" and p.error), None)
