@@ -574,8 +574,8 @@ def bench_latency(n: int, latency: float, repeat: int, seed: int, workdir: Path)
         "pages_x_latency_sequential_s": ideal_seq,
         "pages_x_latency_concurrent_s": ideal_conc,
         "round_trip_ms_per_page": 1000 * floor_seq["seconds"] / (pa + pr),
-        # Why the floor itself is more than ``pages x latency``: a page, request and parse, costs
-        # this much more after idling for the latency than back to back (see ``wake_up``).
+        # Why the floor itself is more than ``pages x latency``: what a page (request and parse)
+        # costs back to back, and after idling for the latency as every page here does (``wake_up``).
         "page_without_latency_ms": {k: v for k, v in wake.items() if k != "process_seconds"},
         "note": (
             f"{n} customers; at 100k, about {round((pa + pr) * 100_000 / n)} pages x {latency * 1000:.0f} ms "
