@@ -53,7 +53,6 @@ class Memo:
         self._stored: dict[bool, tuple[list[bytes], bool]] = {}
         #: archived -> the digests of its stored pages not yet seen again (a complete memo only).
         self._unsettled: dict[bool, set[bytes]] = {False: set(), True: set()}
-        self.complete = False
         #: archived -> (digest, packed fingerprints) of each page seen in this cycle, in order.
         self._seen: dict[bool, list[tuple[bytes, bytes]]] = {False: [], True: []}
         self._new = {False: False, True: False}
@@ -73,11 +72,11 @@ class Memo:
                 digests.append(digest)
                 view = view[end:]
             self._stored[bool(archived)] = (digests, bool(complete))
-        self.complete = len(self._stored) == 2 and all(c for _, c in self._stored.values())
-        if self.complete:
+        complete = len(self._stored) == 2 and all(c for _, c in self._stored.values())
+        if complete:
             for archived, (digests, _) in self._stored.items():
                 self._unsettled[archived] = set(digests)
-        return self.complete
+        return complete
 
     def stored_records(self, archived: bool) -> int:
         """How many fingerprints the listing's stored pages hold (the stored customers, if complete)."""

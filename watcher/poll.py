@@ -593,7 +593,7 @@ class _Cycle:
                 # The stored rows of changed customers are read twice, scattered over the table
                 # (matched after the scan, applied in the final transaction): a page cache that
                 # keeps them for the second read. Memory is only taken as pages are read.
-                self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+                self._db.execute(f"PRAGMA cache_size = -{self._cache_kib}")
                 with self._transaction("DEFERRED"):
                     baseline = not self.store.has_baseline(conn)
                     if self.memo.load(self._db):
@@ -842,8 +842,7 @@ class _Cycle:
         emit = not baseline or self.p.diff.emit_baseline_events
         counts: Counter[str] = Counter()
         if self._writer is not None:  # the rows are in; the transaction is already open
-            assert self._conn is not None
-            self._record_success(self._conn, baseline, counts)
+            self._record_success(baseline, counts)
             return {}
         if self.staged:
             with self._transaction("DEFERRED") as conn:  # before the write lock is taken
@@ -868,10 +867,11 @@ class _Cycle:
                     .values(status="deleted", changed_at=detected_at, last_poll_id=self.poll_id)
                 )
                 writer.flush()
-            self._record_success(conn, baseline, counts)
+            self._record_success(baseline, counts)
         return dict(counts)
 
-    def _record_success(self, conn: Connection, baseline: bool, counts: Counter[str]) -> None:
+    def _record_success(self, baseline: bool, counts: Counter[str]) -> None:
+        # On the cycle's connection, inside the transaction its caller holds.
         # The memo holds exactly the stored fingerprints when every customer now stored was seen
         # once, on a page, as stored: no second sightings (the records seen are the customers
         # counted) and none known only from a lookup by id, or not known at all this cycle.
