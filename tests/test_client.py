@@ -222,6 +222,72 @@ def test_a_body_that_does_not_end_with_its_cursor_is_digested_whole(make_client:
     assert first.digest != last.digest == again.digest  # the cursor is part of what was digested
 
 
+def test_page_bodies_request_the_next_page_before_this_one_is_parsed(make_client: Any) -> None:
+    broken = b'{"data":[{"name":"no id"}],"next_page":"cursor-1"}'
+    client, rec = make_client(raw(200, broken), page(["b"], None))
+
+    first, second = client.iter_page_bodies(archived=False)  # both fetched, nothing parsed yet
+
+    assert len(rec.requests) == 2
+    assert rec.requests[1].url.params["next_page"] == "cursor-1"  # read from the end of the body
+    assert (first.next_page, second.next_page) == ("cursor-1", None)
+    assert second.parse() == [customer("b")]
+    with pytest.raises(APIDataError, match=r"page 1\): data\[0\] has no non-empty string 'id'"):
+        first.parse()
+
+
+def test_iter_pages_parses_each_page_before_requesting_the_next(make_client: Any) -> None:
+    broken = b'{"data":[{"name":"no id"}],"next_page":"cursor-1"}'
+    client, rec = make_client(raw(200, broken), page(["b"], None))
+
+    with pytest.raises(APIDataError, match="has no non-empty string 'id'"):
+        list(client.iter_pages(archived=False))
+    assert len(rec.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "followed"),
+    [
+        (body([customer("a")], "c/1", cursor_first=True), "c/1"),  # another member last
+        (b'{"data":[],"next_page":"c\\/1"}', "c/1"),  # an escape in the cursor
+        (b'{"data": [], "next_page": "c1"}', "c1"),  # spaces
+    ],
+    ids=["cursor-first", "escaped", "spaces"],
+)
+def test_a_body_that_does_not_end_plainly_is_parsed_before_its_cursor_is_followed(
+    make_client: Any, content: bytes, followed: str
+) -> None:
+    client, rec = make_client(raw(200, content), page(["b"], None))
+
+    first, second = client.iter_page_bodies(archived=False)
+
+    assert first.next_page == followed
+    assert rec.requests[1].url.params["next_page"] == followed
+    first.parse()
+    assert second.parse() == [customer("b")]
+
+
+def test_a_cursor_read_from_the_end_is_the_one_the_parser_keeps(make_client: Any) -> None:
+    # Two ``next_page`` members: orjson keeps the last, which is the one at the end of the body.
+    # (Were it ever to keep the first, ``parse`` would refuse the page rather than let the listing
+    # follow a cursor its body does not say.)
+    client, rec = make_client(raw(200, b'{"data":[],"next_page":"A","next_page":"c1"}'), page(["b"], None))
+
+    first, last = client.iter_page_bodies(archived=False)
+
+    assert rec.requests[1].url.params["next_page"] == "c1"
+    assert first.parse() == [] and first.next_page == "c1"
+    assert last.parse() == [customer("b")]
+
+
+def test_a_bad_body_without_a_plain_end_raises_on_arrival(make_client: Any) -> None:
+    client, rec = make_client(raw(200, b'{"next_page":"c1","data":[{"name":"no id"}]}'))
+    bodies = client.iter_page_bodies(archived=False)
+    with pytest.raises(APIDataError, match="has no non-empty string 'id'"):
+        next(bodies)
+    assert len(rec.requests) == 1  # its cursor was never followed
+
+
 def test_page_limit_is_sent(make_client: Any) -> None:
     client, rec = make_client(page([], None), page_limit=25)
     list(client.iter_pages(archived=False))

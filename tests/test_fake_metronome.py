@@ -521,6 +521,25 @@ def test_malformed_fault_sends_a_200_that_is_not_json(client: httpx.Client, fake
         response.json()
 
 
+def test_bad_record_fault_drops_the_first_id_and_keeps_the_rest(
+    client: httpx.Client, fake: FakeMetronome
+) -> None:
+    ids = make_customers(fake, 3)
+    intact = list_page(client, limit=2)
+    fake.add_fault(Fault("bad_record", times=2))
+
+    response = client.get("/v1/customers", params={"limit": 2})
+    single = client.get(f"/v1/customers/{ids[2]}").json()
+
+    assert response.status_code == 200
+    assert response.content.endswith(b',"next_page":"' + intact["next_page"].encode() + b'"}')
+    broken = response.json()
+    assert broken["data"][0] == {k: v for k, v in intact["data"][0].items() if k != "id"}
+    assert broken["data"][1] == intact["data"][1]
+    assert "id" not in single["data"] and single["data"]["name"] == "Customer 2"
+    assert list_page(client, limit=2) == intact  # it has fired twice and is gone
+
+
 def test_drop_fault_closes_the_connection_without_a_response(
     fake: FakeMetronome, client: httpx.Client
 ) -> None:

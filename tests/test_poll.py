@@ -248,10 +248,12 @@ def test_ignore_list_is_configurable(fake: FakeMetronome, tmp_path: Path) -> Non
     [
         (Fault(kind="status", status=500, times=100, page=2, archived=False), "HTTP 500"),
         (Fault(kind="malformed", times=100, page=2, archived=False), "not JSON"),
+        # Well-formed up to its cursor, which the client follows before the page is parsed.
+        (Fault(kind="bad_record", page=2, archived=False), "data[0] has no non-empty string 'id'"),
         (Fault(kind="status", status=401, message="Unauthorized", page=2, archived=False), "401"),
         (Fault(kind="drop", times=100, page=2, archived=False), ""),
     ],
-    ids=["500-beyond-retries", "malformed", "401", "dropped-connection"],
+    ids=["500-beyond-retries", "malformed", "bad-record", "401", "dropped-connection"],
 )
 def test_failed_page_commits_nothing_then_next_poll_catches_up(
     fake: FakeMetronome, seeded: Harness, fault: Fault, reason: str
@@ -282,6 +284,40 @@ def test_failed_page_commits_nothing_then_next_poll_catches_up(
         ("customer.archived", archived),
         ("customer.created", created),
     }
+
+
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "sequential"])
+def test_a_cancel_abandons_the_cycle_while_a_request_still_hangs(
+    fake: FakeMetronome, tmp_path: Path, concurrent: bool
+) -> None:
+    for i in range(25):
+        fake.create_customer(f"Customer {i:02d}")
+    h = Harness(fake, tmp_path / "watcher.db", concurrent=concurrent)
+    try:
+        assert h.poll().ok
+        fake.set_name(fake.customers(archived=False)[0]["id"], "Renamed")
+        before = h.snapshot()
+        hanging, release, cancel = threading.Event(), threading.Event(), threading.Event()
+        answered = threading.Event()
+
+        def hang(_: FakeMetronome) -> None:
+            hanging.set()
+            release.wait(30)
+            answered.set()
+
+        fake.on_page(2, hang, archived=False)
+        threading.Thread(target=lambda: hanging.wait(30) and cancel.set(), daemon=True).start()
+
+        result = h.poller.run(cancel=cancel)
+        still_hanging = not answered.is_set()
+        release.set()
+
+        assert result.outcome == "abandoned"
+        assert still_hanging, "the cycle waited for the request in flight"
+        assert h.snapshot() == before
+    finally:
+        release.set()
+        h.close()
 
 
 def test_429_with_retry_after_is_waited_out(fake: FakeMetronome, seeded: Harness) -> None:

@@ -1,7 +1,8 @@
 """The Metronome API client: the two read endpoints the watcher needs, and nothing else.
 
 - ``GET /v1/customers`` (active, or ``only_archived=true``), followed page by page through the opaque
-  ``next_page`` cursor until it is ``null``: :meth:`MetronomeClient.iter_pages`.
+  ``next_page`` cursor until it is ``null``: :meth:`MetronomeClient.iter_pages`, or
+  :meth:`MetronomeClient.iter_page_bodies` for pages that are parsed wherever the caller likes.
 - ``GET /v1/customers/{customer_id}``: :meth:`MetronomeClient.get_customer` (``None`` on 404).
 
 Everything that can go wrong surfaces as one of the :mod:`watcher.errors` ``APIError`` subclasses, so the
@@ -29,6 +30,7 @@ import datetime as dt
 import email.utils
 import math
 import random
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
@@ -45,7 +47,7 @@ import xxhash
 from watcher.errors import APIDataError, APIStatusError, APITransportError
 from watcher.metrics import API_PAGES, API_REQUESTS, API_RETRIES
 
-__all__ = ["DEFAULT_TIMEOUT", "ListingPage", "MetronomeClient", "RetryPolicy"]
+__all__ = ["DEFAULT_TIMEOUT", "ListingPage", "MetronomeClient", "PageBody", "RetryPolicy"]
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +86,55 @@ class ListingPage(list[dict[str, Any]]):
     def __init__(self, records: list[dict[str, Any]], digest: bytes | None = None) -> None:
         super().__init__(records)
         self.digest = digest
+
+
+#: How a listing body ends when its last member is a cursor without escapes, or null (as Metronome's
+#: do). A cursor read from there lets the next request go out before this page is parsed. Quotes
+#: inside JSON strings are escaped, so this can only match the top-level object's last member; a
+#: body that ends any other way (escapes, spaces, another member last) is parsed first.
+_TAIL_CURSOR = re.compile(rb',"next_page":(?:null|"([^"\\\x00-\x1f]+)")\}\s*\Z')
+#: How far from the end the cursor is looked for (Metronome's cursors are well under 100 bytes).
+_TAIL_BYTES = 1024
+#: ``PageBody.next_page`` before the body has been parsed, when its tail did not give it.
+_UNPARSED: Any = object()
+
+
+class PageBody:
+    """One listing page as received: its body, parsed and validated only by :meth:`parse`.
+
+    ``next_page`` is the cursor the client follows from this page (``None``: the last page). It is
+    read from the end of the body when the body ends the way the API's do, so that the next
+    request can go out before this page is parsed; otherwise the page was parsed on arrival.
+    :meth:`parse` refuses a body whose parsed ``next_page`` is not the cursor followed.
+    """
+
+    __slots__ = ("_client", "_page", "_response", "_what", "next_page")
+
+    def __init__(self, client: MetronomeClient, response: httpx.Response, what: str) -> None:
+        self._client, self._response, self._what = client, response, what
+        self._page: ListingPage | None = None
+        content = response.content
+        match = _TAIL_CURSOR.search(content, max(0, len(content) - _TAIL_BYTES))
+        try:
+            self.next_page: str | None = (match[1].decode() if match[1] else None) if match else _UNPARSED
+        except UnicodeDecodeError:
+            self.next_page = _UNPARSED
+        if self.next_page is _UNPARSED:
+            self.parse()
+
+    def parse(self) -> ListingPage:
+        """The page's records; raises :class:`~watcher.errors.APIDataError` for a bad body."""
+        if self._page is None:
+            data, next_page = self._client._parse_listing(self._response, what=self._what)
+            if self.next_page is _UNPARSED:
+                self.next_page = next_page
+            elif next_page != self.next_page:
+                raise APIDataError(
+                    self._client._redact(f"{self._what}: 'next_page' is not the cursor the body ends with"),
+                    status=self._response.status_code,
+                )
+            self._page = ListingPage(data, _page_digest(self._response.content, next_page))
+        return self._page
 
 
 def _page_digest(body: bytes, next_page: str | None) -> bytes:
@@ -284,7 +335,20 @@ class MetronomeClient:
 
         ``archived=False`` lists active customers, ``archived=True`` archived ones. Records are yielded
         exactly as parsed, as a :class:`ListingPage`. Raises :class:`~watcher.errors.APIError`; a caller
-        that needs a complete picture must treat any exception as "no picture".
+        that needs a complete picture must treat any exception as "no picture". Each page is parsed
+        before the next one is requested.
+        """
+        for body in self.iter_page_bodies(archived=archived):
+            yield body.parse()
+
+    def iter_page_bodies(self, *, archived: bool) -> Iterator[PageBody]:
+        """Like :meth:`iter_pages`, but each page comes unparsed, as a :class:`PageBody`.
+
+        The next page is requested as soon as the generator is resumed, whether or not the page
+        before it has been parsed: a caller that parses pages in another thread has the next request
+        in flight meanwhile, so the parsing hides inside the API's latency. A bad body raises from
+        :meth:`PageBody.parse`, possibly after later pages were fetched; the caller must parse every
+        page it yields before it trusts the listing.
         """
         listing = "archived" if archived else "active"
         endpoint: _Endpoint = "list_archived" if archived else "list_active"
@@ -308,9 +372,10 @@ class MetronomeClient:
             response = self._send(url, params=params, endpoint=endpoint, what=what)
             if response.status_code != httpx.codes.OK:
                 raise self._status_error(response, what=what, attempts=None)
-            data, next_page = self._parse_listing(response, what=what)
+            body = PageBody(self, response, what)
             API_PAGES.labels(listing).inc()
-            yield ListingPage(data, _page_digest(response.content, next_page))
+            yield body
+            next_page = body.next_page
             if next_page is None:
                 return
             if next_page in seen_cursors:
@@ -354,13 +419,16 @@ class MetronomeClient:
         Retryable statuses (429, 5xx) that outlast the budget raise here; every other status is
         returned for the caller to interpret (a 404 means different things to the two endpoints).
         """
+        # The query string is encoded here, once per page: handed ``params=``, httpx merges them
+        # into the URL on every request, about a third of its own per-request cost (measured).
+        target = httpx.URL(f"{url}?{urllib.parse.urlencode(params)}" if params else url)
         attempt = 0
         waited = 0.0
         while True:
             attempt += 1
             try:
                 response = self._http.get(
-                    url, params=params, headers=self._request_headers, timeout=self._request_timeout
+                    target, headers=self._request_headers, timeout=self._request_timeout
                 )
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 API_REQUESTS.labels(endpoint, "error").inc()

@@ -67,7 +67,9 @@ class Fault:
       (sent verbatim, so a test can use seconds or an HTTP date);
     * ``"malformed"``: a 200 whose body is not JSON;
     * ``"drop"``: the connection is closed without any response;
-    * ``"latency"``: a pause of ``delay`` seconds, then the normal answer.
+    * ``"latency"``: a pause of ``delay`` seconds, then the normal answer;
+    * ``"bad_record"``: the normal answer, well-formed JSON with its cursor in place, except that
+      the first record on it (or the customer, from get-by-id) has no ``id``.
 
     A request matches when its path starts with ``path`` (``"/v1/customers"`` matches the listing,
     get-by-id and the customer POSTs); ``page`` and ``archived`` restrict the fault to the listing
@@ -77,7 +79,7 @@ class Fault:
     or load balancer in front of Metronome.
     """
 
-    kind: Literal["status", "malformed", "drop", "latency"]
+    kind: Literal["status", "malformed", "drop", "latency", "bad_record"]
     status: int = 500
     message: str = "injected failure"
     retry_after: str | None = None
@@ -88,7 +90,7 @@ class Fault:
     archived: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("status", "malformed", "drop", "latency"):
+        if self.kind not in ("status", "malformed", "drop", "latency", "bad_record"):
             raise ValueError(f"unknown fault kind {self.kind!r}")
         if self.times < 1:
             raise ValueError("a fault must fire at least once (times >= 1)")
@@ -172,6 +174,16 @@ class _PageHook:
     page: int
     archived: bool | None
     callback: Callable[[FakeMetronome], object]
+
+
+def _without_first_id(body: bytes) -> bytes:
+    """A JSON answer with the ``id`` of its first record removed, members otherwise in order."""
+    answer = orjson.loads(body)
+    data = answer.get("data")
+    record = data[0] if isinstance(data, list) and data else data
+    if isinstance(record, dict):
+        record.pop("id", None)
+    return orjson.dumps(answer)
 
 
 @dataclass(frozen=True)
@@ -355,6 +367,11 @@ class FakeMetronome:
     The data operations (``create_customer``, ``archive``, ...) have the same semantics as the HTTP
     endpoints and are safe to call from any thread, including while a client is paging. Each one
     raises :class:`KeyError` for an unknown customer and :class:`ValueError` for an invalid change.
+
+    ``latency`` (seconds, 0 by default) makes every answer leave that long after its request was
+    read, like an API whose round trip is that long: the fake's own work on the answer happens
+    within the wait, not after it, and the wait ends on time to within tens of microseconds
+    (:func:`_hold`), so a client measured against ``pages x latency`` is not charged for the fake.
     """
 
     def __init__(
@@ -738,8 +755,10 @@ class FakeMetronome:
 
     # -- internals: HTTP ---------------------------------------------------------------------------
 
-    def _handle(self, method: str, target: str, authorization: str | None, body: bytes) -> _Reply | None:
-        """Answer one request (None: drop the connection) and record it."""
+    def _handle(
+        self, method: str, target: str, authorization: str | None, body: bytes, arrived: float
+    ) -> _Reply | None:
+        """Answer one request read at ``arrived`` (``time.monotonic()``; None: drop the connection)."""
         path, _, query_string = target.partition("?")
         params = parse_qs(query_string, keep_blank_values=True)
         authorized = authorization == f"Bearer {self.token}"
@@ -748,13 +767,13 @@ class FakeMetronome:
             self.requests.append(
                 RecordedRequest(method, path, params, reply.status if reply else 0, authorized)
             )
+        if self.latency > 0:
+            _hold(arrived + self.latency)
         return reply
 
     def _reply(
         self, method: str, path: str, params: dict[str, list[str]], authorized: bool, body: bytes
     ) -> _Reply | None:
-        if self.latency > 0:
-            time.sleep(self.latency)
         parts = path.strip("/").split("/")
         query: _ListQuery | None = None
         invalid: _BadRequest | None = None
@@ -771,19 +790,21 @@ class FakeMetronome:
                 return _Reply(200, _MALFORMED_BODY)
             if fault.kind == "status":
                 return _error(fault.status, fault.message, fault.retry_after)
-            time.sleep(fault.delay)
+            if fault.kind == "latency":
+                time.sleep(fault.delay)
         if not authorized:
             return _error(401, "Unauthorized")
         try:
             if invalid is not None:
                 raise invalid
-            if query is not None:
-                return self._list(query)
-            return self._route(method, parts, body)
+            reply = self._list(query) if query is not None else self._route(method, parts, body)
         except _NotFound:
             return _error(404, "Customer not found")
         except _BadRequest as exc:
             return _error(400, str(exc))
+        if fault is not None and fault.kind == "bad_record" and reply.status == 200:
+            return _Reply(200, _without_first_id(reply.body))
+        return reply
 
     def _take_fault(self, path: str, query: _ListQuery | None) -> Fault | None:
         with self._lock:
@@ -926,6 +947,24 @@ def _check_billable_status(value: str) -> None:
 
 # -- the HTTP server ---------------------------------------------------------------------------------
 
+#: How long before its deadline :func:`_hold` stops sleeping and starts yielding the CPU instead.
+_HOLD_SPIN = 0.002
+
+
+def _hold(deadline: float) -> None:
+    """Return at ``deadline`` (``time.monotonic()``), late by tens of microseconds at most.
+
+    ``time.sleep`` alone wakes 0.2 to 0.5 ms late on a VM whose vCPU idles during the sleep (the
+    host has to reschedule it), which at 50 ms of latency is a fifth of a 5% margin charged to the
+    client. So the last ``_HOLD_SPIN`` seconds are spent yielding (``sleep(0)`` lets the server's
+    other threads run), which costs the fake some CPU on its own core and nobody else anything.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining > _HOLD_SPIN:
+        time.sleep(remaining - _HOLD_SPIN)
+    while time.monotonic() < deadline:
+        time.sleep(0)
+
 
 class _Server(ThreadingHTTPServer):
     """A threading HTTP server that knows its fake and can cut its keep-alive connections on stop."""
@@ -952,6 +991,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so a client's connection pool is exercised
     disable_nagle_algorithm = True
     server: _Server
+    arrived = 0.0  # time.monotonic() when the request being served arrived
 
     def setup(self) -> None:
         super().setup()
@@ -978,6 +1018,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._serve()
 
+    def parse_request(self) -> bool:
+        # The request line has just been read: the request has arrived, and ``latency`` counts
+        # from here, so the stdlib's header parsing is inside the wait rather than added to it.
+        self.arrived = time.monotonic()
+        return super().parse_request()
+
     def _serve(self) -> None:
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -988,7 +1034,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(_error(400, "invalid Content-Length").encode())
             return
         body = self.rfile.read(length) if length else b""
-        reply = self.server.fake._handle(self.command, self.path, self.headers.get("Authorization"), body)
+        reply = self.server.fake._handle(
+            self.command, self.path, self.headers.get("Authorization"), body, self.arrived
+        )
         if reply is None:
             self.close_connection = True
             return

@@ -3,15 +3,17 @@
 The cycle, and why it is shaped this way:
 
 1. The stored fingerprints load as two sets of integers, one per listing (from the page memo when
-   it holds exactly them, else from the customers table). Both listings are read in full
-   (concurrently when asked: the cycle's floor is the API's latency, so overlapping the two halves
-   it). Each record is fingerprinted, or a page seen before byte for byte takes its fingerprints
-   from the page memo (``watcher._memo``). A fingerprint covers the whole record, id included, so
-   a record whose fingerprint is in its listing's set is a stored customer, unchanged: settling it
-   is removing the fingerprint. Only the rest (changed, new, moved between listings, seen twice)
-   is *staged*, in batches, in a TEMP table of the cycle's own connection (no lock on the
-   database, no fsync, gone with the connection). A cycle without changes therefore writes nothing
-   but its poll-run row, and memory holds only integers rather than records or ids.
+   it holds exactly them, else from the customers table). Both listings are read in full, by
+   producer threads that only fetch (concurrently when asked: a cycle cannot be faster than the
+   API's latency, and overlapping the two listings lowers that floor), while the cycle's thread
+   parses each page. Each record is fingerprinted, or a page seen before byte for byte takes its
+   fingerprints from the page memo (``watcher._memo``). A fingerprint covers the whole record, id
+   included, so a record whose fingerprint is in its listing's set is a stored customer,
+   unchanged: settling it is removing the fingerprint. Only the rest (changed, new, moved between
+   listings, seen twice) is *staged*, in batches, in a TEMP table of the cycle's own connection
+   (no lock on the database, no fsync, gone with the connection). A cycle without changes
+   therefore writes nothing but its poll-run row, and memory holds only integers rather than
+   records or ids.
 2. What is left in the sets belongs to stored customers not seen as stored: the staged ones are
    matched by id, the others vanished. Those are looked up by id (rule 3): 404 means deleted, a
    record is used as seen, an error means no conclusion this cycle. Before that, the mass-vanish
@@ -25,7 +27,8 @@ straight into ``customers`` inside the one transaction, opened before the scan (
 
 Any failure before the commit leaves nothing but the failed poll-run row (rule 1). Why the hot
 path looks the way it does (fingerprints by ``map``, sets of integers, the page memo, producers
-that observe their own pages) is in ``docs/performance.md``.
+that only fetch, so that the next request is in flight while a page is worked on) is in
+``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from sqlalchemy import Connection, insert, update
 from . import metrics
 from ._memo import Memo
 from ._time import Clock, format_ts, utcnow
+from .client import MetronomeClient, PageBody
 from .config import DiffConfig
 from .diff import diff_records
 from .errors import APIError, PollRefused, WatcherError
@@ -256,11 +260,17 @@ class _PollLock:
             self.fd = None
 
 
-#: Pages each producer may fetch and fingerprint ahead while the stored fingerprints load (a few
-#: milliseconds from the page memo; from the customers table, a scan that SQLite runs without the
-#: GIL, about 20 ms per 100k customers). A page waiting here is its ids, fingerprints and
-#: canonical JSON, about 60 kB for 100 records, so the backlog is bounded at a few megabytes.
-_BACKLOG_PAGES = 32
+#: Pages fetched but not yet observed, at most: the producers wait when the queue is full. Fetched
+#: ahead while the stored fingerprints load (a few milliseconds from the page memo; from the
+#: customers table, a scan that SQLite runs without the GIL, about 20 ms per 100k customers), and
+#: whenever observing falls behind. A queued page from the API is its body, about 45 kB for 100
+#: records, so this bounds the backlog at about a megabyte whatever the account's size.
+_BACKLOG_PAGES = 24
+#: A page that took at least this long to arrive (seconds) is handed to the cycle's thread rather
+#: than worked on by its producer (see ``_Scan``). Handing over costs a thread switch or two; it
+#: pays only when the wait for the next page is long enough to hide the work in, which is not the
+#: case while the GIL's switch interval (5 ms) can delay a woken thread by as much.
+_HANDOFF_WAIT = 0.005
 #: The pieces of ``store.record_hash(store.canonical(record))``, for ``map`` over a whole page.
 _ID = itemgetter("id")
 _dumps, _SORT, _xxh3 = orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_64_intdigest
@@ -269,8 +279,8 @@ _dumps, _SORT, _xxh3 = orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_64_intdig
 class _Page:
     """One page of a listing, with the id and fingerprint of every record.
 
-    The fingerprints are computed where the page is parsed (in the producer thread when listings
-    are fetched concurrently), with builtins only: no Python bytecode runs per record. A page
+    The fingerprints are computed in the cycle's thread, right after the page is parsed, with
+    builtins only: no Python bytecode runs per record. A page
     whose fingerprints are known from ``PageMemo`` is *lazy*: it keeps its records and computes
     ids and canonical JSON only if the fingerprints do not settle it (:meth:`fingerprint`).
     """
@@ -351,19 +361,36 @@ _UPSERT_STATE = (
 )
 
 
+#: A page as a producer gets it: unparsed from :class:`MetronomeClient`, else its records.
+_Fetched = PageBody | list[dict[str, Any]]
+
+
+def _records(page: _Fetched) -> list[dict[str, Any]]:
+    return page.parse() if isinstance(page, PageBody) else page
+
+
 class _Scan:
     """Reads both listings and hands every page to ``observe`` exactly once, one page at a time.
 
-    One listing after the other in the calling thread, or (``concurrent``) from two producer
-    threads that start fetching as soon as this is created. While the API answers quickly the
-    cycle is CPU-bound under the GIL, and waking a consumer thread for every page would cost a
-    thread switch per page; so each producer observes its own pages, under a lock that keeps it
-    to one page at a time.
+    Producer threads fetch: two, one per listing, when ``concurrent``; otherwise one that reads the
+    listings one after the other. What happens to a page depends on how long it took to arrive:
 
-    Nothing is observed before :meth:`run` (the stored fingerprints load in the meantime, while
-    each producer fetches up to ``_BACKLOG_PAGES`` pages ahead), and nothing after :meth:`close`.
-    The calling thread never waits on the network itself, so it sees a cancel request (shutdown,
-    ``poll_timeout``) within a fraction of a second even while a request hangs.
+    - Quickly (under ``_HANDOFF_WAIT``): the cycle is CPU-bound under the GIL, and waking another
+      thread for every page would cost more than it saves (about 0.2 ms of CPU a page, measured),
+      so the producer parses and observes the page itself.
+    - Slowly, as behind a real API's latency: the producer puts the page on a queue, unparsed when
+      it comes from :class:`MetronomeClient` (which reads the cursor from the end of the body), and
+      goes straight back to the network; the calling thread parses and observes it. The next
+      request is then in flight while this page is worked on, so the cycle's own work hides inside
+      the wait for the next page instead of adding to it.
+
+    Pages are observed under one lock, and in order within a listing: a producer observes a page
+    itself only when none of its listing's pages is still queued.
+
+    Nothing is observed before :meth:`run` (the stored fingerprints load in the meantime, while the
+    producers fill the queue), and nothing after :meth:`close`. The calling thread never waits on
+    the network itself, so it sees a cancel request (shutdown, ``poll_timeout``) within a fraction
+    of a second even while a request hangs.
     """
 
     def __init__(
@@ -375,71 +402,91 @@ class _Scan:
     ) -> None:
         self.source = source
         self.observe = observe
-        #: Fingerprints of pages seen before, set before :meth:`run`. Only a page observed
-        #: straight away may be lazy: one waiting in a backlog would hold its records.
+        #: Fingerprints of pages seen before, set before :meth:`run`.
         self.memo: Memo | None = None
         self.check_cancel = check_cancel
+        #: ``(archived, page)`` for a page; ``(False, None)`` when a producer is done.
+        self.queue: queue.Queue[tuple[bool, _Fetched | None]] = queue.Queue(_BACKLOG_PAGES)
+        #: Held while a page is observed. Guards ``queued``, and ``stop`` is set under it.
         self.lock = threading.Lock()
+        #: Pages of each listing queued and not observed yet.
+        self.queued = {False: 0, True: 0}
         self.ready = threading.Event()
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.threads: list[threading.Thread] = []
-        if concurrent:
-            self.threads = [
-                threading.Thread(target=self._produce, args=(a,), daemon=True, name=f"list-{a}")
-                for a in (False, True)
-            ]
-            for t in self.threads:
-                t.start()
+        listings = [("active",), ("archived",)] if concurrent else [("active", "archived")]
+        self.threads = [
+            threading.Thread(target=self._produce, args=(a,), daemon=True, name="list-" + "-".join(a))
+            for a in listings
+        ]
+        for t in self.threads:
+            t.start()
 
-    def _produce(self, archived: bool) -> None:
-        backlog: list[_Page] = []
+    def _produce(self, listings: tuple[str, ...]) -> None:
+        source = self.source
+        clock = time.monotonic
         try:
-            for records in self.source.iter_pages(archived=archived):
-                if self.stop.is_set():
-                    return
-                lazy = not backlog and self.ready.is_set()
-                backlog.append(_Page(archived, records, self.memo if lazy else None))
-                if len(backlog) < _BACKLOG_PAGES and not self.ready.is_set():
-                    continue  # fetch ahead while the stored fingerprints load
-                if not self._observe(backlog):
-                    return
-            self._observe(backlog)
+            for listing in listings:
+                archived = listing == "archived"
+                pages: Iterator[_Fetched]
+                if isinstance(source, MetronomeClient):
+                    pages = source.iter_page_bodies(archived=archived)
+                else:
+                    pages = source.iter_pages(archived=archived)
+                requested = clock()
+                for page in pages:
+                    quick = clock() - requested < _HANDOFF_WAIT
+                    # Only this thread adds to its listing's ``queued``: once read as 0, it stays 0.
+                    if quick and self.ready.is_set() and not self.queued[archived]:
+                        p = _Page(archived, _records(page), self.memo)
+                        with self.lock:
+                            if self.stop.is_set():
+                                return
+                            self.observe(p)
+                    else:
+                        with self.lock:
+                            self.queued[archived] += 1
+                        if not self._put((archived, page)):
+                            return
+                    requested = clock()
         except BaseException as exc:  # raised in the calling thread
             if self.error is None:
                 self.error = exc
-            self.stop.set()
+        finally:
+            self._put((False, None))
 
-    def _observe(self, pages: list[_Page]) -> bool:
-        """Observe ``pages`` (and empty the list) once observing has started; False on stop."""
-        while not self.ready.wait(0.05):
-            if self.stop.is_set():
-                return False
-        with self.lock:
-            for page in pages:
-                if self.stop.is_set():
-                    return False
-                self.observe(page)
-        pages.clear()
-        return True
+    def _put(self, item: tuple[bool, _Fetched | None]) -> bool:
+        """Queue ``item``, waiting while the queue is full; False once the scan is stopped."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+            except queue.Full:
+                continue
+            return True
+        return False
 
     def run(self) -> None:
         """Observe every page of both listings (the stored state is ready)."""
         self.ready.set()
-        if not self.threads:
-            for archived in (False, True):
-                for records in self.source.iter_pages(archived=archived):
-                    self.check_cancel()
-                    self.observe(_Page(archived, records, self.memo))
-            return
-        for t in self.threads:
-            while t.is_alive():
-                t.join(0.2)
-                self.check_cancel()
-                if self.error is not None:
-                    raise self.error
-        if self.error is not None:
-            raise self.error
+        running = len(self.threads)
+        while running:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                item = None
+            self.check_cancel()
+            if self.error is not None:
+                raise self.error
+            if item is None:
+                continue
+            archived, page = item
+            if page is None:
+                running -= 1
+                continue
+            p = _Page(archived, _records(page), self.memo)
+            with self.lock:
+                self.observe(p)
+                self.queued[archived] -= 1
 
     def close(self) -> None:
         """Stop the producers: nothing is observed once this returns.
