@@ -96,7 +96,8 @@ class MetronomeConfig(_Model):
     timeout: Duration = timedelta(seconds=30)
     max_attempts: int = Field(default=6, ge=1, le=20)
     max_retry_wait: Duration = timedelta(minutes=2)
-    #: Fetch the active and archived listings at the same time (halves a cycle's wall time).
+    #: Fetch the active and archived listings at the same time: behind the API's latency a cycle then
+    #: takes as long as the larger listing alone (10% less with one customer in ten archived).
     concurrent_listings: bool = True
 
     @field_validator("base_url", "app_url")

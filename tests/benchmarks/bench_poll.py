@@ -36,9 +36,11 @@ run in a process of its own, timed by this process from spawn to exit. Interpret
 then in every figure, so they are compared by their marginal cost: ``whole_process_marginal_10k_to_100k``
 is how much longer a cycle process gets from 10k to 100k customers over how much longer the floor gets.
 
-The latency run (``--latency-ms``, default 50; 0 skips it) makes the fake sleep that long before
-every page and compares cycles with ``pages x latency``: the sum of both listings' pages when they
-are fetched one after the other, the larger of the two when they are fetched concurrently. It also
+The latency run (``--latency-ms``, default 50; 0 skips it) makes the fake hold every answer until
+that long after its request arrived (its own work on the answer happens within the wait, and the
+wait ends on time: ``FakeMetronome.latency``) and compares cycles with ``pages x latency``: the sum
+of both listings' pages when they are fetched one after the other, the larger of the two when they
+are fetched concurrently. It also
 reports each cycle against the floor measured under the same latency (``over_floor``), which
 includes the API's own serving time per page, and what one page (request and parse) costs this
 machine back to back and after idling for the latency (``page_without_latency_ms``): the floor's
