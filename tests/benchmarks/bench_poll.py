@@ -40,9 +40,8 @@ The latency run (``--latency-ms``, default 50; 0 skips it) makes the fake hold e
 that long after its request arrived (its own work on the answer happens within the wait, and the
 wait ends on time: ``FakeMetronome.latency``) and compares cycles with ``pages x latency``: the sum
 of both listings' pages when they are fetched one after the other, the larger of the two when they
-are fetched concurrently. It also
-reports each cycle against the floor measured under the same latency (``over_floor``), which
-includes the API's own serving time per page, and what one page (request and parse) costs this
+are fetched concurrently. It also reports each cycle against the floor measured under the same
+latency (``over_floor``: what our own work adds), and what one page (request and parse) costs this
 machine back to back and after idling for the latency (``page_without_latency_ms``): the floor's
 own distance from ``pages x latency``.
 """
