@@ -320,6 +320,37 @@ def test_a_cancel_abandons_the_cycle_while_a_request_still_hangs(
         h.close()
 
 
+def test_behind_latency_a_cycle_reports_the_same_changes_and_refuses_a_bad_page(
+    fake: FakeMetronome, seeded: Harness
+) -> None:
+    # 10 ms a page is past the hand-over threshold: every page goes to the cycle's thread unparsed,
+    # its cursor read from the end of the body, and is parsed there while the next is in flight.
+    fake.latency = 0.01
+    active = fake.customers(archived=False)
+    renamed, archived = active[12]["id"], active[3]["id"]
+    fake.set_name(renamed, "New Name")
+    fake.archive(archived)
+    created = fake.create_customer("Late Arrival")["id"]
+    fake.add_fault(Fault(kind="bad_record", page=3, archived=False))
+    before = seeded.snapshot()
+
+    failed = seeded.poll()
+
+    assert failed.outcome == "failed"
+    assert "(active listing, page 3): data[0] has no non-empty string 'id'" in (failed.error or "")
+    assert seeded.snapshot() == before
+
+    ok = seeded.poll()
+
+    assert ok.ok and ok.pages == 4
+    got = {(e["type"], e["customer_id"]) for e in seeded.events()}
+    assert got == {
+        ("customer.updated", renamed),
+        ("customer.archived", archived),
+        ("customer.created", created),
+    }
+
+
 def test_429_with_retry_after_is_waited_out(fake: FakeMetronome, seeded: Harness) -> None:
     fake.add_fault(Fault(kind="status", status=429, retry_after="7", page=2, archived=False))
     cid = fake.create_customer("After The Wait")["id"]

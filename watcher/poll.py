@@ -3,17 +3,17 @@
 The cycle, and why it is shaped this way:
 
 1. The stored fingerprints load as two sets of integers, one per listing (from the page memo when
-   it holds exactly them, else from the customers table). Both listings are read in full, by
-   producer threads that only fetch (concurrently when asked: a cycle cannot be faster than the
-   API's latency, and overlapping the two listings lowers that floor), while the cycle's thread
-   parses each page. Each record is fingerprinted, or a page seen before byte for byte takes its
-   fingerprints from the page memo (``watcher._memo``). A fingerprint covers the whole record, id
-   included, so a record whose fingerprint is in its listing's set is a stored customer,
-   unchanged: settling it is removing the fingerprint. Only the rest (changed, new, moved between
-   listings, seen twice) is *staged*, in batches, in a TEMP table of the cycle's own connection
-   (no lock on the database, no fsync, gone with the connection). A cycle without changes
-   therefore writes nothing but its poll-run row, and memory holds only integers rather than
-   records or ids.
+   it holds exactly them, else from the customers table). Both listings are read in full by
+   producer threads (concurrently when asked: a cycle cannot be faster than the API's latency, and
+   overlapping the two listings lowers that floor), which hand a page that was slow to arrive to
+   the cycle's thread, so that the next request is in flight while it is worked on (``_Scan``).
+   Each record is fingerprinted, or a page seen before byte for byte takes its fingerprints from
+   the page memo (``watcher._memo``). A fingerprint covers the whole record, id included, so a
+   record whose fingerprint is in its listing's set is a stored customer, unchanged: settling it
+   is removing the fingerprint. Only the rest (changed, new, moved between listings, seen twice)
+   is *staged*, in batches, in a TEMP table of the cycle's own connection (no lock on the
+   database, no fsync, gone with the connection). A cycle without changes therefore writes nothing
+   but its poll-run row, and memory holds only integers rather than records or ids.
 2. What is left in the sets belongs to stored customers not seen as stored: the staged ones are
    matched by id, the others vanished. Those are looked up by id (rule 3): 404 means deleted, a
    record is used as seen, an error means no conclusion this cycle. Before that, the mass-vanish
@@ -27,8 +27,7 @@ straight into ``customers`` inside the one transaction, opened before the scan (
 
 Any failure before the commit leaves nothing but the failed poll-run row (rule 1). Why the hot
 path looks the way it does (fingerprints by ``map``, sets of integers, the page memo, producers
-that only fetch, so that the next request is in flight while a page is worked on) is in
-``docs/performance.md``.
+that hand slow pages over) is in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -279,10 +278,11 @@ _dumps, _SORT, _xxh3 = orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_64_intdig
 class _Page:
     """One page of a listing, with the id and fingerprint of every record.
 
-    The fingerprints are computed in the cycle's thread, right after the page is parsed, with
-    builtins only: no Python bytecode runs per record. A page
-    whose fingerprints are known from ``PageMemo`` is *lazy*: it keeps its records and computes
-    ids and canonical JSON only if the fingerprints do not settle it (:meth:`fingerprint`).
+    The fingerprints are computed by whichever thread observes the page (its producer, or the
+    cycle's thread when the page was handed over), with builtins only: no Python bytecode runs
+    per record. A page whose fingerprints are known from ``PageMemo`` is *lazy*: it keeps its
+    records and computes ids and canonical JSON only if the fingerprints do not settle it
+    (:meth:`fingerprint`).
     """
 
     __slots__ = ("archived", "canonical", "digest", "hashes", "ids", "records")
