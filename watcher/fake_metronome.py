@@ -67,7 +67,8 @@ class Fault:
       (sent verbatim, so a test can use seconds or an HTTP date);
     * ``"malformed"``: a 200 whose body is not JSON;
     * ``"drop"``: the connection is closed without any response;
-    * ``"latency"``: a pause of ``delay`` seconds, then the normal answer;
+    * ``"latency"``: a pause of ``delay`` seconds, then the normal answer (the pause counts as the
+      fake's own work, so it is inside :attr:`FakeMetronome.latency`'s wait when that is longer);
     * ``"bad_record"``: the normal answer, well-formed JSON with its cursor in place, except that
       the first record on it (or the customer, from get-by-id) has no ``id``.
 
@@ -370,8 +371,8 @@ class FakeMetronome:
 
     ``latency`` (seconds, 0 by default) makes every answer leave that long after its request was
     read, like an API whose round trip is that long: the fake's own work on the answer happens
-    within the wait, not after it, and the wait ends on time to within tens of microseconds
-    (:func:`_hold`), so a client measured against ``pages x latency`` is not charged for the fake.
+    within the wait, not after it, and the wait ends on time (:func:`_hold`), so a client measured
+    against ``pages x latency`` is not charged for the fake.
     """
 
     def __init__(
@@ -952,7 +953,7 @@ _HOLD_SPIN = 0.002
 
 
 def _hold(deadline: float) -> None:
-    """Return at ``deadline`` (``time.monotonic()``), late by tens of microseconds at most.
+    """Return at ``deadline`` (``time.monotonic()``), late by far less than ``time.sleep`` alone.
 
     ``time.sleep`` alone wakes 0.2 to 0.5 ms late on a VM whose vCPU idles during the sleep (the
     host has to reschedule it), which at 50 ms of latency is a fifth of a 5% margin charged to the
