@@ -26,6 +26,7 @@ has seen before.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email.utils
 import math
@@ -114,11 +115,11 @@ class PageBody:
         self._client, self._response, self._what = client, response, what
         self._page: ListingPage | None = None
         content = response.content
+        self.next_page: str | None = _UNPARSED
         match = _TAIL_CURSOR.search(content, max(0, len(content) - _TAIL_BYTES))
-        try:
-            self.next_page: str | None = (match[1].decode() if match[1] else None) if match else _UNPARSED
-        except UnicodeDecodeError:
-            self.next_page = _UNPARSED
+        if match:
+            with contextlib.suppress(UnicodeDecodeError):  # not UTF-8: let the parser say so
+                self.next_page = match[1].decode() if match[1] else None
         if self.next_page is _UNPARSED:
             self.parse()
 
