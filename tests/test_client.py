@@ -222,6 +222,35 @@ def test_a_body_that_does_not_end_with_its_cursor_is_digested_whole(make_client:
     assert first.digest != last.digest == again.digest  # the cursor is part of what was digested
 
 
+def test_a_page_ending_with_its_cursor_has_its_digest_on_arrival(make_client: Any) -> None:
+    a = [customer("a")]
+    client, _ = make_client(raw(200, body(a, "cursor-1")), raw(200, body(a, None)))
+
+    first, last = client.iter_page_bodies(archived=False)
+
+    assert not first.parsed and not last.parsed
+    assert first.digest is not None and first.digest == last.digest  # the same records
+    digest = first.digest
+    assert first.parse() == a and first.parsed
+    assert first.digest == digest == first.parse().digest  # parsing does not change it
+
+
+def test_a_digest_of_a_whole_body_is_never_that_of_the_bytes_before_a_cursor(make_client: Any) -> None:
+    # A body digested whole parsed fine; the same bytes with a cursor member after them are no JSON.
+    # Were the two digests equal, a caller that skips parsing pages it has seen parse would take the
+    # second for the first (``PageBody.digest``).
+    whole = body([customer("a")], "cursor-1", cursor_first=True)
+    client, _ = make_client(raw(200, whole), raw(200, whole + b',"next_page":null}'))
+
+    first, broken = client.iter_page_bodies(archived=False)
+
+    assert first.parsed and not broken.parsed
+    assert first.digest is not None and broken.digest is not None
+    assert first.digest != broken.digest
+    with pytest.raises(APIDataError, match="body is not JSON"):
+        broken.parse()
+
+
 def test_page_bodies_request_the_next_page_before_this_one_is_parsed(make_client: Any) -> None:
     broken = b'{"data":[{"name":"no id"}],"next_page":"cursor-1"}'
     client, rec = make_client(raw(200, broken), page(["b"], None))

@@ -97,6 +97,18 @@ def test_requests_without_the_bearer_token_get_401(fake: FakeMetronome, headers:
     assert fake.requests[-1].status == 401
 
 
+def test_the_latest_requests_are_kept_and_all_are_counted() -> None:
+    class Fake(FakeMetronome):
+        RECORDED_REQUESTS = 3
+
+    with Fake(token=TOKEN) as fake, httpx.Client(base_url=fake.url, headers=AUTH, verify=False) as client:
+        for limit in range(1, 6):
+            client.get("/v1/customers", params={"limit": limit})
+
+        assert fake.served == 5
+        assert [r.params["limit"] for r in fake.requests] == [["3"], ["4"], ["5"]]
+
+
 def test_connections_are_kept_alive_even_after_errors(client: httpx.Client) -> None:
     def local_port(response: httpx.Response) -> int:
         port: int = response.extensions["network_stream"].get_extra_info("socket").getsockname()[1]

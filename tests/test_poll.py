@@ -14,13 +14,13 @@ import orjson
 import pytest
 import xxhash
 
-from watcher.client import ListingPage
+from watcher.client import ListingPage, MetronomeClient, PageBody
 from watcher.fake_metronome import FakeMetronome, Fault
 from watcher.poll import Poller, PollResult
 from watcher.routing import Route
 from watcher.store import SCHEMA_VERSION, Store, record_hash
 
-from .conftest import Harness, check_page_memo, page_memo, stored_fingerprints
+from .conftest import TOKEN, Harness, check_page_memo, page_memo, stored_fingerprints
 
 
 def only(events: list[dict], **match: object) -> dict:
@@ -829,6 +829,44 @@ def test_a_page_repeated_by_the_listing_is_a_second_sighting_not_a_change(
     assert result.ok and result.events == 0
     assert (result.active, result.archived) == expected
     assert not memo_is_complete(seeded.db)  # a second sighting: the memo no longer holds exactly the state
+
+
+class RecordingClient(MetronomeClient):
+    """The real client, keeping every page body it hands out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bodies: list[PageBody] = []
+
+    def iter_page_bodies(self, *, archived: bool) -> Iterator[PageBody]:
+        for page in super().iter_page_bodies(archived=archived):
+            self.bodies.append(page)
+            yield page
+
+
+@pytest.mark.parametrize("memo", ["complete", "incomplete"])
+def test_only_the_pages_not_seen_before_byte_for_byte_are_parsed(
+    fake: FakeMetronome, seeded: Harness, memo: str
+) -> None:
+    if memo == "incomplete":  # the pages settle against the set of stored fingerprints instead
+        with sqlite3.connect(seeded.db) as con:
+            con.execute("UPDATE page_memo SET complete = 0")
+    client = RecordingClient(fake.url, TOKEN, page_limit=10)
+    seeded.poller.source = client
+    cid = fake.customers(archived=False)[13]["id"]  # on the second of three active pages
+
+    assert seeded.poll().events == 0
+    assert len(client.bodies) == 4 and not any(b.parsed for b in client.bodies)
+
+    client.bodies.clear()
+    fake.set_name(cid, "Renamed Inc.")
+    result = seeded.poll()
+
+    only(seeded.events(), type="customer.updated", customer_id=cid)
+    assert (result.active, result.archived) == (25, 5)
+    (parsed,) = [b for b in client.bodies if b.parsed]
+    assert cid in [r["id"] for r in parsed.parse()]
+    client.close()
 
 
 def test_empty_listings_share_a_digest_and_are_each_settled_in_their_own_listing(

@@ -75,11 +75,9 @@ _RETRYABLE_TRANSPORT_ERRORS: tuple[type[httpx.TransportError], ...] = (
 class ListingPage(list[dict[str, Any]]):
     """The records of one listing page, exactly as parsed, and a digest of the bytes behind them.
 
-    ``digest`` is the XXH3-128 of the response body without its final ``"next_page"`` member, when
-    the body ends with exactly that member (as the API's do), else of the whole body. Two pages with
-    the same digest therefore hold the same records, byte for byte, whatever their cursors: the
-    cut only ever removes the last member of the top-level object, because quotes inside JSON
-    strings are escaped. ``None`` means no digest is known (a page from some other source).
+    ``digest`` is :attr:`PageBody.digest`: two pages with the same digest hold the same records, byte
+    for byte, whatever their cursors. ``None`` means no digest is known (a page from some other
+    source).
     """
 
     __slots__ = ("digest",)
@@ -96,6 +94,10 @@ class ListingPage(list[dict[str, Any]]):
 _TAIL_CURSOR = re.compile(rb',"next_page":(?:null|"([^"\\\x00-\x1f]+)")\}\s*\Z')
 #: How far from the end the cursor is looked for (Metronome's cursors are well under 100 bytes).
 _TAIL_BYTES = 1024
+#: The XXH3 seed of a digest of the bytes before such an ending. A body that does not end that way
+#: is digested whole with the default seed, so a digest of one kind never stands for bytes that a
+#: digest of the other kind was taken of (see ``PageBody.digest``).
+_CUT_SEED = 1
 #: ``PageBody.next_page`` before the body has been parsed, when its tail did not give it.
 _UNPARSED: Any = object()
 
@@ -107,21 +109,38 @@ class PageBody:
     read from the end of the body when the body ends the way the API's do, so that the next
     request can go out before this page is parsed; otherwise the page was parsed on arrival.
     :meth:`parse` refuses a body whose parsed ``next_page`` is not the cursor followed.
+
+    ``digest`` (XXH3-128) stands for the page's records. For a body that ends the way the API's do
+    it is known on arrival, and is a digest of the bytes before that final ``next_page`` member:
+    pages with the same records share it whatever their cursors. Any other body is digested whole,
+    once parsed. Once a body with a given digest has parsed, every body with that digest parses
+    too, to the same records: the cut only ever removes the top-level object's last member (quotes
+    inside JSON strings are escaped), and putting another cursor of the same plain form in its place
+    cannot make the object invalid. (The two kinds of digest are taken with different seeds, so a
+    body digested whole never shares a digest with the bytes before some other body's cursor.) A
+    caller that has seen a page's digest on a page that parsed can therefore skip parsing it.
     """
 
-    __slots__ = ("_client", "_page", "_response", "_what", "next_page")
+    __slots__ = ("_client", "_page", "_response", "_what", "digest", "next_page")
 
     def __init__(self, client: MetronomeClient, response: httpx.Response, what: str) -> None:
         self._client, self._response, self._what = client, response, what
         self._page: ListingPage | None = None
         content = response.content
         self.next_page: str | None = _UNPARSED
+        self.digest: bytes | None = None
         match = _TAIL_CURSOR.search(content, max(0, len(content) - _TAIL_BYTES))
         if match:
             with contextlib.suppress(UnicodeDecodeError):  # not UTF-8: let the parser say so
                 self.next_page = match[1].decode() if match[1] else None
+                self.digest = xxhash.xxh3_128_digest(memoryview(content)[: match.start()], seed=_CUT_SEED)
         if self.next_page is _UNPARSED:
             self.parse()
+
+    @property
+    def parsed(self) -> bool:
+        """Whether :meth:`parse` has run (and succeeded)."""
+        return self._page is not None
 
     def parse(self) -> ListingPage:
         """The page's records; raises :class:`~watcher.errors.APIDataError` for a bad body."""
@@ -129,22 +148,14 @@ class PageBody:
             data, next_page = self._client._parse_listing(self._response, what=self._what)
             if self.next_page is _UNPARSED:
                 self.next_page = next_page
+                self.digest = xxhash.xxh3_128_digest(self._response.content)
             elif next_page != self.next_page:
                 raise APIDataError(
                     self._client._redact(f"{self._what}: 'next_page' is not the cursor the body ends with"),
                     status=self._response.status_code,
                 )
-            self._page = ListingPage(data, _page_digest(self._response.content, next_page))
+            self._page = ListingPage(data, self.digest)
         return self._page
-
-
-def _page_digest(body: bytes, next_page: str | None) -> bytes:
-    """``ListingPage.digest`` of a listing body whose parsed ``next_page`` is ``next_page``."""
-    tail = b',"next_page":' + orjson.dumps(next_page) + b"}"
-    view = memoryview(body)
-    if body.endswith(tail):
-        view = view[: len(body) - len(tail)]
-    return xxhash.xxh3_128_digest(view)
 
 
 @dataclass(frozen=True)

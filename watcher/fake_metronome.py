@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -373,7 +374,13 @@ class FakeMetronome:
     read, like an API whose round trip is that long: the fake's own work on the answer happens
     within the wait, not after it, and the wait ends on time (:func:`_hold`), so a client measured
     against ``pages x latency`` is not charged for the fake.
+
+    ``requests`` holds the latest ``RECORDED_REQUESTS`` requests served, oldest first, so that a
+    fake left running (``watcher demo``) does not grow without end; ``served`` counts them all.
     """
+
+    #: How many requests ``requests`` keeps.
+    RECORDED_REQUESTS = 10_000
 
     def __init__(
         self,
@@ -387,7 +394,8 @@ class FakeMetronome:
         self.token = token
         self.latency = 0.0
         self.default_limit = default_limit
-        self.requests: list[RecordedRequest] = []
+        self.requests: deque[RecordedRequest] = deque(maxlen=self.RECORDED_REQUESTS)
+        self.served = 0
         self._host = host
         self._port = port
         self._clock = clock or _default_clock
@@ -768,6 +776,7 @@ class FakeMetronome:
             self.requests.append(
                 RecordedRequest(method, path, params, reply.status if reply else 0, authorized)
             )
+            self.served += 1
         if self.latency > 0:
             _hold(arrived + self.latency)
         return reply

@@ -275,29 +275,40 @@ _ID = itemgetter("id")
 _dumps, _SORT, _xxh3 = orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_64_intdigest
 
 
+#: A page as a producer gets it: unparsed from :class:`MetronomeClient`, else its records.
+_Fetched = PageBody | list[dict[str, Any]]
+
+
+def _records(page: _Fetched) -> list[dict[str, Any]]:
+    return page.parse() if isinstance(page, PageBody) else page
+
+
 class _Page:
     """One page of a listing, with the id and fingerprint of every record.
 
     The fingerprints are computed by whichever thread observes the page (its producer, or the
     cycle's thread when the page was handed over), with builtins only: no Python bytecode runs
-    per record. A page whose fingerprints are known from ``PageMemo`` is *lazy*: it keeps its
-    records and computes ids and canonical JSON only if the fingerprints do not settle it
-    (:meth:`fingerprint`).
+    per record. A page whose fingerprints are known from ``PageMemo`` is *lazy*: it keeps what was
+    fetched and computes ids and canonical JSON only if the fingerprints do not settle it
+    (:meth:`fingerprint`). A lazy page from :class:`MetronomeClient` is not even parsed unless
+    then: its digest was on a page that parsed, so it parses too, to the same records
+    (``PageBody.digest``), and parsing it would only build them to throw them away.
     """
 
-    __slots__ = ("archived", "canonical", "digest", "hashes", "ids", "records")
+    __slots__ = ("archived", "canonical", "digest", "fetched", "hashes", "ids")
 
-    def __init__(self, archived: bool, records: list[dict[str, Any]], memo: Memo | None = None) -> None:
+    def __init__(self, archived: bool, fetched: _Fetched, memo: Memo | None = None) -> None:
         self.archived = archived
-        self.digest: bytes | None = getattr(records, "digest", None)
+        self.digest: bytes | None = getattr(fetched, "digest", None)
         self.ids: list[str] = []
         self.canonical: list[bytes] = []
-        self.records: list[dict[str, Any]] | None = None
+        #: What was fetched, while the page is lazy; None once fingerprinted.
+        self.fetched: _Fetched | None = None
         hashes = None if memo is None else memo.get(self.digest)
         if hashes is None:
-            self.fingerprint(records)
+            self.fingerprint(_records(fetched))
         else:
-            self.records = records
+            self.fetched = fetched
             self.hashes = hashes
 
     def fingerprint(self, records: list[dict[str, Any]]) -> None:
@@ -306,7 +317,7 @@ class _Page:
         #: parsed records themselves are not needed after this.
         self.canonical = list(map(_dumps, records, repeat(None), repeat(_SORT)))
         self.hashes = list(map(rshift, map(_xxh3, self.canonical), repeat(1)))
-        self.records = None
+        self.fetched = None
 
 
 #: Where the cycle stages records: a TEMP table of the cycle's own connection. Writing it takes no
@@ -359,14 +370,6 @@ _UPSERT_STATE = (
     "hash = excluded.hash, record = excluded.record, first_seen_at = excluded.first_seen_at, "
     "changed_at = excluded.changed_at, last_poll_id = excluded.last_poll_id"
 )
-
-
-#: A page as a producer gets it: unparsed from :class:`MetronomeClient`, else its records.
-_Fetched = PageBody | list[dict[str, Any]]
-
-
-def _records(page: _Fetched) -> list[dict[str, Any]]:
-    return page.parse() if isinstance(page, PageBody) else page
 
 
 class _Scan:
@@ -438,7 +441,7 @@ class _Scan:
                     quick = clock() - requested < _HANDOFF_WAIT
                     # Only this thread adds to its listing's ``queued``: once read as 0, it stays 0.
                     if quick and self.ready.is_set() and not self.queued[archived]:
-                        p = _Page(archived, _records(page), self.memo)
+                        p = _Page(archived, page, self.memo)
                         with self.lock:
                             if self.stop.is_set():
                                 return
@@ -483,7 +486,7 @@ class _Scan:
             if page is None:
                 running -= 1
                 continue
-            p = _Page(archived, _records(page), self.memo)
+            p = _Page(archived, page, self.memo)
             with self.lock:
                 self.observe(p)
                 self.queued[archived] -= 1
@@ -731,7 +734,7 @@ class _Cycle:
         if self.deferred:
             # A complete memo: while every page is one of its pages, seen again, no set of stored
             # fingerprints is needed (``watcher._memo``). On the first other page, build it.
-            lazy = p.records is not None
+            lazy = p.fetched is not None
             if (lazy or self.memo.get(p.digest) == p.hashes) and self.memo.settle(p.archived, p.digest):
                 self.memo.note(p.archived, p.digest, p.hashes, lazy=lazy)
                 return
@@ -740,10 +743,10 @@ class _Cycle:
         settled = known.intersection(hashes) if known else set()
         if len(settled) == len(hashes):
             known.difference_update(settled)
-            self.memo.note(p.archived, p.digest, hashes, lazy=p.records is not None)
+            self.memo.note(p.archived, p.digest, hashes, lazy=p.fetched is not None)
             return
-        if p.records is not None:  # lazy (from the memo): its records are needed after all
-            p.fingerprint(p.records)
+        if p.fetched is not None:  # lazy (from the memo): its records are needed after all
+            p.fingerprint(_records(p.fetched))
             hashes = p.hashes
             settled = known.intersection(hashes) if known else set()
         self.memo.note(p.archived, p.digest, hashes, lazy=False)

@@ -100,7 +100,7 @@ def serve(customers: int, seed: int) -> None:
         cmd = json.loads(line)
         op = cmd["op"]
         if op == "stats":
-            reply({"cpu": _cpu_seconds(), "requests": len(fake.requests)})
+            reply({"cpu": _cpu_seconds(), "requests": fake.served})
         elif op == "latency":
             fake.latency = cmd["seconds"]
             reply({"ok": True})
