@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import orjson
 
+from ._gc import frozen_heap
 from ._logging import configure_logging
 from ._time import format_ts, parse_ts, utcnow
 from .config import Config, load_config, parse_duration, resolve_token
@@ -172,9 +173,10 @@ def cmd_poll(args: argparse.Namespace) -> int:
     config = _config(args)
     app = build_app(config, resolve_token())
     try:
-        result = app.poller.run()
-        if not args.no_deliver:
-            app.deliverer.deliver_due()
+        with frozen_heap():
+            result = app.poller.run()
+            if not args.no_deliver:
+                app.deliverer.deliver_due()
     finally:
         app.close()
     if result.ok:
@@ -197,7 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     app = build_app(config, resolve_token())
     stop = threading.Event()
     _stop_on_signals(stop)
-    Daemon(app).run_until(stop)
+    with frozen_heap():
+        Daemon(app).run_until(stop)
     return 0
 
 
@@ -215,14 +218,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configure_logging("warning", "console")
     stop = threading.Event()
     _stop_on_signals(stop)
-    return run_demo(
-        seconds=args.seconds,
-        customers=args.customers,
-        interval=args.interval,
-        db=Path(args.db) if args.db else None,
-        seed=args.seed,
-        stop=stop,
-    )
+    with frozen_heap():
+        return run_demo(
+            seconds=args.seconds,
+            customers=args.customers,
+            interval=args.interval,
+            db=Path(args.db) if args.db else None,
+            seed=args.seed,
+            stop=stop,
+        )
 
 
 _EVENT_COLUMNS = ("sequence", "detected_at", "type", "customer_id", "name", "changes")

@@ -7,13 +7,14 @@ The cycle, and why it is shaped this way:
    producer threads (concurrently when asked: a cycle cannot be faster than the API's latency, and
    overlapping the two listings lowers that floor), which hand a page that was slow to arrive to
    the cycle's thread, so that the next request is in flight while it is worked on (``_Scan``).
-   Each record is fingerprinted, or a page seen before byte for byte takes its fingerprints from
-   the page memo (``watcher._memo``). A fingerprint covers the whole record, id included, so a
-   record whose fingerprint is in its listing's set is a stored customer, unchanged: settling it
-   is removing the fingerprint. Only the rest (changed, new, moved between listings, seen twice)
-   is *staged*, in batches, in a TEMP table of the cycle's own connection (no lock on the
-   database, no fsync, gone with the connection). A cycle without changes therefore writes nothing
-   but its poll-run row, and memory holds only integers rather than records or ids.
+   Each record is fingerprinted, or a page seen before byte for byte takes its fingerprints from the
+   page memo (``watcher._memo``), and is parsed only if they do not settle it. A fingerprint covers
+   the whole record, id included, so a record whose fingerprint is in its listing's set is a stored
+   customer, unchanged: settling it is removing the fingerprint. Only the rest (changed, new, moved
+   between listings, seen twice) is *staged*, in batches, in a TEMP table of the cycle's own
+   connection (no lock on the database, no fsync, gone with the connection). A cycle without changes
+   therefore writes nothing but its poll-run row, and memory holds only integers rather than records
+   or ids.
 2. What is left in the sets belongs to stored customers not seen as stored: the staged ones are
    matched by id, the others vanished. Those are looked up by id (rule 3): 404 means deleted, a
    record is used as seen, an error means no conclusion this cycle. Before that, the mass-vanish
@@ -79,7 +80,9 @@ class CustomerSource(Protocol):
     """What the cycle needs from Metronome (``watcher.client.MetronomeClient`` provides it).
 
     A page that carries a ``digest`` (``watcher.client.ListingPage``) and was seen before, byte for
-    byte, is recognised from ``PageMemo`` instead of being fingerprinted again.
+    byte, is recognised from ``PageMemo`` instead of being fingerprinted again. (With a
+    :class:`~watcher.client.MetronomeClient` the cycle reads unparsed ``PageBody`` pages instead,
+    and such a page is not even parsed.)
     """
 
     def iter_pages(self, *, archived: bool) -> Iterator[list[dict[str, Any]]]: ...
