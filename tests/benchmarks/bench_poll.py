@@ -22,8 +22,9 @@ What it measures, per account size:
 Each measurement runs in a fresh subprocess, so its ``peak_rss_mb`` is that process's own
 ``ru_maxrss`` and nothing else's; times are taken inside it around the work only
 (``Poller.run()``, or the floor's fetch loop), so interpreter start-up and imports count for none
-of them. The fake Metronome runs in its own process too, so its CPU and memory are not ours; its
-CPU per page served is measured during the floor runs and reported under ``server``.
+of them; the cycle runs as ``watcher poll`` runs it, inside ``watcher._gc.frozen_heap()``. The
+fake Metronome runs in its own process too, so its CPU and memory are not ours; its CPU per page
+served is measured during the floor runs and reported under ``server``.
 
 Every measured cycle is paired with a floor run taken just before it, in the same fetching mode,
 and ``ratio_to_floor`` is the median of those per-pair ratios: the machine's speed drifts by tens
