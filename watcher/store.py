@@ -81,8 +81,10 @@ class CustomerState(SQLModel, table=True):
 class PageMemo(SQLModel, table=True):
     """The fingerprints of every listing page the last successful poll saw, one row per listing,
     by the page's digest (``client.ListingPage.digest``): a page seen again byte for byte needs no
-    fingerprinting (see ``watcher._memo``). Written in the poll's own transaction. Clear it
-    whenever ``record_hash`` changes, or anything but a poll changes ``customers``.
+    fingerprinting, nor parsing (see ``watcher._memo``). Written in the poll's own transaction.
+    Clear it whenever ``record_hash`` changes, the client's checks of a listing page get stricter
+    (a page in the memo passed the checks of its day, and is not checked again), or anything but a
+    poll changes ``customers``.
     """
 
     __tablename__ = "page_memo"
