@@ -855,18 +855,18 @@ def test_only_the_pages_not_seen_before_byte_for_byte_are_parsed(
     seeded.poller.source = client
     cid = fake.customers(archived=False)[13]["id"]  # on the second of three active pages
 
-    assert seeded.poll().events == 0
-    assert len(client.bodies) == 4 and not any(b.parsed for b in client.bodies)
+    with client:
+        assert seeded.poll().events == 0
+        assert len(client.bodies) == 4 and not any(b.parsed for b in client.bodies)
 
-    client.bodies.clear()
-    fake.set_name(cid, "Renamed Inc.")
-    result = seeded.poll()
+        client.bodies.clear()
+        fake.set_name(cid, "Renamed Inc.")
+        result = seeded.poll()
 
     only(seeded.events(), type="customer.updated", customer_id=cid)
     assert (result.active, result.archived) == (25, 5)
     (parsed,) = [b for b in client.bodies if b.parsed]
     assert cid in [r["id"] for r in parsed.parse()]
-    client.close()
 
 
 def test_empty_listings_share_a_digest_and_are_each_settled_in_their_own_listing(

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qs
 
 import orjson
@@ -56,6 +56,9 @@ _MAX_FILTER_IDS = 100
 _BILLABLE_STATUSES = ("billable", "unbillable")
 _MALFORMED_BODY = b'{"data": [ <html><body>502 Bad Gateway</body></html>'
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
+
+_FaultKind = Literal["status", "malformed", "drop", "latency", "bad_record"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class Fault:
     or load balancer in front of Metronome.
     """
 
-    kind: Literal["status", "malformed", "drop", "latency", "bad_record"]
+    kind: _FaultKind
     status: int = 500
     message: str = "injected failure"
     retry_after: str | None = None
@@ -92,7 +95,7 @@ class Fault:
     archived: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("status", "malformed", "drop", "latency", "bad_record"):
+        if self.kind not in get_args(_FaultKind):
             raise ValueError(f"unknown fault kind {self.kind!r}")
         if self.times < 1:
             raise ValueError("a fault must fire at least once (times >= 1)")
