@@ -1,9 +1,13 @@
-"""Unit tests for watcher.client against an in-process httpx.MockTransport (no sockets, no real sleeps)."""
+"""Unit tests for watcher.client against an in-process httpx.MockTransport (no sockets, no real sleeps).
+
+One test runs over a real socket, against the fake Metronome: what only httpx's own transport reports.
+"""
 
 from __future__ import annotations
 
 import functools
 import random
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +19,7 @@ from structlog.testing import capture_logs
 
 from watcher.client import MetronomeClient, RetryPolicy
 from watcher.errors import APIDataError, APIError, APIStatusError, APITransportError
+from watcher.fake_metronome import FakeMetronome
 from watcher.metrics import REGISTRY
 
 BASE = "https://metronome.test"
@@ -263,6 +268,58 @@ def test_page_bodies_request_the_next_page_before_this_one_is_parsed(make_client
     assert second.parse() == [customer("b")]
     with pytest.raises(APIDataError, match=r"page 1\): data\[0\] has no non-empty string 'id'"):
         first.parse()
+
+
+def test_sent_is_called_once_each_attempt_has_ended_when_the_transport_does_not_say_sooner(
+    make_client: Any, sleep: FakeSleep
+) -> None:
+    client, rec = make_client(error(503), page(["a"], "cursor-1"), page(["b"], None))
+    seen: list[str] = []
+
+    def sent() -> None:
+        seen.append(f"sent {len(rec.requests)}")
+
+    for body in client.iter_page_bodies(archived=False, sent=sent):
+        seen.append(f"page {body.parse()[0]['id']}")
+
+    # The 503 was retried: its attempt is reported too, before the wait for the next one.
+    assert seen == ["sent 1", "sent 2", "page a", "sent 3", "page b"]
+    assert len(sleep.calls) == 1
+
+
+def test_sent_is_called_while_each_request_is_in_flight() -> None:
+    calls = 0
+    reported = threading.Condition()
+
+    def sent() -> None:
+        nonlocal calls
+        with reported:
+            calls += 1
+            reported.notify_all()
+
+    in_flight: list[bool] = []
+
+    def before_serving(page: int) -> Callable[[FakeMetronome], None]:
+        # Each request is reported twice, on the wire and then ended: page ``page``'s request is
+        # the ``2 * page - 1``th call. The fake answers only once this returns, so had ``sent`` waited
+        # for the answer, the wait would time out.
+        def check(_: FakeMetronome) -> None:
+            with reported:
+                in_flight.append(reported.wait_for(lambda: calls >= 2 * page - 1, timeout=5))
+
+        return check
+
+    with FakeMetronome(token=TOKEN) as fake:
+        for i in range(25):
+            fake.create_customer(f"Customer {i:02d}")
+        for n in (1, 2, 3):
+            fake.on_page(n, before_serving(n), archived=False)
+        with MetronomeClient(fake.url, TOKEN, page_limit=10) as client:
+            sizes = [len(b.parse()) for b in client.iter_page_bodies(archived=False, sent=sent)]
+
+    assert sizes == [10, 10, 5]
+    assert in_flight == [True, True, True]
+    assert calls == 6
 
 
 def test_iter_pages_parses_each_page_before_requesting_the_next(make_client: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -832,14 +832,31 @@ def test_a_page_repeated_by_the_listing_is_a_second_sighting_not_a_change(
 
 
 class RecordingClient(MetronomeClient):
-    """The real client, keeping every page body it hands out."""
+    """The real client, keeping every page body it hands out.
+
+    ``parsed_when_next_sent[archived][k]``: whether page ``k`` of that listing had been parsed when
+    the request after it was first reported on the wire (before the caller's ``sent`` ran).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.bodies: list[PageBody] = []
+        self.parsed_when_next_sent: dict[bool, dict[int, bool]] = {False: {}, True: {}}
 
-    def iter_page_bodies(self, *, archived: bool) -> Iterator[PageBody]:
-        for page in super().iter_page_bodies(archived=archived):
+    def iter_page_bodies(
+        self, *, archived: bool, sent: Callable[[], None] | None = None
+    ) -> Iterator[PageBody]:
+        mine: list[PageBody] = []
+        noted = self.parsed_when_next_sent[archived]
+
+        def on_sent() -> None:
+            if mine and len(mine) not in noted:
+                noted[len(mine)] = mine[-1].parsed
+            if sent is not None:
+                sent()
+
+        for page in super().iter_page_bodies(archived=archived, sent=on_sent):
+            mine.append(page)
             self.bodies.append(page)
             yield page
 
@@ -867,6 +884,25 @@ def test_only_the_pages_not_seen_before_byte_for_byte_are_parsed(
     assert (result.active, result.archived) == (25, 5)
     (parsed,) = [b for b in client.bodies if b.parsed]
     assert cid in [r["id"] for r in parsed.parse()]
+
+
+def test_a_slow_page_is_handed_over_only_once_the_next_request_is_on_the_wire(
+    fake: FakeMetronome, harness: Harness
+) -> None:
+    # Handed over sooner, the thread that parses it takes the GIL while the request is still being
+    # built, and the parsing goes in front of the request instead of inside its latency.
+    for i in range(25):
+        fake.create_customer(f"Customer {i:02d}")
+    fake.latency = 0.02  # every page is slow: each goes to the calling thread, unparsed
+    client = RecordingClient(fake.url, TOKEN, page_limit=10)
+    harness.poller.source = client
+
+    with client:
+        result = harness.poll()
+
+    assert result.ok and result.baseline and result.active == 25
+    assert len(client.bodies) == 4 and all(b.parsed for b in client.bodies)
+    assert client.parsed_when_next_sent == {False: {1: False, 2: False}, True: {}}
 
 
 def test_empty_listings_share_a_digest_and_are_each_settled_in_their_own_listing(

@@ -254,6 +254,20 @@ def _error_message(response: httpx.Response) -> str | None:
     return message if len(message) <= _MESSAGE_MAX_CHARS else message[:_MESSAGE_MAX_CHARS] + "..."
 
 
+def _on_written(sent: Callable[[], None]) -> Callable[[str, dict[str, Any]], None]:
+    """An httpcore ``trace`` callback that calls ``sent`` once the request's headers are written.
+
+    A GET is all headers, so that is when it is on the wire; httpcore reports it as
+    ``http11.send_request_headers.complete`` (``http2.`` over HTTP/2).
+    """
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith(".send_request_headers.complete"):
+            sent()
+
+    return trace
+
+
 class _GiveUp(Exception):
     """Internal: the retry loop decided to stop; carries why, for the final error's reason."""
 
@@ -353,7 +367,9 @@ class MetronomeClient:
         for body in self.iter_page_bodies(archived=archived):
             yield body.parse()
 
-    def iter_page_bodies(self, *, archived: bool) -> Iterator[PageBody]:
+    def iter_page_bodies(
+        self, *, archived: bool, sent: Callable[[], None] | None = None
+    ) -> Iterator[PageBody]:
         """Like :meth:`iter_pages`, but each page comes unparsed, as a :class:`PageBody`.
 
         The next page is requested as soon as the generator is resumed, whether or not the page
@@ -361,6 +377,14 @@ class MetronomeClient:
         in flight meanwhile, so the parsing hides inside the API's latency. A bad body raises from
         :meth:`PageBody.parse`, possibly after later pages were fetched; the caller must parse every
         page it yields before it trusts the listing.
+
+        ``sent``, if given, is called in this thread as soon as each request is on the wire, before
+        its answer is awaited (when the transport says so through httpcore's ``trace`` extension, as
+        httpx's own does), and again when the request has ended, however it ended; it must be
+        harmless to call twice. That is the moment to hand the page before to the thread that parses
+        it: handed over earlier, that thread takes the GIL from this one while the request is still
+        being built (httpcore releases it to check the pooled connection), and the request goes out
+        only once the parsing is done.
         """
         listing = "archived" if archived else "active"
         endpoint: _Endpoint = "list_archived" if archived else "list_active"
@@ -381,7 +405,7 @@ class MetronomeClient:
                         f"{what}: the {listing} listing did not end within max_pages={self._max_pages} pages"
                     )
                 )
-            response = self._send(url, params=params, endpoint=endpoint, what=what)
+            response = self._send(url, params=params, endpoint=endpoint, what=what, sent=sent)
             if response.status_code != httpx.codes.OK:
                 raise self._status_error(response, what=what, attempts=None)
             body = PageBody(self, response, what)
@@ -425,22 +449,28 @@ class MetronomeClient:
         params: Mapping[str, str | int] | None,
         endpoint: _Endpoint,
         what: str,
+        sent: Callable[[], None] | None = None,
     ) -> httpx.Response:
         """GET ``url``, retrying transient failures; returns the final response, whatever its status.
 
         Retryable statuses (429, 5xx) that outlast the budget raise here; every other status is
         returned for the caller to interpret (a 404 means different things to the two endpoints).
+        ``sent``: see :meth:`iter_page_bodies`; called for every attempt.
         """
         # The query string is encoded here, once per page: handed ``params=``, httpx merges them
         # into the URL on every request, about a third of its own per-request cost (measured).
         target = httpx.URL(f"{url}?{urllib.parse.urlencode(params)}" if params else url)
+        extensions = None if sent is None else {"trace": _on_written(sent)}
         attempt = 0
         waited = 0.0
         while True:
             attempt += 1
             try:
                 response = self._http.get(
-                    target, headers=self._request_headers, timeout=self._request_timeout
+                    target,
+                    headers=self._request_headers,
+                    timeout=self._request_timeout,
+                    extensions=extensions,
                 )
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 API_REQUESTS.labels(endpoint, "error").inc()
@@ -477,6 +507,11 @@ class MetronomeClient:
                     log.error("api.giving_up", endpoint=endpoint, attempts=attempt, reason=error.reason)
                     raise error from None
                 self._log_retry(endpoint, attempt, delay, status=status)
+            finally:
+                # For a transport that does not report the write (a MockTransport), or an attempt
+                # that failed before it: the request has ended, so it is the moment at the latest.
+                if sent is not None:
+                    sent()
             API_RETRIES.labels(endpoint).inc()
             self._sleep(delay)
             waited += delay

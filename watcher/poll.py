@@ -388,7 +388,10 @@ class _Scan:
       it comes from :class:`MetronomeClient` (which reads the cursor from the end of the body), and
       goes straight back to the network; the calling thread parses and observes it. The next
       request is then in flight while this page is worked on, so the cycle's own work hides inside
-      the wait for the next page instead of adding to it.
+      the wait for the next page instead of adding to it. From a :class:`MetronomeClient` the page
+      is queued only once that request is on the wire (its ``sent`` callback): queued before, the
+      calling thread woke, took the GIL and parsed while the request was still being built, which
+      put 0.4 to 0.6 ms of parsing in front of every request (measured at 50 ms of latency).
 
     Pages are observed under one lock, and in order within a listing: a producer observes a page
     itself only when none of its listing's pages is still queued.
@@ -431,14 +434,23 @@ class _Scan:
     def _produce(self, listings: tuple[str, ...]) -> None:
         source = self.source
         clock = time.monotonic
+        # A page to hand over once the next request is on the wire (the client says when: ``sent``).
+        pending: list[tuple[bool, _Fetched]] = []
+
+        def hand_over() -> None:
+            while pending:
+                self._put(pending.pop())
+
         try:
             for listing in listings:
                 archived = listing == "archived"
                 pages: Iterator[_Fetched]
                 if isinstance(source, MetronomeClient):
-                    pages = source.iter_page_bodies(archived=archived)
+                    pages = source.iter_page_bodies(archived=archived, sent=hand_over)
+                    defer = True
                 else:
                     pages = source.iter_pages(archived=archived)
+                    defer = False
                 requested = clock()
                 for page in pages:
                     quick = clock() - requested < _HANDOFF_WAIT
@@ -452,13 +464,17 @@ class _Scan:
                     else:
                         with self.lock:
                             self.queued[archived] += 1
-                        if not self._put((archived, page)):
+                        if defer:
+                            pending.append((archived, page))
+                        elif not self._put((archived, page)):
                             return
                     requested = clock()
+                hand_over()  # the listing's last page: no request follows it
         except BaseException as exc:  # raised in the calling thread
             if self.error is None:
                 self.error = exc
         finally:
+            hand_over()
             self._put((False, None))
 
     def _put(self, item: tuple[bool, _Fetched | None]) -> bool:
