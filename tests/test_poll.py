@@ -20,7 +20,7 @@ from watcher.poll import Poller, PollResult
 from watcher.routing import Route
 from watcher.store import SCHEMA_VERSION, Store, record_hash
 
-from .conftest import TOKEN, Harness, check_page_memo, page_memo, stored_fingerprints
+from .conftest import TOKEN, Harness, check_page_memo, db_bytes, page_memo, stored_fingerprints
 
 
 def only(events: list[dict], **match: object) -> dict:
@@ -903,6 +903,22 @@ def test_a_slow_page_is_handed_over_only_once_the_next_request_is_on_the_wire(
     assert result.ok and result.baseline and result.active == 25
     assert len(client.bodies) == 4 and all(b.parsed for b in client.bodies)
     assert client.parsed_when_next_sent == {False: {1: False, 2: False}, True: {}}
+
+
+def test_a_cycle_leaves_copying_its_wal_into_the_database_to_the_store(
+    fake: FakeMetronome, seeded: Harness
+) -> None:
+    # Neither the cycle's commit nor the closing of its connection (were it the last one open)
+    # checkpoints: both would hold the cycle up by a copy as large as its commit.
+    fake.set_name(fake.customers(archived=False)[0]["id"], "Renamed Inc.")
+    assert seeded.poll().events == 1
+
+    assert seeded.store.wait_for_checkpoint(timeout=10)
+    # Still there: no last connection closed and took the WAL with it (opening one would make it).
+    wal = seeded.db.with_name(seeded.db.name + "-wal")
+    assert wal.exists() and wal.stat().st_size > 0
+    in_file, whole = db_bytes(seeded.db)
+    assert in_file == whole  # and the checkpointer copied it all
 
 
 def test_empty_listings_share_a_digest_and_are_each_settled_in_their_own_listing(

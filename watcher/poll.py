@@ -617,7 +617,11 @@ class _Cycle:
         with self.store.engine.connect() as conn:
             conn.detach()
             self._conn = conn
-            return self._run(conn)
+            result = self._run(conn)
+            # Asked for before this connection closes: the store's checkpointer then has its own
+            # connection open, and this one's closing is not a checkpoint of the whole WAL.
+            self.store.request_checkpoint()
+            return result
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -663,6 +667,9 @@ class _Cycle:
                 # (matched after the scan, applied in the final transaction): a page cache that
                 # keeps them for the second read. Memory is only taken as pages are read.
                 self._db.execute(f"PRAGMA cache_size = -{self._cache_kib}")
+                # The commit returns once the cycle is in the WAL; the store's checkpointer copies
+                # it into the database afterwards (``Store.request_checkpoint``).
+                self._db.execute("PRAGMA wal_autocheckpoint = 0")
                 with self._transaction("DEFERRED"):
                     baseline = not self.store.has_baseline(conn)
                     if self.memo.load(self._db):

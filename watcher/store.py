@@ -18,12 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 import xxhash
 from sqlalchemy import Connection, Engine, Index, UniqueConstraint, event, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, SQLModel, col, create_engine
 
+from ._checkpoint import Checkpointer
 from .errors import StoreError
+
+log = structlog.get_logger("watcher.store")
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -205,13 +209,29 @@ class Store:
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
         event.listen(self.engine, "connect", _on_connect)
         event.listen(self.engine, "begin", _on_begin)
+        self._checkpointer = Checkpointer(self.path, lambda db: _on_connect(db, None))
         try:
             self._ensure_schema()
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open database {self.path}: {exc.__class__.__name__}: {exc}") from exc
 
     def close(self) -> None:
+        """Close the store, letting a checkpoint in progress finish first (up to a few seconds)."""
+        if not self._checkpointer.close(timeout=_CLOSE_CHECKPOINT_WAIT):
+            log.warning("store.checkpoint_unfinished", waited_s=_CLOSE_CHECKPOINT_WAIT)
         self.engine.dispose()
+
+    def request_checkpoint(self) -> None:
+        """Have the WAL copied back into the database file soon, on a thread of the store's own.
+
+        The poll cycle asks for one after each commit instead of checkpointing in it; see
+        :mod:`watcher._checkpoint`.
+        """
+        self._checkpointer.request()
+
+    def wait_for_checkpoint(self, timeout: float | None = None) -> bool:
+        """Wait until the checkpoints requested so far have run; False on timeout."""
+        return self._checkpointer.wait(timeout)
 
     def __enter__(self) -> Store:
         return self
@@ -331,6 +351,8 @@ class Store:
 
 #: Bytes the WAL file is truncated back to after a checkpoint has emptied it.
 _WAL_SIZE_LIMIT = 16 * 1024 * 1024
+#: How long :meth:`Store.close` lets a checkpoint in progress run (the daemon exits within 10 s).
+_CLOSE_CHECKPOINT_WAIT = 5.0
 
 
 def _on_connect(dbapi_conn: Any, _record: Any) -> None:
