@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
+
+from structlog.testing import capture_logs
 
 from watcher.store import PollRun, Store
 
@@ -58,5 +61,21 @@ def test_a_store_only_read_from_starts_no_thread(tmp_path: Path) -> None:
     try:
         assert store.customer_counts() == {}
         assert not _checkpoint_threads(db)
+    finally:
+        store.close()
+
+
+def test_a_checkpoint_that_cannot_be_had_is_logged_not_raised(tmp_path: Path) -> None:
+    # It is asked for once a cycle has committed: raising would turn that cycle into a failure.
+    db = tmp_path / "gone" / "watcher.db"
+    store = Store(db)
+    shutil.rmtree(db.parent)  # the connection the checkpointer opens cannot be opened
+    try:
+        with capture_logs() as logs:
+            store.request_checkpoint()
+        (entry,) = [e for e in logs if e["event"] == "store.checkpoint_failed"]
+        assert entry["log_level"] == "warning" and "unable to open" in entry["error"]
+        assert not _checkpoint_threads(db)
+        assert store.wait_for_checkpoint(timeout=0)  # nothing is left pending
     finally:
         store.close()

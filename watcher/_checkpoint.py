@@ -45,20 +45,31 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
 
     def request(self) -> None:
-        """Ask for a checkpoint; returns at once. Requests made while one runs are merged."""
+        """Ask for a checkpoint; returns at once. Requests made while one runs are merged.
+
+        Never raises: it is called once a cycle has committed, and a checkpoint that cannot be had
+        must not turn that cycle into a failure. (The connection closing last then checkpoints.)
+        """
         with self._cond:
             if self._closing:
                 return
-            self._requested += 1
             if self._thread is None:
                 # The connection is opened here, in the caller's thread, so that it is open before
                 # the caller closes its own (see the module docstring).
-                db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-                self._configure(db)
+                db = None
+                try:
+                    db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+                    self._configure(db)
+                except sqlite3.Error as exc:
+                    if db is not None:
+                        db.close()
+                    log.warning("store.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
+                    return
                 self._thread = threading.Thread(
                     target=self._run, args=(db,), daemon=True, name=f"wal-checkpoint {self._path}"
                 )
                 self._thread.start()
+            self._requested += 1
             self._cond.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
