@@ -434,7 +434,9 @@ class _Scan:
     def _produce(self, listings: tuple[str, ...]) -> None:
         source = self.source
         clock = time.monotonic
-        # A page to hand over once the next request is on the wire (the client says when: ``sent``).
+        # A slow page waits in ``pending`` until the next request is on the wire, when the source
+        # can say so (the client's ``sent``); from any other source it is queued at once.
+        defer = isinstance(source, MetronomeClient)
         pending: list[tuple[bool, _Fetched]] = []
 
         def hand_over() -> None:
@@ -447,10 +449,8 @@ class _Scan:
                 pages: Iterator[_Fetched]
                 if isinstance(source, MetronomeClient):
                     pages = source.iter_page_bodies(archived=archived, sent=hand_over)
-                    defer = True
                 else:
                     pages = source.iter_pages(archived=archived)
-                    defer = False
                 requested = clock()
                 for page in pages:
                     quick = clock() - requested < _HANDOFF_WAIT
