@@ -1,4 +1,4 @@
-"""Shared fixtures: a real fake Metronome on a local port and a real SQLite file per test."""
+"""Shared fixtures: the simulated Metronome on a local port and a real SQLite file per test."""
 
 from __future__ import annotations
 
@@ -9,62 +9,50 @@ from typing import Any
 
 import pytest
 
-from watcher.client import MetronomeClient, RetryPolicy
 from watcher.config import DiffConfig
-from watcher.fake_metronome import FakeMetronome
+from watcher.events import Listing
+from watcher.metronome import MetronomeClient, RetryPolicy
 from watcher.poll import Poller, PollResult
+from watcher.poll.memo import fingerprints_of, unpack
 from watcher.routing import Route
+from watcher.simulator import SimulatedMetronome
 from watcher.store import Store
+
+# The receivers' fixtures, for every test (``make_receiver``, ``receiver``, ``clock``, ``fake_time``).
+from .receivers import clock, fake_time, make_receiver, receiver  # noqa: F401
 
 #: Looks like a real token so that a leak would be unmistakable in any output.
 TOKEN = "mtr_test_Zq8v1SECRETtoken42xY"
 
 
-def page_memo(db: Path) -> tuple[dict[bool, bool], dict[bool, list[int]]]:
-    """``page_memo`` as stored (see ``store.PageMemo``): listing -> complete, and every
-    fingerprint on that listing's pages, sorted."""
-    con = sqlite3.connect(db)
-    try:
-        rows = con.execute("SELECT archived, complete, pages FROM page_memo").fetchall()
-    finally:
-        con.close()
+def page_memo(store: Store) -> tuple[dict[Listing, bool], dict[Listing, list[int]]]:
+    """The page memo as stored: listing -> complete, and every fingerprint on that listing's
+    pages, sorted (read through ``watcher.poll.memo``, which alone knows its layout)."""
+    with store.cycle() as session:
+        rows = session.page_memo()
     complete, fingerprints = {}, {}
-    for archived, is_complete, pages in rows:
-        complete[bool(archived)] = bool(is_complete)
-        found: list[int] = []
-        while pages:
-            n = int.from_bytes(pages[16:20], "little")
-            found += [
-                int.from_bytes(pages[i : i + 8], "little", signed=True) for i in range(20, 20 + 8 * n, 8)
-            ]
-            pages = pages[20 + 8 * n :]
-        fingerprints[bool(archived)] = sorted(found)
+    for listing, is_complete, blob in rows:
+        complete[listing] = is_complete
+        fingerprints[listing] = sorted(f for _, packed in unpack(blob) for f in fingerprints_of(packed))
     return complete, fingerprints
 
 
-def stored_fingerprints(db: Path) -> dict[bool, list[int]]:
-    con = sqlite3.connect(db)
-    try:
-        rows = con.execute("SELECT status, hash FROM customers WHERE status != 'deleted'").fetchall()
-    finally:
-        con.close()
-    by_listing: dict[bool, list[int]] = {False: [], True: []}
-    for status, h in rows:
-        by_listing[status == "archived"].append(h)
-    return {archived: sorted(hashes) for archived, hashes in by_listing.items()}
+def stored_fingerprints(store: Store) -> dict[Listing, list[int]]:
+    with store.cycle() as session:
+        return {listing: sorted(hashes) for listing, hashes in session.stored_fingerprints().items()}
 
 
-def check_page_memo(db: Path) -> None:
+def check_page_memo(store: Store) -> None:
     """The page memo may only call itself complete when it holds exactly the stored fingerprints:
     a cycle then trusts it instead of the customers table."""
-    complete, fingerprints = page_memo(db)
+    complete, fingerprints = page_memo(store)
     if complete and all(complete.values()):
-        assert fingerprints == stored_fingerprints(db)
+        assert fingerprints == stored_fingerprints(store)
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeMetronome]:
-    with FakeMetronome(token=TOKEN) as server:
+def fake() -> Iterator[SimulatedMetronome]:
+    with SimulatedMetronome(token=TOKEN) as server:
         yield server
 
 
@@ -73,7 +61,7 @@ class Harness:
 
     def __init__(
         self,
-        fake: FakeMetronome,
+        fake: SimulatedMetronome,
         db: Path,
         *,
         page_limit: int = 10,
@@ -102,7 +90,7 @@ class Harness:
 
     def poll(self) -> PollResult:
         result = self.poller.run()
-        check_page_memo(self.db)
+        check_page_memo(self.store)
         return result
 
     def events(self, **kw: Any) -> list[dict[str, Any]]:
@@ -125,14 +113,14 @@ class Harness:
 
 
 @pytest.fixture
-def harness(fake: FakeMetronome, tmp_path: Path) -> Iterator[Harness]:
+def harness(fake: SimulatedMetronome, tmp_path: Path) -> Iterator[Harness]:
     h = Harness(fake, tmp_path / "watcher.db")
     yield h
     h.close()
 
 
 @pytest.fixture
-def seeded(fake: FakeMetronome, harness: Harness) -> Harness:
+def seeded(fake: SimulatedMetronome, harness: Harness) -> Harness:
     """25 active and 5 archived customers (3 pages of 10 in the active listing), baseline taken."""
     for i in range(25):
         fake.create_customer(

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from watcher.fake_metronome import FakeMetronome, Fault
+from watcher.simulator import Fault, SimulatedMetronome
 
 from .conftest import TOKEN
 
 
-def write_config(tmp_path: Path, fake: FakeMetronome, extra: str = "") -> Path:
+def write_config(tmp_path: Path, fake: SimulatedMetronome, extra: str = "") -> Path:
     path = tmp_path / "watcher.toml"
     path.write_text(
         f"""
@@ -57,7 +57,7 @@ def jsonl(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def test_poll_restart_and_events(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_poll_restart_and_events(fake: SimulatedMetronome, tmp_path: Path) -> None:
     config = write_config(tmp_path, fake)
     ids = [fake.create_customer(f"Customer {i}", custom_fields={"tier": "starter"})["id"] for i in range(5)]
 
@@ -89,7 +89,7 @@ def test_poll_restart_and_events(fake: FakeMetronome, tmp_path: Path) -> None:
     assert delivered == listed
 
 
-def test_events_filters_and_formats(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) -> None:
     config = write_config(tmp_path, fake)
     a = fake.create_customer("Alpha")["id"]
     b = fake.create_customer("Beta")["id"]
@@ -125,7 +125,7 @@ def test_events_filters_and_formats(fake: FakeMetronome, tmp_path: Path) -> None
     assert bad.returncode == 2 and "--since" in bad.stderr
 
 
-def test_failed_poll_exits_1_and_commits_nothing(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_failed_poll_exits_1_and_commits_nothing(fake: SimulatedMetronome, tmp_path: Path) -> None:
     config = write_config(tmp_path, fake)
     fake.create_customer("Steady")
     assert cli(config, "poll").returncode == 0
@@ -145,7 +145,7 @@ def test_failed_poll_exits_1_and_commits_nothing(fake: FakeMetronome, tmp_path: 
     ]
 
 
-def test_token_never_appears_in_output_logs_or_database(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_token_never_appears_in_output_logs_or_database(fake: SimulatedMetronome, tmp_path: Path) -> None:
     config = write_config(
         tmp_path, fake, extra="\n[diff]\nmax_vanished_count = 0\nmax_vanished_fraction = 0.5\n"
     )
@@ -177,13 +177,13 @@ def test_token_never_appears_in_output_logs_or_database(fake: FakeMetronome, tmp
         assert TOKEN.encode() not in f.read_bytes(), f
 
 
-def test_bad_usage_exits_2(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_bad_usage_exits_2(fake: SimulatedMetronome, tmp_path: Path) -> None:
     config = write_config(tmp_path, fake)
     assert cli(config, "no-such-command").returncode == 2
     assert cli(config, "events", "--format", "xml").returncode == 2
 
 
-def test_events_without_a_database_is_a_clear_error(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_events_without_a_database_is_a_clear_error(fake: SimulatedMetronome, tmp_path: Path) -> None:
     proc = cli(write_config(tmp_path, fake), "events")
     assert proc.returncode == 1
     assert "no database at" in proc.stderr and "Traceback" not in proc.stderr
@@ -224,7 +224,7 @@ def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
 
 
 def test_a_process_killed_mid_cycle_loses_nothing_and_invents_nothing(
-    fake: FakeMetronome, tmp_path: Path
+    fake: SimulatedMetronome, tmp_path: Path
 ) -> None:
     import signal
     import sqlite3
@@ -239,7 +239,7 @@ def test_a_process_killed_mid_cycle_loses_nothing_and_invents_nothing(
     fake.archive(victim)
     reached, release = threading.Event(), threading.Event()
 
-    def hold(_: FakeMetronome) -> None:  # page 2 is held until the poller has been killed
+    def hold(_: SimulatedMetronome) -> None:  # page 2 is held until the poller has been killed
         reached.set()
         release.wait(30)
 

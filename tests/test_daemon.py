@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,10 +25,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from watcher.app import App, build_app
-from watcher.config import ScheduleConfig, parse_config
-from watcher.daemon import Daemon, cron_trigger, poll_period
+from watcher.config import parse_config
+from watcher.daemon import Daemon
 from watcher.errors import ConfigError
-from watcher.fake_metronome import FakeMetronome, Fault
+from watcher.simulator import Fault, SimulatedMetronome
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Looks like a real token so that a leak would be unmistakable.
@@ -60,12 +59,12 @@ def wait_until(
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeMetronome]:
-    with FakeMetronome(token=TOKEN) as server:
+def fake() -> Iterator[SimulatedMetronome]:
+    with SimulatedMetronome(token=TOKEN) as server:
         yield server
 
 
-def config_text(fake: FakeMetronome, db: Path, *, health_port: int = 0, extra: str = "") -> str:
+def config_text(fake: SimulatedMetronome, db: Path, *, health_port: int = 0, extra: str = "") -> str:
     # One attempt per request and a 1 s interval: a failing API shows up within a second or two.
     return f"""
 [metronome]
@@ -222,7 +221,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 def test_healthz_and_readyz_answer_and_readyz_follows_the_api(
-    fake: FakeMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
+    fake: SimulatedMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
 ) -> None:
     fake.seed(20)
     daemon = start_daemon(config_text(fake, tmp_path / "w.db"))
@@ -244,7 +243,7 @@ def test_healthz_and_readyz_answer_and_readyz_follows_the_api(
 
 
 def test_metrics_parse_and_their_counters_move_with_polls_and_events(
-    fake: FakeMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
+    fake: SimulatedMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
 ) -> None:
     ids = fake.seed(30, archived_fraction=0.0)
     audit = tmp_path / "audit.jsonl"
@@ -294,7 +293,7 @@ def test_metrics_parse_and_their_counters_move_with_polls_and_events(
 
 
 def test_sigterm_during_a_slow_poll_exits_in_time_with_code_0_and_commits_nothing(
-    fake: FakeMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
+    fake: SimulatedMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
 ) -> None:
     ids = fake.seed(150, archived_fraction=0.0)  # two pages of 100 in the active listing
     db = tmp_path / "w.db"
@@ -304,11 +303,11 @@ def test_sigterm_during_a_slow_poll_exits_in_time_with_code_0_and_commits_nothin
     in_page_2 = threading.Event()
     release = threading.Event()
 
-    def slow_page_2(_: FakeMetronome) -> None:
+    def slow_page_2(_: SimulatedMetronome) -> None:
         in_page_2.set()
         release.wait(30)  # the request hangs: a slow API
 
-    def change_then_slow(f: FakeMetronome) -> None:
+    def change_then_slow(f: SimulatedMetronome) -> None:
         # Both in the same poll: it sees the rename on page 1, then hangs on page 2.
         f.set_name(ids[0], "Renamed During The Slow Poll")
         f.on_page(2, slow_page_2, archived=False)
@@ -333,7 +332,7 @@ def test_sigterm_during_a_slow_poll_exits_in_time_with_code_0_and_commits_nothin
 
 
 def test_failing_and_recovered_notices_are_sent_once_each(
-    fake: FakeMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
+    fake: SimulatedMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
 ) -> None:
     fake.seed(10)
     db = tmp_path / "w.db"
@@ -393,7 +392,7 @@ path = "{audit}"
 # -- the daemon in-process ----------------------------------------------------------------------
 
 
-def make_app(fake: FakeMetronome, tmp_path: Path, **schedule: Any) -> App:
+def make_app(fake: SimulatedMetronome, tmp_path: Path, **schedule: Any) -> App:
     config = parse_config(
         {
             "metronome": {"base_url": fake.url, "max_attempts": 1, "max_retry_wait": "1s"},
@@ -414,7 +413,9 @@ def make_app(fake: FakeMetronome, tmp_path: Path, **schedule: Any) -> App:
     return build_app(config, TOKEN)
 
 
-def test_the_failure_streak_and_its_notices_survive_restarts(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_the_failure_streak_and_its_notices_survive_restarts(
+    fake: SimulatedMetronome, tmp_path: Path
+) -> None:
     fake.seed(5)
     notices = tmp_path / "notices.jsonl"
 
@@ -448,7 +449,7 @@ def test_the_failure_streak_and_its_notices_survive_restarts(fake: FakeMetronome
 
 
 def test_a_poll_past_its_timeout_is_abandoned_commits_nothing_and_the_daemon_goes_on(
-    fake: FakeMetronome, tmp_path: Path
+    fake: SimulatedMetronome, tmp_path: Path
 ) -> None:
     ids = fake.seed(150, archived_fraction=0.0)
     daemon = Daemon(make_app(fake, tmp_path, poll_timeout="0.5s"))
@@ -475,12 +476,12 @@ def test_a_poll_past_its_timeout_is_abandoned_commits_nothing_and_the_daemon_goe
         daemon.stop()
 
 
-def test_polls_never_overlap(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_polls_never_overlap(fake: SimulatedMetronome, tmp_path: Path) -> None:
     fake.seed(150, archived_fraction=0.0)
     daemon = Daemon(make_app(fake, tmp_path))
     entered, release = threading.Event(), threading.Event()
 
-    def hold(_: FakeMetronome) -> None:
+    def hold(_: SimulatedMetronome) -> None:
         entered.set()
         release.wait(20)
 
@@ -500,7 +501,7 @@ def test_polls_never_overlap(fake: FakeMetronome, tmp_path: Path) -> None:
     assert db_rows(tmp_path / "w.db", "SELECT COUNT(*) FROM poll_runs") == [(1,)]
 
 
-def test_a_taken_health_port_is_a_config_error(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_a_taken_health_port_is_a_config_error(fake: SimulatedMetronome, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -512,38 +513,6 @@ def test_a_taken_health_port_is_a_config_error(fake: FakeMetronome, tmp_path: Pa
         with pytest.raises(ConfigError, match=f"health.port: cannot listen on .*:{port}"):
             daemon.run_until(threading.Event())
     assert not daemon.scheduler.running
-
-
-# -- schedules ----------------------------------------------------------------------------------
-
-
-def test_crontab_weekdays_mean_what_crontab_means() -> None:
-    saturday = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
-    trigger = cron_trigger("0 9 * * 1-5")
-    fires: list[datetime] = []
-    t = trigger.get_next_fire_time(None, saturday)
-    while len(fires) < 5 and t is not None:
-        fires.append(t)
-        t = trigger.get_next_fire_time(t, t)
-
-    assert [f.strftime("%a") for f in fires] == ["Mon", "Tue", "Wed", "Thu", "Fri"]
-    for sunday in ("0", "7", "sun"):
-        fire = cron_trigger(f"0 0 * * {sunday}").get_next_fire_time(None, saturday)
-        assert fire is not None and fire.strftime("%a") == "Sun"
-    weekend = cron_trigger("0 0 * * 6-7").get_next_fire_time(None, saturday)
-    assert weekend is not None and weekend.strftime("%a") == "Sun"
-    with pytest.raises(ValueError, match="day of week"):
-        cron_trigger("0 0 * * 8")
-
-
-def test_readiness_allows_the_longest_gap_of_the_schedule() -> None:
-    friday = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
-    assert poll_period(
-        ScheduleConfig(interval=timedelta(seconds=60), jitter=timedelta(seconds=10))
-    ) == timedelta(seconds=70)
-    assert poll_period(ScheduleConfig(cron="*/5 * * * *"), now=friday) == timedelta(minutes=5)
-    # Weekdays only: Friday to Monday is the longest gap, so readiness survives the weekend.
-    assert poll_period(ScheduleConfig(cron="0 9 * * 1-5"), now=friday) == timedelta(days=3)
 
 
 # -- the container's way of installing and starting ---------------------------------------------
@@ -564,7 +533,7 @@ def adapt(text: str, replacements: dict[str, str]) -> str:
 
 @pytest.mark.slow
 def test_the_wheel_installed_as_the_dockerfile_does_starts_and_answers_healthz(
-    fake: FakeMetronome, tmp_path: Path
+    fake: SimulatedMetronome, tmp_path: Path
 ) -> None:
     # The Dockerfile builds a wheel, installs only that wheel into a venv and runs the console
     # script. Offline, the dependencies come from this interpreter's site-packages through a .pth

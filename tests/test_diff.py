@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from watcher.diff import Change, diff_records, is_ignored
-from watcher.store import canonical, record_hash
+from watcher.diff import Change, diff_records
+from watcher.fingerprint import canonical, record_hash
 
 
 def test_dotted_paths_and_sorted_output() -> None:
@@ -50,8 +50,10 @@ def test_ignore_list_exact_and_prefix() -> None:
         Change("custom_fields.b", "1", "2")
     ]
     assert diff_records(before, after, ignore=("updated_at", "custom_fields")) == []
-    assert is_ignored("custom_fields.tier", ["custom_fields"])
-    assert not is_ignored("custom_fields_x", ["custom_fields"])
+    # A prefix is a whole path segment: ignoring custom_fields does not ignore custom_fields_x.
+    assert diff_records({"custom_fields_x": 1}, {"custom_fields_x": 2}, ignore=("custom_fields",)) == [
+        Change("custom_fields_x", 1, 2)
+    ]
 
 
 def test_key_order_never_matters() -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from watcher.cli import main
-from watcher.fake_metronome import FakeMetronome
+from watcher.simulator import SimulatedMetronome
 
 
 def test_a_poll_runs_with_the_startup_objects_frozen_and_gives_the_collector_back(
-    fake: FakeMetronome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake: SimulatedMetronome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake.create_customer("Acme")
     config = tmp_path / "watcher.toml"

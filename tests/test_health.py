@@ -16,7 +16,7 @@ from sqlalchemy import insert
 
 from watcher._time import format_ts
 from watcher.health import HealthServer, check, main
-from watcher.poll import record_notice
+from watcher.notices import record_notice
 from watcher.routing import Route
 from watcher.store import CustomerState, PollRun, Store
 

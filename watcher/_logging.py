@@ -1,4 +1,5 @@
-"""Operational logging: structlog, JSON in a container, readable on a TTY, secrets redacted.
+"""Operational logging: structlog, JSON in a container, readable on a TTY, secrets redacted
+(``watcher._secrets``).
 
 Standard-library loggers (httpx, apscheduler) are routed through the same processors, so every
 line the process writes has one shape and passes the same redactor. Operational logs go to
@@ -9,32 +10,15 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from collections.abc import MutableMapping
 from typing import IO, Any
 
 import orjson
 import structlog
 
-__all__ = ["REDACTED", "add_secret", "configure_logging", "redact"]
+from ._secrets import redact
 
-REDACTED = "[redacted]"
-_secrets: set[str] = set()
-_lock = threading.Lock()
-
-
-def add_secret(value: str | None) -> None:
-    """Register a value that must never be written to a log (token, webhook URL, signing secret)."""
-    if value and len(value) >= 4:
-        with _lock:
-            _secrets.add(value)
-
-
-def redact(text: str) -> str:
-    for s in _secrets:
-        if s in text:
-            text = text.replace(s, REDACTED)
-    return text
+__all__ = ["configure_logging"]
 
 
 def _scrub(value: Any) -> Any:
@@ -50,8 +34,6 @@ def _scrub(value: Any) -> Any:
 def _redact_processor(
     _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    if not _secrets:
-        return event_dict
     return {k: _scrub(v) for k, v in event_dict.items()}
 
 

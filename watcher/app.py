@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ._logging import add_secret
 from ._time import Clock, utcnow
-from .client import MetronomeClient, RetryPolicy
-from .config import Config, HttpSinkConfig, SlackSinkConfig
+from .config import Config
 from .delivery import Deliverer
-from .poll import Poller, PollResult
+from .metronome import MetronomeClient, RetryPolicy
+from .poll import Poller
 from .routing import Route, routes_from_config
 from .sinks import Sink, build_sinks
 from .store import Store
@@ -32,11 +31,6 @@ class App:
     deliverer: Deliverer
     sinks: dict[str, Sink] = field(default_factory=dict)
 
-    def poll_and_deliver(self) -> PollResult:
-        result = self.poller.run()
-        self.deliverer.deliver_due()
-        return result
-
     def close(self) -> None:
         self.deliverer.close()
         self.client.close()
@@ -52,14 +46,12 @@ def build_app(
     sink_http: httpx.Client | None = None,
     extra_sinks: dict[str, Sink] | None = None,
 ) -> App:
-    add_secret(token)
-    for s in config.sinks:
-        if isinstance(s, SlackSinkConfig):
-            add_secret(s.webhook_url.get_secret_value())
-        elif isinstance(s, HttpSinkConfig):
-            add_secret(s.secret.get_secret_value())
+    """The watcher for ``config``: its store, client, poller, sinks and deliverer.
+
+    ``extra_sinks`` are added to the configured ones and take every customer event (the demo's console).
+    """
     m = config.metronome
-    store = Store(config.store.path)
+    # The client and the sinks register their secrets as they are built, before anything is logged.
     client = MetronomeClient(
         m.base_url,
         token,
@@ -67,11 +59,12 @@ def build_app(
         timeout=m.timeout.total_seconds(),
         retry=RetryPolicy(max_attempts=m.max_attempts, max_total_wait=m.max_retry_wait.total_seconds()),
     )
-    routes = list(routes_from_config(config))
     sinks = build_sinks(config.sinks, http=sink_http, app_url=m.app_url)
+    routes = list(routes_from_config(config))
     if extra_sinks:
         sinks.update(extra_sinks)
         routes.extend(Route(name) for name in extra_sinks)
+    store = Store(config.store.path)
     poller = Poller(
         store, client, diff=config.diff, routes=routes, clock=clock, concurrent_listings=m.concurrent_listings
     )

@@ -22,8 +22,15 @@ import orjson
 from ._gc import frozen_heap
 from ._logging import configure_logging
 from ._time import format_ts, parse_ts, utcnow
+from .app import build_app
 from .config import Config, load_config, parse_duration, resolve_token
+from .daemon import Daemon
+from .delivery import enable_sink, replay
+from .demo import run_demo
 from .errors import ConfigError, StoreError
+from .events import PollOutcome, change_line, customer_name, plain_value
+from .notices import failure_streak
+from .store import SinkStatus, Store
 
 __all__ = ["main"]
 
@@ -143,9 +150,7 @@ def _when(value: str | None, *, now: datetime, key: str) -> str | None:
         raise ConfigError(f"--{key}: {value!r} is neither an RFC 3339 time nor an age such as 24h") from None
 
 
-def _open_store(config: Config) -> Any:
-    from .store import Store
-
+def _open_store(config: Config) -> Store:
     if not Path(config.store.path).exists():
         raise StoreError(f"no database at {config.store.path} (run 'poll' or 'run' first)")
     return Store(config.store.path)
@@ -168,8 +173,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_poll(args: argparse.Namespace) -> int:
-    from .app import build_app
-
     config = _config(args)
     app = build_app(config, resolve_token())
     try:
@@ -192,9 +195,6 @@ def cmd_poll(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .app import build_app
-    from .daemon import Daemon
-
     config = _config(args)
     app = build_app(config, resolve_token())
     stop = threading.Event()
@@ -213,8 +213,6 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     configure_logging("warning", "console")
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -233,20 +231,12 @@ _EVENT_COLUMNS = ("sequence", "detected_at", "type", "customer_id", "name", "cha
 
 
 def _summary(event: dict[str, Any]) -> str:
-    parts = []
-    for c in event.get("changes") or []:
-        parts.append(f"{c['field']}: {_short(c['before'])} -> {_short(c['after'])}")
-    return "; ".join(parts)
+    return "; ".join(change_line(c, value=_short) for c in event.get("changes") or [])
 
 
 def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    text = plain_value(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _name(event: dict[str, Any]) -> str:
-    customer = event.get("customer") or {}
-    return str(customer.get("name", "")) if isinstance(customer, dict) else ""
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -282,7 +272,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                     e["detected_at"],
                     e["poll_id"],
                     e["customer_id"],
-                    _name(e),
+                    customer_name(e),
                     orjson.dumps(e["changes"]).decode(),
                 ]
             )
@@ -293,7 +283,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                 e["detected_at"][:19] + "Z",
                 e["type"],
                 e["customer_id"] or "",
-                _name(e),
+                customer_name(e),
                 _summary(e),
             ]
             for e in events
@@ -315,13 +305,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    from .delivery import delivery_status
-
     config = load_config(args.config)
     store = _open_store(config)
     try:
-        names = [s.name for s in config.sinks]
-        statuses = delivery_status(store, utcnow(), sinks=names)
+        statuses = store.delivery_status(utcnow(), sinks=[s.name for s in config.sinks])
     finally:
         store.close()
     if args.format == "json":
@@ -333,7 +320,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deliveries_table(statuses: Sequence[Any], *, error_width: int | None = None) -> str:
+def _deliveries_table(statuses: Sequence[SinkStatus], *, error_width: int | None = None) -> str:
     rows = [
         [
             s.sink,
@@ -350,8 +337,6 @@ def _deliveries_table(statuses: Sequence[Any], *, error_width: int | None = None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .delivery import replay
-
     config = load_config(args.config)
     if args.sink not in {s.name for s in config.sinks}:
         raise ConfigError(f"--sink: no sink named {args.sink!r} in the config")
@@ -376,8 +361,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_enable_sink(args: argparse.Namespace) -> int:
-    from .delivery import enable_sink
-
     config = load_config(args.config)
     store = _open_store(config)
     try:
@@ -394,8 +377,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     Read-only (WAL lets it read while ``run`` writes), and it derives everything from the database,
     so it tells the same story as ``/readyz`` and the failing/recovered notices.
     """
-    from .daemon import failure_streak, ready_max_age
-    from .delivery import delivery_status
 
     def ago(seconds: float) -> str:
         for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -411,7 +392,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         last_ok = store.last_successful_poll()
         streak = failure_streak(store)
         counts = store.customer_counts()
-        deliveries = delivery_status(store, now, sinks=[s.name for s in config.sinks])
+        deliveries = store.delivery_status(now, sinks=[s.name for s in config.sinks])
     finally:
         store.close()
     out = sys.stdout
@@ -420,7 +401,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         polling = "no successful poll yet"
     else:
         age = (now - parse_ts(last_ok.finished_at or last_ok.started_at)).total_seconds()
-        max_age = ready_max_age(config).total_seconds()
+        max_age = config.ready_max_age(now=now).total_seconds()
         polling = f"last successful poll #{last_ok.id} finished {ago(age)}"
         if age > max_age:
             polling += f" -- STALE (more than {max_age:.0f}s: /readyz fails)"
@@ -462,7 +443,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         out.write(_deliveries_table(deliveries, error_width=80))
     # The table truncates errors; the most recent one is worth reading in full.
-    failed = next((p for p in polls if p.outcome in ("failed", "refused") and p.error), None)
+    failed = next(
+        (p for p in polls if p.outcome in (PollOutcome.FAILED, PollOutcome.REFUSED) and p.error), None
+    )
     if failed is not None:
         when = f"#{failed.id}, {failed.started_at[:19]}Z, {failed.outcome}"
         out.write(f"\nlast poll error ({when}):\n  {failed.error}\n")

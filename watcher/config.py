@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -30,10 +31,15 @@ from pydantic import (
     model_validator,
 )
 
+from ._time import utcnow
 from .errors import ConfigError
+from .events import EventType
+from .schedule import cron_trigger, poll_period
 
 __all__ = [
     "CONFIG_ENV",
+    "DEFAULT_APP_URL",
+    "SINK_TYPES",
     "TOKEN_ENV",
     "Config",
     "DeliveryConfig",
@@ -55,6 +61,8 @@ __all__ = [
 
 TOKEN_ENV = "METRONOME_BEARER_TOKEN"
 CONFIG_ENV = "WATCHER_CONFIG"
+#: Where links to a customer point (``{app_url}/customers/{id}``) unless ``[metronome] app_url`` says.
+DEFAULT_APP_URL = "https://app.metronome.com"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -92,12 +100,12 @@ class _Model(BaseModel):
 class MetronomeConfig(_Model):
     base_url: str = "https://api.metronome.com"
     #: Where links in Slack messages point: ``{app_url}/customers/{id}``.
-    app_url: str = "https://app.metronome.com"
+    app_url: str = DEFAULT_APP_URL
     timeout: Duration = timedelta(seconds=30)
     max_attempts: int = Field(default=6, ge=1, le=20)
     max_retry_wait: Duration = timedelta(minutes=2)
     #: Fetch the active and archived listings at the same time: behind the API's latency a cycle then
-    #: takes as long as the larger listing alone (10% less with one customer in ten archived).
+    #: takes about as long as the larger listing alone.
     concurrent_listings: bool = True
 
     @field_validator("base_url", "app_url")
@@ -128,9 +136,7 @@ class ScheduleConfig(_Model):
         if v is None:
             return v
         # The daemon's own parser, so that what validates is exactly what runs (standard crontab
-        # weekdays, where APScheduler's from_crontab differs). Imported here to avoid a cycle.
-        from .daemon import cron_trigger
-
+        # weekdays, where APScheduler's from_crontab differs).
         try:
             cron_trigger(v)
         except ValueError as exc:
@@ -172,17 +178,6 @@ class LoggingConfig(_Model):
     format: Literal["auto", "json", "console"] = "auto"
 
 
-_EVENT_TYPES = (
-    "customer.created",
-    "customer.updated",
-    "customer.archived",
-    "customer.unarchived",
-    "customer.deleted",
-    "watcher.poll_failing",
-    "watcher.poll_recovered",
-)
-
-
 class _SinkBase(_Model):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     #: Event types this sink receives; ``customer.*`` style globs allowed.
@@ -195,11 +190,9 @@ class _SinkBase(_Model):
     @field_validator("events")
     @classmethod
     def _known_events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        import fnmatch
-
         for pattern in v:
-            if not any(fnmatch.fnmatchcase(t, pattern) for t in _EVENT_TYPES):
-                raise ValueError(f"{pattern!r} matches no event type (known: {', '.join(_EVENT_TYPES)})")
+            if not any(fnmatch.fnmatchcase(t, pattern) for t in EventType):
+                raise ValueError(f"{pattern!r} matches no event type (known: {', '.join(EventType)})")
         return v
 
 
@@ -255,6 +248,10 @@ class HttpSinkConfig(_SinkBase):
 
 
 SinkConfig = Annotated[LogSinkConfig | SlackSinkConfig | HttpSinkConfig, Field(discriminator="type")]
+#: Every sink ``type`` a config may name, in the order the messages list them.
+SINK_TYPES: tuple[str, ...] = tuple(
+    get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(SinkConfig)[0])
+)
 
 
 class Config(_Model):
@@ -266,6 +263,16 @@ class Config(_Model):
     health: HealthConfig = HealthConfig()
     logging: LoggingConfig = LoggingConfig()
     sinks: tuple[SinkConfig, ...] = ()
+
+    def ready_max_age(self, *, now: datetime | None = None) -> timedelta:
+        """How old the last successful poll may be while the watcher still counts as ready."""
+        period = poll_period(
+            interval=self.schedule.interval,
+            cron=self.schedule.cron,
+            jitter=self.schedule.jitter,
+            now=now or utcnow(),
+        )
+        return period * self.health.ready_intervals
 
     @model_validator(mode="after")
     def _unique_sink_names(self) -> Config:
@@ -303,7 +310,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"log", "slack", "http"} and out.endswith("]"):
+        elif part in SINK_TYPES and out.endswith("]"):
             continue  # pydantic puts the union tag in the path; operators never wrote it
         else:
             out += f".{part}" if out else str(part)
@@ -316,9 +323,9 @@ def _describe(err: Mapping[str, Any]) -> str:
         return "unknown key"
     if kind == "union_tag_invalid":
         tag = err.get("ctx", {}).get("tag", "?")
-        return f"unknown sink type {tag!r} (expected one of: log, slack, http)"
+        return f"unknown sink type {tag!r} (expected one of: {', '.join(SINK_TYPES)})"
     if kind == "union_tag_not_found":
-        return "missing 'type' (one of: log, slack, http)"
+        return f"missing 'type' (one of: {', '.join(SINK_TYPES)})"
     if kind == "missing":
         return "required key is missing"
     msg = str(err["msg"])

@@ -23,11 +23,8 @@ commits nothing and is recorded ``abandoned``), give deliveries in flight the re
 budget to finish (an unfinished one stays pending and is sent again later: delivery is
 at-least-once), close the database. Orchestrators send SIGKILL 10 s after SIGTERM; 8 s leaves room.
 
-Repeated failure is news: after ``health.failing_after`` consecutive failed polls one
-``watcher.poll_failing`` notice is recorded (and routed to the sinks whose ``events`` ask for
-``watcher.*``), and one ``watcher.poll_recovered`` after the next success. The state is derived
-from the database on every poll, never kept in memory, so it survives restarts: a restart in the
-middle of a failure streak neither resets the count nor repeats a notice.
+After every poll, the notices that are due (``watcher.poll_failing``, ``watcher.poll_recovered``)
+are recorded and delivered: see :mod:`watcher.notices`.
 """
 
 from __future__ import annotations
@@ -38,225 +35,31 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
-import orjson
 import structlog
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import func, select, update
-from sqlmodel import col
 
 from . import metrics
-from ._time import Clock, format_ts, parse_ts, utcnow
+from ._time import Clock, format_ts, utcnow
 from .app import App
-from .config import Config, ScheduleConfig
+from .config import Config
 from .errors import ConfigError
+from .events import EventType, PollOutcome
 from .health import HealthServer
-from .poll import PollResult, record_notice
-from .store import EventRecord, PollRun, Store
+from .notices import announce
+from .poll import PollResult
+from .schedule import poll_trigger
+from .store import queries
 
-__all__ = [
-    "FAILING",
-    "RECOVERED",
-    "Daemon",
-    "FailureStreak",
-    "cron_trigger",
-    "failure_streak",
-    "poll_period",
-    "ready_max_age",
-]
+__all__ = ["Daemon"]
 
 log = structlog.get_logger("watcher.daemon")
 
-FAILING = "watcher.poll_failing"
-RECOVERED = "watcher.poll_recovered"
-
-#: Outcomes that break a streak of successes. ``abandoned`` is not one of them: it means the
-#: process was stopped mid-poll (a deploy, a restart), which says nothing about Metronome. A poll
-#: abandoned because it timed out is rewritten to ``failed`` (see ``Daemon._record_timeout``).
-_FAILED_OUTCOMES = ("failed", "refused")
-
 #: How long :meth:`Daemon.stop` may take: Docker and Kubernetes send SIGKILL 10 s after SIGTERM.
 _STOP_BUDGET = 8.0
-
-#: Upcoming cron fire times sampled to find the longest gap between two polls (see poll_period).
-_CRON_SAMPLES = 400
-
-
-# -- schedule helpers ---------------------------------------------------------------------------
-
-_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-_APS_DOW = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # APScheduler's order: 0 is Monday
-
-
-def _dow_value(token: str, expr: str) -> int:
-    t = token.strip().lower()
-    if t.isdigit() and 0 <= int(t) <= 7:
-        return int(t) % 7
-    if t in _DOW_NAMES:
-        return _DOW_NAMES.index(t)
-    raise ValueError(f"invalid day of week {token!r} in crontab expression {expr!r}")
-
-
-def _crontab_weekdays(field: str, expr: str) -> str:
-    """Translate a crontab day-of-week field (0 and 7 are Sunday) into APScheduler 3 names.
-
-    APScheduler 3 reads digits with 0 = Monday (its documented historical mistake), so a plain
-    ``from_crontab("0 9 * * 1-5")`` would poll Tuesday to Saturday. Expanding the field to a list of
-    day names gives the meaning every crontab user expects.
-    """
-    if field == "*":
-        return field
-    days: set[int] = set()
-    for part in field.split(","):
-        base, _, step_text = part.partition("/")
-        step = 1
-        if step_text:
-            if not step_text.isdigit() or int(step_text) < 1:
-                raise ValueError(f"invalid step {step_text!r} in crontab expression {expr!r}")
-            step = int(step_text)
-        if base == "*":
-            first, last = 0, 6
-        elif "-" in base:
-            a, _, b = base.partition("-")
-            first, last = _dow_value(a, expr), _dow_value(b, expr)
-            if b.strip() == "7":
-                last = 7  # "5-7" is Friday to Sunday
-        else:
-            first = _dow_value(base, expr)
-            last = 6 if step_text else first
-        if last < first:
-            raise ValueError(f"day-of-week range {base!r} runs backwards in crontab expression {expr!r}")
-        days.update(d % 7 for d in range(first, last + 1, step))
-    return ",".join(_APS_DOW[(d - 1) % 7] for d in sorted(days, key=lambda d: (d - 1) % 7))
-
-
-def cron_trigger(expr: str, *, jitter: float | None = None) -> CronTrigger:
-    """A UTC trigger for a standard five-field crontab expression (Sunday is 0 or 7)."""
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"crontab expression {expr!r} must have 5 fields, not {len(fields)}")
-    minute, hour, day, month, dow = fields
-    return CronTrigger(
-        minute=minute,
-        hour=hour,
-        day=day,
-        month=month,
-        day_of_week=_crontab_weekdays(dow, expr),
-        timezone="UTC",
-        jitter=jitter,
-    )
-
-
-def poll_period(schedule: ScheduleConfig, *, now: datetime | None = None) -> timedelta:
-    """The longest expected gap between two scheduled polls, jitter included.
-
-    For an interval that is the interval. For a crontab expression it is the longest gap among the
-    next few hundred fire times: a weekday-only schedule has a three-day gap over the weekend, and
-    readiness must not fail every Saturday.
-    """
-    if not schedule.cron:
-        return schedule.interval + schedule.jitter
-    trigger = cron_trigger(schedule.cron)
-    fire = trigger.get_next_fire_time(None, now or utcnow())
-    longest = timedelta(0)
-    for _ in range(_CRON_SAMPLES):
-        if fire is None:
-            break
-        nxt = trigger.get_next_fire_time(fire, fire)
-        if nxt is None:
-            break
-        longest = max(longest, nxt - fire)
-        fire = nxt
-    return longest + schedule.jitter
-
-
-def ready_max_age(config: Config, *, now: datetime | None = None) -> timedelta:
-    """How old the last successful poll may be while ``/readyz`` still says ready."""
-    return poll_period(config.schedule, now=now) * config.health.ready_intervals
-
-
-# -- the failure streak, from the database ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FailureStreak:
-    """Consecutive failed polls since the last success, and the last ``watcher.poll_*`` notice."""
-
-    failures: int
-    #: ``started_at`` of the first failed poll of the streak.
-    since: str | None
-    last_error: str | None
-    last_failed_poll_id: int | None
-    last_success_id: int | None
-    #: ``watcher.poll_failing`` or ``watcher.poll_recovered``; None when none was ever sent.
-    notice: str | None
-    #: The poll the last notice was about (``detail.poll_id``).
-    notice_poll_id: int | None
-
-    @property
-    def failing_notice_outstanding(self) -> bool:
-        """A failing notice was sent and no poll has succeeded since."""
-        return self.notice == FAILING and (self.last_success_id or 0) < (self.notice_poll_id or 0)
-
-    @property
-    def recovery_unannounced(self) -> bool:
-        """A failing notice was sent, a poll has succeeded since, and no recovered notice says so."""
-        return self.notice == FAILING and (self.last_success_id or 0) > (self.notice_poll_id or 0)
-
-
-def failure_streak(store: Store) -> FailureStreak:
-    """Read the streak from ``poll_runs`` and the last notice from the audit log."""
-    poll_id, outcome = col(PollRun.id), col(PollRun.outcome)
-    with store.read() as conn:
-        last_success = conn.execute(select(func.max(poll_id)).where(outcome == "succeeded")).scalar()
-        count, since, last_failed = conn.execute(
-            select(func.count(), func.min(col(PollRun.started_at)), func.max(poll_id)).where(
-                outcome.in_(_FAILED_OUTCOMES), poll_id > (last_success or 0)
-            )
-        ).one()
-        last_error = None
-        if last_failed is not None:
-            last_error = conn.execute(select(col(PollRun.error)).where(poll_id == last_failed)).scalar()
-        row = conn.execute(
-            select(col(EventRecord.type), col(EventRecord.payload))
-            .where(col(EventRecord.type).in_((FAILING, RECOVERED)))
-            .order_by(col(EventRecord.sequence).desc())
-            .limit(1)
-        ).first()
-    notice, notice_poll_id = None, None
-    if row is not None:
-        notice = str(row[0])
-        detail = orjson.loads(row[1]).get("detail") or {}
-        notice_poll_id = detail.get("poll_id") if isinstance(detail.get("poll_id"), int) else None
-    return FailureStreak(
-        failures=int(count),
-        since=since,
-        last_error=last_error,
-        last_failed_poll_id=last_failed,
-        last_success_id=last_success,
-        notice=notice,
-        notice_poll_id=notice_poll_id,
-    )
-
-
-def _streak_before(store: Store, success_id: int) -> tuple[int, str | None]:
-    """Failed polls between ``success_id`` and the success before it, and when they began."""
-    poll_id, outcome = col(PollRun.id), col(PollRun.outcome)
-    with store.read() as conn:
-        previous = conn.execute(
-            select(func.max(poll_id)).where(outcome == "succeeded", poll_id < success_id)
-        ).scalar()
-        count, since = conn.execute(
-            select(func.count(), func.min(col(PollRun.started_at))).where(
-                outcome.in_(_FAILED_OUTCOMES), poll_id > (previous or 0), poll_id < success_id
-            )
-        ).one()
-    return int(count), since
 
 
 # -- the daemon ---------------------------------------------------------------------------------
@@ -368,7 +171,7 @@ class Daemon:
                 result = self.app.poller.run(cancel=run.cancel)
             except Exception as exc:  # the poller records the poll as failed, then re-raises bugs
                 log.exception("poll.crashed", error=repr(exc))
-            if result is not None and run.timed_out and result.outcome == "abandoned":
+            if result is not None and run.timed_out and result.outcome == PollOutcome.ABANDONED:
                 result = self._record_timeout(result)
             run.result = result
             if result is not None:
@@ -414,14 +217,10 @@ class Daemon:
         )
         try:
             with self.app.store.write() as conn:
-                conn.execute(
-                    update(PollRun)
-                    .where(col(PollRun.id) == result.poll_id, col(PollRun.outcome) == "abandoned")
-                    .values(outcome="failed", error=error)
-                )
+                queries.time_out_poll(conn, result.poll_id, error=error)
         except Exception as exc:
             log.error("daemon.record_timeout_failed", poll_id=result.poll_id, error=repr(exc))
-        return dataclasses.replace(result, outcome="failed", error=error)
+        return dataclasses.replace(result, outcome=PollOutcome.FAILED, error=error)
 
     def _track_failures(self) -> int:
         """Record ``watcher.poll_failing`` / ``watcher.poll_recovered`` when due; returns how many."""
@@ -432,44 +231,19 @@ class Daemon:
             return 0
 
     def _track_failures_unsafe(self) -> int:
-        store = self.app.store
-        streak = failure_streak(store)
-        sent = 0
-        if streak.recovery_unannounced:
-            assert streak.last_success_id is not None
-            failed_polls, since = _streak_before(store, streak.last_success_id)
-            now = self.clock()
-            detail: dict[str, Any] = {
-                "poll_id": streak.last_success_id,
-                "failed_polls": failed_polls,
-                "since": since,
-            }
-            if since:
-                detail["down_seconds"] = round((now - parse_ts(since)).total_seconds(), 3)
-            self._notice(RECOVERED, detail, now)
-            sent += 1
-            streak = dataclasses.replace(streak, notice=RECOVERED, notice_poll_id=streak.last_success_id)
-        threshold = self.config.health.failing_after
-        if streak.failures >= threshold and not streak.failing_notice_outstanding:
-            self._notice(
-                FAILING,
-                {
-                    "poll_id": streak.last_failed_poll_id,
-                    "consecutive_failures": streak.failures,
-                    "failing_after": threshold,
-                    "since": streak.since,
-                    "last_error": streak.last_error,
-                },
-                self.clock(),
+        sent = announce(
+            self.app.store,
+            self.app.poller.routes,
+            failing_after=self.config.health.failing_after,
+            now=self.clock(),
+        )
+        for notice in sent:
+            metrics.EVENTS.labels(notice["type"]).inc()
+            log_method = log.error if notice["type"] == EventType.POLL_FAILING else log.info
+            log_method(
+                notice["type"].replace("watcher.", "daemon."), sequence=notice["sequence"], **notice["detail"]
             )
-            sent += 1
-        return sent
-
-    def _notice(self, event_type: str, detail: dict[str, Any], now: datetime) -> None:
-        payload = record_notice(self.app.store, event_type, self.app.poller.routes, now=now, detail=detail)
-        metrics.EVENTS.labels(event_type).inc()
-        log_method = log.error if event_type == FAILING else log.info
-        log_method(event_type.replace("watcher.", "daemon."), sequence=payload["sequence"], **detail)
+        return len(sent)
 
     def _drain_all(self) -> None:
         threads = []
@@ -529,7 +303,7 @@ class Daemon:
                 self.app.store,
                 port=cfg.health.port,
                 host=cfg.health.host,
-                max_age=ready_max_age(cfg),
+                max_age=cfg.ready_max_age(),
                 alive=self.liveness_problem,
                 sinks=list(self.app.deliverer.sinks),
             )
@@ -541,16 +315,11 @@ class Daemon:
                 raise ConfigError(f"health.port: cannot listen on {where}: {exc.strerror or exc}") from None
         jitter = sched.jitter.total_seconds()
         first = self.clock() + timedelta(seconds=self.rng.uniform(0, jitter))
-        trigger: CronTrigger | IntervalTrigger
-        if sched.cron:
-            try:
-                trigger = cron_trigger(sched.cron, jitter=jitter or None)
-            except ValueError as exc:
-                raise ConfigError(f"schedule.cron: {exc}") from None
-        else:
-            trigger = IntervalTrigger(
-                seconds=sched.interval.total_seconds(), jitter=jitter or None, timezone="UTC"
-            )
+        # Validated with the config already; a config built in code may still carry a bad one.
+        try:
+            trigger = poll_trigger(interval=sched.interval, cron=sched.cron, jitter=sched.jitter)
+        except ValueError as exc:
+            raise ConfigError(f"schedule.cron: {exc}") from None
         self.scheduler.add_job(
             self.poll_once,
             trigger,
@@ -583,10 +352,6 @@ class Daemon:
             database=str(self.app.store.path),
             health_port=self.health.port if self.health else None,
         )
-
-    @property
-    def alive(self) -> bool:
-        return self.liveness_problem() is None
 
     def stop(self, timeout: float = _STOP_BUDGET) -> None:
         """Abandon the poll in flight, let deliveries finish or stay pending, close the database."""

@@ -1,6 +1,6 @@
 """``metronome-watcher demo``: the whole daemon against the built-in simulated Metronome.
 
-A fake Metronome (the same one the tests use) is seeded with a few hundred customers, and a churn
+The simulated Metronome (the same one the tests use) is seeded with a few hundred customers, and a churn
 generator creates, renames, re-tags and archives them while the real daemon polls on a short
 interval. Events are printed as they are delivered, through an ordinary sink.
 """
@@ -21,8 +21,9 @@ from typing import IO, Any
 from .app import build_app
 from .config import parse_config
 from .daemon import Daemon
-from .fake_metronome import FakeMetronome
+from .events import change_line, customer_name
 from .poll import PollResult
+from .simulator import SimulatedMetronome
 from .sinks import Outcome
 
 __all__ = ["ConsoleSink", "run_demo"]
@@ -40,12 +41,9 @@ class ConsoleSink:
 
     def deliver(self, events: Sequence[Mapping[str, Any]]) -> Sequence[Outcome]:
         for e in events:
-            customer = e.get("customer") or {}
-            who = f"{customer.get('name', '?')} ({str(e.get('customer_id', ''))[:8]})"
+            who = f"{customer_name(e) or '?'} ({str(e.get('customer_id', ''))[:8]})"
             changes = "; ".join(
-                f"{c['field']}: {_fmt(c['before'])} -> {_fmt(c['after'])}"
-                for c in e.get("changes", [])
-                if c["field"] != "archived_at"
+                change_line(c, value=_fmt) for c in e.get("changes", []) if c["field"] != "archived_at"
             )
             self.out.write(
                 f"  #{e['sequence']:<5} {e['type']:<20} {who}{'  ' + changes if changes else ''}\n"
@@ -80,7 +78,7 @@ def run_demo(
     stop = stop or threading.Event()
     rng = random.Random(seed)
     token = secrets.token_urlsafe(24)
-    with tempfile.TemporaryDirectory(prefix="watcher-demo-") as tmp, FakeMetronome(token=token) as fake:
+    with tempfile.TemporaryDirectory(prefix="watcher-demo-") as tmp, SimulatedMetronome(token=token) as fake:
         fake.seed(customers, rng=rng)
         db_path = db or Path(tmp) / "demo.db"
         config = parse_config(
@@ -133,6 +131,6 @@ def run_demo(
     return 0
 
 
-def _churn(fake: FakeMetronome, rng: random.Random, stop: threading.Event, every: float) -> None:
+def _churn(fake: SimulatedMetronome, rng: random.Random, stop: threading.Event, every: float) -> None:
     while not stop.wait(rng.uniform(0.5, 1.5) * every):
         fake.churn(rng)

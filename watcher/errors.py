@@ -9,7 +9,9 @@ The tree, in the manner of httpx's::
     │   ├── APITransportError    connect/read/timeout failures after retries
     │   └── APIDataError         a body that is not JSON or not the documented shape,
     │                            a repeated cursor, too many pages
-    ├── PollRefused          the picture was complete but implausible (mass vanish guard)
+    ├── PollRefused          the picture was complete but implausible (mass vanish guard), or
+    │                        another poll holds the database
+    ├── PollCancelled        the cycle was abandoned on request (shutdown, poll timeout)
     └── StoreError           the database cannot be used (e.g. written by a newer release)
 
 Third-party exceptions (httpx, sqlite, pydantic) are translated at the boundary with
@@ -25,6 +27,7 @@ __all__ = [
     "APIStatusError",
     "APITransportError",
     "ConfigError",
+    "PollCancelled",
     "PollRefused",
     "StoreError",
     "WatcherError",
@@ -70,6 +73,10 @@ class APIDataError(APIError):
 
 class PollRefused(WatcherError):
     """The listings were complete but the result is implausible; nothing was committed."""
+
+
+class PollCancelled(WatcherError):
+    """The cycle was abandoned on request (shutdown, poll timeout); nothing was committed."""
 
 
 class StoreError(WatcherError):

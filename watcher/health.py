@@ -11,9 +11,8 @@
   by status, outbox backlog, time of the last successful poll) are refreshed on each scrape, so they
   are right after a restart and never drift from what ``status`` shows.
 
-The server is the standard library's :class:`~http.server.ThreadingHTTPServer` in a daemon
-thread: three tiny endpoints do not justify a web framework, and a daemon thread never holds up
-the process's exit.
+The server is the standard library's, in a daemon thread (``watcher._httpserver``): three tiny
+endpoints do not justify a web framework, and a daemon thread never holds up the process's exit.
 
 ``python -m watcher.health [URL]`` is a dependency-light probe for a container ``HEALTHCHECK``
 (``python:3.11-slim`` has no curl): it exits 0 when the URL answers 200. Without a URL it reads
@@ -24,22 +23,23 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import orjson
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import metrics
+from ._httpserver import BackgroundServer
 from ._time import Clock, format_ts, parse_ts, utcnow
-
-if TYPE_CHECKING:
-    from .store import Store
+from .events import CustomerStatus, PollOutcome
+from .store import Store
 
 __all__ = ["HealthServer", "Probe", "check", "main"]
 
@@ -78,48 +78,29 @@ class HealthServer:
         self.alive = alive
         self.sinks = tuple(sinks)
         self.clock = clock
-        self._requested_port = port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server = BackgroundServer(
+            _Handler, self, host=host, port=port, name="health", poll_interval=0.1
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def port(self) -> int:
         """The bound port (the real one when 0 was asked for)."""
-        if self._server is None:
-            raise RuntimeError("health server is not started")
-        return int(self._server.server_address[1])
+        return self._server.port
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return self._server.url
 
     def start(self) -> HealthServer:
         """Bind (raises :class:`OSError` when the port is taken) and serve in a daemon thread."""
-        if self._server is not None:
-            raise RuntimeError("health server is already started")
-        self._server = _Server((self.host, self._requested_port), self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},  # bounds how long stop() waits
-            name=f"health:{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server.start()
         log.info("health.listening", host=self.host, port=self.port)
         return self
 
     def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=2)
+        self._server.stop()
 
     def __enter__(self) -> HealthServer:
         return self.start()
@@ -144,10 +125,10 @@ class HealthServer:
             last = self.store.last_successful_poll()
             # Two: the latest may be the poll in progress, which has no outcome yet; the one before
             # it then says how the last attempt went (one poll runs at a time per database).
-            latest = [p for p in self.store.last_polls(2) if p.outcome != "running"][:1]
+            latest = [p for p in self.store.last_polls(2) if p.outcome != PollOutcome.RUNNING][:1]
         except Exception as exc:  # the database is part of the job: unreadable means not ready
             return False, {"ready": False, "reason": f"cannot read the database: {exc}"}
-        last_error = next((p.error for p in latest if p.outcome != "succeeded" and p.error), None)
+        last_error = next((p.error for p in latest if p.outcome != PollOutcome.SUCCEEDED and p.error), None)
         body: dict[str, Any] = {"ready": False, "max_age_seconds": max_age}
         if last_error:
             body["last_error"] = last_error
@@ -167,25 +148,18 @@ class HealthServer:
         return True, body
 
     def metrics(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        from .metrics import REGISTRY
-
         try:
             self.refresh_gauges()
         except Exception as exc:  # stale gauges beat no metrics at all: counters are still right
             log.warning("health.gauge_refresh_failed", error=repr(exc))
-        return bytes(generate_latest(REGISTRY))
+        return bytes(generate_latest(metrics.REGISTRY))
 
     def refresh_gauges(self) -> None:
-        from . import metrics
-        from .delivery import delivery_status
-
         counts = self.store.customer_counts()
         # Statuses with no customers are reported as 0 rather than left at a stale value.
-        for status in {"active", "archived", "deleted", *counts}:
+        for status in {*CustomerStatus, *counts}:
             metrics.CUSTOMERS.labels(status).set(counts.get(status, 0))
-        for s in delivery_status(self.store, self.clock(), sinks=self.sinks):
+        for s in self.store.delivery_status(self.clock(), sinks=self.sinks):
             metrics.OUTBOX_BACKLOG.labels(s.sink).set(s.pending)
             metrics.OUTBOX_OLDEST_PENDING_AGE.labels(s.sink).set(s.oldest_pending_age or 0)
         last = self.store.last_successful_poll()
@@ -193,16 +167,7 @@ class HealthServer:
             metrics.LAST_SUCCESSFUL_POLL.set(parse_ts(last.finished_at or last.started_at).timestamp())
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], health: HealthServer) -> None:
-        self.health = health
-        super().__init__(address, _Handler)
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
     #: A client that connects and says nothing must not hold a thread forever.
     timeout = 10
     protocol_version = "HTTP/1.1"
@@ -214,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(send_body=False)
 
     def _serve(self, *, send_body: bool) -> None:
-        health = self.server.health
+        health: HealthServer = self.server.owner  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
         try:
             if path == "/healthz":
@@ -224,8 +189,6 @@ class _Handler(BaseHTTPRequestHandler):
                 ok, body = health.readiness()
                 self._reply(200 if ok else 503, orjson.dumps(body), "application/json", send_body)
             elif path == "/metrics":
-                from prometheus_client import CONTENT_TYPE_LATEST
-
                 self._reply(200, health.metrics(), CONTENT_TYPE_LATEST, send_body)
             else:
                 self._reply(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .config import Config
 
-__all__ = ["Route", "routes_from_config"]
+__all__ = ["Route", "Router", "routes_from_config"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,17 @@ class Route:
         )
 
 
-def routes_from_config(config: Config) -> Sequence[Route]:
+class Router:
+    """``router(event_type, changed_fields)``: the names of the sinks that take such an event."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = tuple(routes)
+
+    def __call__(self, event_type: str, changed_fields: Sequence[str]) -> list[str]:
+        return [r.sink for r in self.routes if r.accepts(event_type, changed_fields)]
+
+
+def routes_from_config(config: Config) -> tuple[Route, ...]:
     return tuple(
         Route(s.name, tuple(s.events), None if s.fields is None else tuple(s.fields)) for s in config.sinks
     )

@@ -43,7 +43,7 @@ is how much longer a cycle process gets from 10k to 100k customers over how much
 
 The latency run (``--latency-ms``, default 50; 0 skips it) makes the fake hold every answer until
 that long after its request arrived (its own work on the answer happens within the wait, and the
-wait ends on time: ``FakeMetronome.latency``) and compares cycles with ``pages x latency``: the sum
+wait ends on time: ``SimulatedMetronome.latency``) and compares cycles with ``pages x latency``: the sum
 of both listings' pages when they are fetched one after the other, the larger of the two when they
 are fetched concurrently. It also reports each cycle against the floor measured under the same
 latency (``over_floor``: what our own work adds), and what one page (request and parse) costs this
@@ -88,9 +88,9 @@ def _cpu_seconds() -> float:
 
 def serve(customers: int, seed: int) -> None:
     """Seed and serve a fake Metronome; answer one JSON command per stdin line."""
-    from watcher.fake_metronome import FakeMetronome
+    from watcher.simulator import SimulatedMetronome
 
-    fake = FakeMetronome(token=TOKEN, default_limit=PAGE_LIMIT)
+    fake = SimulatedMetronome(token=TOKEN, default_limit=PAGE_LIMIT)
     fake.seed(customers, rng=random.Random(seed))
     rng = random.Random(seed + 1)
     fake.start()
@@ -238,7 +238,7 @@ def wake_up(url: str, gap: float) -> dict[str, Any]:
 
 def poll(url: str, db: str, concurrent: bool, profile: str | None) -> dict[str, Any]:
     from watcher._logging import configure_logging
-    from watcher.client import MetronomeClient
+    from watcher.metronome import MetronomeClient
     from watcher.poll import Poller
     from watcher.routing import Route
     from watcher.store import Store

@@ -24,9 +24,11 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.sinks.conftest import FakeClock, FakeTime, Receiver, Reply
+from tests.receivers import FakeClock, FakeTime, Receiver, Reply
 from watcher.config import DeliveryConfig
-from watcher.delivery import Deliverer, delivery_status, replay
+from watcher.delivery import Deliverer, replay
+from watcher.events import Listing
+from watcher.metronome import ListingPage
 from watcher.poll import Poller
 from watcher.routing import Route
 from watcher.sinks import LogSink, Outcome, Sink
@@ -57,8 +59,8 @@ class Source:
             for i in range(n)
         }  # fmt: skip
 
-    def iter_pages(self, *, archived: bool) -> Iterator[list[dict[str, Any]]]:
-        yield [] if archived else [dict(c) for c in self.customers.values()]
+    def pages(self, *, listing: Listing, sent: Any = None) -> Iterator[ListingPage]:
+        yield ListingPage([] if listing else [dict(c) for c in self.customers.values()])
 
     def get_customer(self, customer_id: str) -> dict[str, Any] | None:
         return None
@@ -248,7 +250,7 @@ class World:
         return self.deliverer.drain(SINK)
 
     def status(self) -> Any:
-        (status,) = delivery_status(self.store, self.clock(), sinks=[SINK])
+        (status,) = self.store.delivery_status(self.clock(), sinks=[SINK])
         return status
 
     def close(self) -> None:

@@ -21,11 +21,11 @@ from freezegun import freeze_time
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.sinks.conftest import Receiver, Reply
+from tests.receivers import Receiver, Reply
 from watcher.config import parse_config
-from watcher.delivery import Deliverer, delivery_status
+from watcher.delivery import Deliverer
 from watcher.errors import ConfigError
-from watcher.poll import record_notice
+from watcher.notices import record_notice
 from watcher.routing import Route
 from watcher.sinks import Outcome, build_sinks
 from watcher.sinks.http import HttpSink
@@ -284,7 +284,7 @@ def test_sigkill_while_a_request_is_in_flight_redelivers_everything_on_restart(
     finally:
         proc.kill()
         proc.wait()
-    assert [s.pending for s in delivery_status(store, datetime.now(UTC), sinks=["hooks"])] == [5]
+    assert [s.pending for s in store.delivery_status(datetime.now(UTC), sinks=["hooks"])] == [5]
 
     restarted = Deliverer(store, {"hooks": HttpSink("hooks", receiver.url, SECRET)})
     try:

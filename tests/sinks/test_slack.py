@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.sinks.conftest import FakeTime, Receiver, Reply
+from tests.receivers import FakeTime, Receiver, Reply
 from watcher.app import build_app
 from watcher.config import parse_config
 from watcher.sinks import Outcome

@@ -3,7 +3,8 @@
 A sink turns a batch of v1 event dicts into one :class:`Outcome` per event it attempted, in
 order. It never touches the database: :mod:`watcher.delivery` owns retries, back-off, dead
 letters and ordering, so every sink obeys the same delivery rules (and one contract test proves
-it for all of them).
+it for all of them). A new sink is one module here, one config model in :mod:`watcher.config`,
+and one line in :data:`REGISTRY`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ from typing import Any
 
 import httpx
 
-from ..config import HttpSinkConfig, LogSinkConfig, SinkConfig, SlackSinkConfig
-from ._base import Outcome, Sink
+from ..config import DEFAULT_APP_URL, HttpSinkConfig, LogSinkConfig, SinkConfig, SlackSinkConfig
+from .base import Outcome, Sink
+from .http import HttpSink
 from .log import LogSink
+from .slack import SlackSink
 
-__all__ = ["DEFAULT_APP_URL", "REGISTRY", "LogSink", "Outcome", "Sink", "build_sink", "build_sinks"]
+__all__ = ["REGISTRY", "HttpSink", "LogSink", "Outcome", "Sink", "SlackSink", "build_sink", "build_sinks"]
 
 #: ``(config, shared httpx client or None, Metronome app URL)`` -> a sink.
 SinkFactory = Callable[[Any, "httpx.Client | None", str], Sink]
-
-#: Where Slack links point when no config says otherwise (``[metronome] app_url``'s default).
-DEFAULT_APP_URL = "https://app.metronome.com"
 
 
 def _log(cfg: LogSinkConfig, http: httpx.Client | None, app_url: str) -> Sink:
@@ -31,14 +31,10 @@ def _log(cfg: LogSinkConfig, http: httpx.Client | None, app_url: str) -> Sink:
 
 
 def _slack(cfg: SlackSinkConfig, http: httpx.Client | None, app_url: str) -> Sink:
-    from .slack import SlackSink
-
     return SlackSink.from_config(cfg, http=http, app_url=app_url)
 
 
 def _http(cfg: HttpSinkConfig, http: httpx.Client | None, app_url: str) -> Sink:
-    from .http import HttpSink
-
     return HttpSink.from_config(cfg, http=http)
 
 

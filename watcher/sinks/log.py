@@ -15,7 +15,8 @@ from typing import IO, Any, TextIO, cast
 import orjson
 import structlog
 
-from ._base import Outcome
+from ..events import OutcomeKind
+from .base import Outcome
 
 __all__ = ["LogSink"]
 
@@ -57,13 +58,13 @@ class LogSink:
                 try:
                     self._logger.msg(payload=event)
                 except (OSError, ValueError) as exc:  # a full disk or closed stream is a retry
-                    out.append(Outcome("retry", error=f"cannot write: {exc}"))
+                    out.append(Outcome(OutcomeKind.RETRY, error=f"cannot write: {exc}"))
                     break
                 out.append(Outcome.ok())
             try:
                 self._stream.flush()
             except (OSError, ValueError) as exc:
-                return [Outcome("retry", error=f"cannot flush: {exc}")] * len(out)
+                return [Outcome(OutcomeKind.RETRY, error=f"cannot flush: {exc}")] * len(out)
         return out
 
     def close(self) -> None:

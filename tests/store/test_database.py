@@ -8,9 +8,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
+from tests.conftest import db_bytes
 from watcher.store import PollRun, Store
-
-from .conftest import db_bytes
 
 
 def _write_some(store: Store, n: int) -> None:

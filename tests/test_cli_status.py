@@ -17,19 +17,19 @@ from watcher.app import build_app
 from watcher.cli import main
 from watcher.config import load_config
 from watcher.daemon import Daemon
-from watcher.fake_metronome import FakeMetronome, Fault
+from watcher.simulator import Fault, SimulatedMetronome
 from watcher.store import PollRun, Store
 
 TOKEN = "mtr_test_status_SECRETtoken_91"
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeMetronome]:
-    with FakeMetronome(token=TOKEN) as server:
+def fake() -> Iterator[SimulatedMetronome]:
+    with SimulatedMetronome(token=TOKEN) as server:
         yield server
 
 
-def write_config(tmp_path: Path, fake: FakeMetronome) -> Path:
+def write_config(tmp_path: Path, fake: SimulatedMetronome) -> Path:
     config = tmp_path / "watcher.toml"
     config.write_text(f"""
 [metronome]
@@ -74,7 +74,7 @@ def status(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_status_shows_the_failure_streak_the_last_polls_the_backlog_and_the_last_error(
-    fake: FakeMetronome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake: SimulatedMetronome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config_path = write_config(tmp_path, fake)
     config = load_config(config_path)
@@ -112,7 +112,7 @@ def test_status_shows_the_failure_streak_the_last_polls_the_backlog_and_the_last
 
 
 def test_status_says_so_when_nothing_has_polled_yet(
-    fake: FakeMetronome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake: SimulatedMetronome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config_path = write_config(tmp_path, fake)
     Store(load_config(config_path).store.path).close()
@@ -125,7 +125,7 @@ def test_status_says_so_when_nothing_has_polled_yet(
 
 
 def test_status_flags_a_stale_last_success(
-    fake: FakeMetronome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake: SimulatedMetronome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config_path = write_config(tmp_path, fake)
     finished = utcnow() - timedelta(hours=2)

@@ -17,10 +17,11 @@ import pytest
 from freezegun import freeze_time
 from structlog.testing import capture_logs
 
-from watcher.client import MetronomeClient, RetryPolicy
 from watcher.errors import APIDataError, APIError, APIStatusError, APITransportError
-from watcher.fake_metronome import FakeMetronome
+from watcher.events import Listing
 from watcher.metrics import REGISTRY
+from watcher.metronome import MetronomeClient, RetryPolicy
+from watcher.simulator import SimulatedMetronome
 
 BASE = "https://metronome.test"
 TOKEN = "sk_live_SUPER-SECRET-token-0123456789"
@@ -107,16 +108,6 @@ def counter(name: str, **labels: str) -> float:
 
 
 # -- RetryPolicy ---------------------------------------------------------------------------------------
-
-
-def test_backoff_is_exponential_capped_and_fully_jittered() -> None:
-    policy = RetryPolicy(base_delay=0.5, max_delay=3.0)
-    assert [policy.backoff(n, MaxRng()) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-    rng = random.Random(7)
-    draws = [policy.backoff(3, rng) for _ in range(200)]
-    assert all(0.0 <= d <= 2.0 for d in draws)
-    assert min(draws) < 0.5 < 1.5 < max(draws)  # spread over the whole range, not a fixed wait
-    assert policy.backoff(10_000, MaxRng()) == 3.0  # no overflow on absurd attempt numbers
 
 
 def test_retry_policy_rejects_nonsense() -> None:
@@ -231,7 +222,7 @@ def test_a_page_ending_with_its_cursor_has_its_digest_on_arrival(make_client: An
     a = [customer("a")]
     client, _ = make_client(raw(200, body(a, "cursor-1")), raw(200, body(a, None)))
 
-    first, last = client.iter_page_bodies(archived=False)
+    first, last = client.pages(listing=Listing(False))
 
     assert not first.parsed and not last.parsed
     assert first.digest is not None and first.digest == last.digest  # the same records
@@ -247,7 +238,7 @@ def test_a_digest_of_a_whole_body_is_never_that_of_the_bytes_before_a_cursor(mak
     whole = body([customer("a")], "cursor-1", cursor_first=True)
     client, _ = make_client(raw(200, whole), raw(200, whole + b',"next_page":null}'))
 
-    first, broken = client.iter_page_bodies(archived=False)
+    first, broken = client.pages(listing=Listing(False))
 
     assert first.parsed and not broken.parsed
     assert first.digest is not None and broken.digest is not None
@@ -260,7 +251,7 @@ def test_page_bodies_request_the_next_page_before_this_one_is_parsed(make_client
     broken = b'{"data":[{"name":"no id"}],"next_page":"cursor-1"}'
     client, rec = make_client(raw(200, broken), page(["b"], None))
 
-    first, second = client.iter_page_bodies(archived=False)  # both fetched, nothing parsed yet
+    first, second = client.pages(listing=Listing(False))  # both fetched, nothing parsed yet
 
     assert len(rec.requests) == 2
     assert rec.requests[1].url.params["next_page"] == "cursor-1"  # read from the end of the body
@@ -279,7 +270,7 @@ def test_sent_is_called_once_each_attempt_has_ended_when_the_transport_does_not_
     def sent() -> None:
         seen.append(f"sent {len(rec.requests)}")
 
-    for body in client.iter_page_bodies(archived=False, sent=sent):
+    for body in client.pages(listing=Listing(False), sent=sent):
         seen.append(f"page {body.parse()[0]['id']}")
 
     # The 503 was retried: its attempt is reported too, before the wait for the next one.
@@ -299,23 +290,23 @@ def test_sent_is_called_while_each_request_is_in_flight() -> None:
 
     in_flight: list[bool] = []
 
-    def before_serving(page: int) -> Callable[[FakeMetronome], None]:
+    def before_serving(page: int) -> Callable[[SimulatedMetronome], None]:
         # Each request is reported twice, on the wire and then ended: page ``page``'s request is
         # the ``2 * page - 1``th call. The fake answers only once this returns, so had ``sent`` waited
         # for the answer, the wait would time out.
-        def check(_: FakeMetronome) -> None:
+        def check(_: SimulatedMetronome) -> None:
             with reported:
                 in_flight.append(reported.wait_for(lambda: calls >= 2 * page - 1, timeout=5))
 
         return check
 
-    with FakeMetronome(token=TOKEN) as fake:
+    with SimulatedMetronome(token=TOKEN) as fake:
         for i in range(25):
             fake.create_customer(f"Customer {i:02d}")
         for n in (1, 2, 3):
             fake.on_page(n, before_serving(n), archived=False)
         with MetronomeClient(fake.url, TOKEN, page_limit=10) as client:
-            sizes = [len(b.parse()) for b in client.iter_page_bodies(archived=False, sent=sent)]
+            sizes = [len(b.parse()) for b in client.pages(listing=Listing(False), sent=sent)]
 
     assert sizes == [10, 10, 5]
     assert in_flight == [True, True, True]
@@ -345,7 +336,7 @@ def test_a_body_that_does_not_end_plainly_is_parsed_before_its_cursor_is_followe
 ) -> None:
     client, rec = make_client(raw(200, content), page(["b"], None))
 
-    first, second = client.iter_page_bodies(archived=False)
+    first, second = client.pages(listing=Listing(False))
 
     assert first.next_page == followed
     assert rec.requests[1].url.params["next_page"] == followed
@@ -359,7 +350,7 @@ def test_a_cursor_read_from_the_end_is_the_one_the_parser_keeps(make_client: Any
     # follow a cursor its body does not say.)
     client, rec = make_client(raw(200, b'{"data":[],"next_page":"A","next_page":"c1"}'), page(["b"], None))
 
-    first, last = client.iter_page_bodies(archived=False)
+    first, last = client.pages(listing=Listing(False))
 
     assert rec.requests[1].url.params["next_page"] == "c1"
     assert first.parse() == [] and first.next_page == "c1"
@@ -368,7 +359,7 @@ def test_a_cursor_read_from_the_end_is_the_one_the_parser_keeps(make_client: Any
 
 def test_a_bad_body_without_a_plain_end_raises_on_arrival(make_client: Any) -> None:
     client, rec = make_client(raw(200, b'{"next_page":"c1","data":[{"name":"no id"}]}'))
-    bodies = client.iter_page_bodies(archived=False)
+    bodies = client.pages(listing=Listing(False))
     with pytest.raises(APIDataError, match="has no non-empty string 'id'"):
         next(bodies)
     assert len(rec.requests) == 1  # its cursor was never followed

@@ -1,10 +1,11 @@
-"""A fake Metronome customers API, served over real HTTP on a local port.
+"""The simulated Metronome: the customers API, served over real HTTP on a local port.
 
 The demo, the tests and the benchmarks all need a Metronome that they control: one whose customers
 they can create, edit, archive and delete between two polls, whose pages they can break on purpose,
-and which never needs a token from the outside world. :class:`FakeMetronome` is that server. It speaks
+and which never needs a token from the outside world. :class:`SimulatedMetronome` is that server. It speaks
 the customer endpoints of the official OpenAPI document (``shared/metronome-customers-openapi.json``)
-closely enough that the real API client runs against it unchanged.
+closely enough that the real API client runs against it unchanged. It is not product code: nothing
+of the watcher's imports it but the demo.
 
 Three choices shape it:
 
@@ -13,13 +14,13 @@ Three choices shape it:
   between two page requests, as they are on the real service. Pages are located with :mod:`bisect`.
 * **Cached JSON.** Each record's serialized bytes are kept until the record changes, and a page is
   the concatenation of those bytes, so that pulling a million customers measures the client, not us.
-* **Fault injection.** :class:`Fault` and :meth:`FakeMetronome.on_page` let a test make a page fail,
+* **Fault injection.** :class:`Fault` and :meth:`SimulatedMetronome.on_page` let a test make a page fail,
   hang, lie or race with a mutation, which is how the watcher's "only complete pictures are diffed"
   rule is proven.
 
 Standard library only (plus :mod:`orjson`), so that it can run anywhere the package runs::
 
-    python -m watcher.fake_metronome --customers 1000 --port 8080 --token test-token
+    python -m watcher.simulator --customers 1000 --port 8080 --token test-token
 """
 
 from __future__ import annotations
@@ -27,27 +28,27 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
-import contextlib
 import functools
 import gc
 import random
-import socket
 import sys
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal, get_args
 from urllib.parse import parse_qs
 
 import orjson
 
-__all__ = ["FakeMetronome", "Fault", "RecordedRequest", "main"]
+from .._httpserver import BackgroundServer
+
+__all__ = ["Fault", "RecordedRequest", "SimulatedMetronome", "main"]
 
 _NAME_LIMIT = 160  # the real API truncates longer names
 _CUSTOM_FIELD_LIMIT = 200  # the real API refuses longer custom field values
@@ -72,7 +73,7 @@ class Fault:
     * ``"malformed"``: a 200 whose body is not JSON;
     * ``"drop"``: the connection is closed without any response;
     * ``"latency"``: a pause of ``delay`` seconds, then the normal answer (the pause counts as the
-      fake's own work, so it is inside :attr:`FakeMetronome.latency`'s wait when that is longer);
+      fake's own work, so it is inside :attr:`SimulatedMetronome.latency`'s wait when that is longer);
     * ``"bad_record"``: the normal answer, well-formed JSON with its cursor in place, except that
       the first record on it (or the customer, from get-by-id) has no ``id``.
 
@@ -178,7 +179,7 @@ class _ArmedFault:
 class _PageHook:
     page: int
     archived: bool | None
-    callback: Callable[[FakeMetronome], object]
+    callback: Callable[[SimulatedMetronome], object]
 
 
 def _without_first_id(body: bytes) -> bytes:
@@ -366,7 +367,7 @@ def _uuid4(rng: random.Random) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-class FakeMetronome:
+class SimulatedMetronome:
     """An in-memory Metronome with customers, served over HTTP once :meth:`start` is called.
 
     The data operations (``create_customer``, ``archive``, ...) have the same semantics as the HTTP
@@ -399,8 +400,6 @@ class FakeMetronome:
         self.default_limit = default_limit
         self.requests: deque[RecordedRequest] = deque(maxlen=self.RECORDED_REQUESTS)
         self.served = 0
-        self._host = host
-        self._port = port
         self._clock = clock or _default_clock
         self._lock = threading.RLock()
         self._by_id: dict[str, _Entry] = {}
@@ -409,46 +408,30 @@ class FakeMetronome:
         self._last_seq = 0
         self._faults: list[_ArmedFault] = []
         self._page_hooks: list[_PageHook] = []
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        # poll_interval bounds how long stop() waits; idle cost is negligible
+        self._server = BackgroundServer(
+            _Handler, self, host=host, port=port, name="metronome", poll_interval=0.01
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:54321``; the port stays the same across restarts."""
-        if self._server is None:
-            raise RuntimeError("FakeMetronome is not started")
-        return f"http://{self._host}:{self._port}"
+        if not self._server.running:
+            raise RuntimeError("SimulatedMetronome is not started")
+        return self._server.url
 
-    def start(self) -> FakeMetronome:
+    def start(self) -> SimulatedMetronome:
         """Bind and serve in a background daemon thread; returns ``self`` for chaining."""
-        if self._server is not None:
-            raise RuntimeError("FakeMetronome is already started")
-        self._server = _Server((self._host, self._port), self)
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.01},  # bounds how long stop() waits; idle cost is negligible
-            name=f"fake-metronome:{self._port}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
         """Stop serving and close every open connection, so clients see the server go away."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        server.server_close()
-        server.close_connections()
-        if thread is not None:
-            thread.join()
+        self._server.stop()
 
-    def __enter__(self) -> FakeMetronome:
+    def __enter__(self) -> SimulatedMetronome:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -642,6 +625,19 @@ class FakeMetronome:
                 gc.collect()  # ages the new entries now, rather than during the first timed scan
         return ids
 
+    def load(self, records: Iterable[dict[str, Any]]) -> None:
+        """Serve these records exactly as given (an account saved earlier), after any already here.
+
+        A record is archived when its ``archived_at`` is set. Raises :class:`ValueError` for an id
+        that is already served.
+        """
+        with self._lock:
+            for record in records:
+                cid = record["id"]
+                if cid in self._by_id:
+                    raise _BadRequest(f"a customer with id {cid} already exists")
+                self._insert(cid, record.get("archived_at") is not None, blob=_dumps(record))
+
     def churn(self, rng: random.Random) -> str:
         """Apply one random, realistic change and describe it in one line (the demo's activity feed)."""
         with self._lock:  # held throughout so the chosen customer cannot vanish mid-change
@@ -700,7 +696,7 @@ class FakeMetronome:
             self._page_hooks.clear()
 
     def on_page(
-        self, page: int, callback: Callable[[FakeMetronome], object], *, archived: bool | None = None
+        self, page: int, callback: Callable[[SimulatedMetronome], object], *, archived: bool | None = None
     ) -> None:
         """Run ``callback(self)`` once, just before serving ``page`` (1-based) of a listing.
 
@@ -979,42 +975,12 @@ def _hold(deadline: float) -> None:
         time.sleep(0)
 
 
-class _Server(ThreadingHTTPServer):
-    """A threading HTTP server that knows its fake and can cut its keep-alive connections on stop."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], fake: FakeMetronome) -> None:
-        self.fake = fake
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def close_connections(self) -> None:
-        with self.connections_lock:
-            connections = list(self.connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):  # already closed by the client
-                connection.shutdown(socket.SHUT_RDWR)
-
-
 class _Handler(BaseHTTPRequestHandler):
     """HTTP plumbing only: read the request, ask the fake, write the reply in one piece."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, so a client's connection pool is exercised
     disable_nagle_algorithm = True
-    server: _Server
     arrived = 0.0  # time.monotonic() when the request being served arrived
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self.connection)
-        super().finish()
 
     def do_GET(self) -> None:
         self._serve()
@@ -1047,7 +1013,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(_error(400, "invalid Content-Length").encode())
             return
         body = self.rfile.read(length) if length else b""
-        reply = self.server.fake._handle(
+        simulator: SimulatedMetronome = self.server.owner  # type: ignore[attr-defined]
+        reply = simulator._handle(
             self.command, self.path, self.headers.get("Authorization"), body, self.arrived
         )
         if reply is None:
@@ -1056,14 +1023,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(reply.encode())
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request log lines; :attr:`FakeMetronome.requests` records them instead."""
+        """Silence the per-request log lines; :attr:`SimulatedMetronome.requests` records them instead."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a fake Metronome until Ctrl-C, printing its base URL on stdout."""
     parser = argparse.ArgumentParser(
-        prog="python -m watcher.fake_metronome",
-        description="Serve a fake Metronome customers API with seeded customers.",
+        prog="python -m watcher.simulator",
+        description="Serve a simulated Metronome customers API with seeded customers.",
     )
     parser.add_argument("--customers", type=int, default=100, help="customers to seed (default 100)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -1075,11 +1042,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    fake = FakeMetronome(token=args.token, host=args.host, port=args.port)
+    fake = SimulatedMetronome(token=args.token, host=args.host, port=args.port)
     fake.seed(args.customers, rng=rng)
     with fake:
         print(fake.url, flush=True)
-        print(f"fake Metronome with {args.customers} customers; Ctrl-C stops", file=sys.stderr)
+        print(f"simulated Metronome with {args.customers} customers; Ctrl-C stops", file=sys.stderr)
         try:
             while True:
                 time.sleep(args.churn or 3600)
@@ -1088,7 +1055,3 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

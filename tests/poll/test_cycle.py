@@ -14,13 +14,16 @@ import orjson
 import pytest
 import xxhash
 
-from watcher.client import ListingPage, MetronomeClient, PageBody
-from watcher.fake_metronome import FakeMetronome, Fault
+from tests.conftest import TOKEN, Harness, check_page_memo, db_bytes, page_memo, stored_fingerprints
+from watcher.errors import StoreError
+from watcher.events import Listing
+from watcher.fingerprint import record_hash
+from watcher.metronome import ListingPage, MetronomeClient, PageBody
 from watcher.poll import Poller, PollResult
+from watcher.poll.memo import pack, unpack
 from watcher.routing import Route
-from watcher.store import SCHEMA_VERSION, Store, record_hash
-
-from .conftest import TOKEN, Harness, check_page_memo, db_bytes, page_memo, stored_fingerprints
+from watcher.simulator import Fault, SimulatedMetronome
+from watcher.store import SCHEMA_VERSION, Store
 
 
 def only(events: list[dict], **match: object) -> dict:
@@ -33,7 +36,7 @@ def only(events: list[dict], **match: object) -> dict:
 # -- rule 2: the baseline ----------------------------------------------------------------------
 
 
-def test_first_poll_is_a_baseline_without_events(fake: FakeMetronome, harness: Harness) -> None:
+def test_first_poll_is_a_baseline_without_events(fake: SimulatedMetronome, harness: Harness) -> None:
     ids = [fake.create_customer(f"C{i}")["id"] for i in range(12)]
     fake.archive(ids[0])
 
@@ -46,7 +49,7 @@ def test_first_poll_is_a_baseline_without_events(fake: FakeMetronome, harness: H
     assert harness.poll().baseline is False
 
 
-def test_baseline_events_when_asked(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_baseline_events_when_asked(fake: SimulatedMetronome, tmp_path: Path) -> None:
     ids = {fake.create_customer(f"C{i}")["id"] for i in range(3)}
     h = Harness(fake, tmp_path / "w.db", emit_baseline_events=True)
     try:
@@ -61,7 +64,7 @@ def test_baseline_events_when_asked(fake: FakeMetronome, tmp_path: Path) -> None
 # -- each event type, with its exact changes --------------------------------------------------
 
 
-def test_created(fake: FakeMetronome, seeded: Harness) -> None:
+def test_created(fake: SimulatedMetronome, seeded: Harness) -> None:
     c = fake.create_customer(
         "Brand New Co", ingest_aliases=["new@example.com"], custom_fields={"tier": "gold"}
     )
@@ -74,7 +77,7 @@ def test_created(fake: FakeMetronome, seeded: Harness) -> None:
     assert result.events_by_type == {"customer.created": 1}
 
 
-def test_updated_name(fake: FakeMetronome, seeded: Harness) -> None:
+def test_updated_name(fake: SimulatedMetronome, seeded: Harness) -> None:
     cid = fake.customers(archived=False)[3]["id"]
     before = fake.get(cid)
     fake.set_name(cid, "Renamed Inc.")
@@ -87,7 +90,7 @@ def test_updated_name(fake: FakeMetronome, seeded: Harness) -> None:
     assert e["customer"] == fake.get(cid)
 
 
-def test_updated_nested_fields(fake: FakeMetronome, seeded: Harness) -> None:
+def test_updated_nested_fields(fake: SimulatedMetronome, seeded: Harness) -> None:
     cid = fake.customers(archived=False)[0]["id"]
     fake.set_custom_fields(cid, {"tier": "enterprise", "region": "eu"})
     fake.update_config(cid, salesforce_account_id="0015500001WO1ZiABL")
@@ -118,7 +121,7 @@ def test_updated_nested_fields(fake: FakeMetronome, seeded: Harness) -> None:
     ]
 
 
-def test_archived_with_a_rename_riding_along(fake: FakeMetronome, seeded: Harness) -> None:
+def test_archived_with_a_rename_riding_along(fake: SimulatedMetronome, seeded: Harness) -> None:
     cid = fake.customers(archived=False)[5]["id"]
     old_name = fake.get(cid)["name"]
     fake.set_name(cid, "Churned Corp")
@@ -136,7 +139,7 @@ def test_archived_with_a_rename_riding_along(fake: FakeMetronome, seeded: Harnes
     assert seeded.store.customer_counts() == {"active": 24, "archived": 6}
 
 
-def test_unarchived(fake: FakeMetronome, seeded: Harness) -> None:
+def test_unarchived(fake: SimulatedMetronome, seeded: Harness) -> None:
     cid = fake.customers(archived=True)[0]["id"]
     archived_at = fake.get(cid)["archived_at"]
     fake.unarchive(cid)
@@ -147,7 +150,7 @@ def test_unarchived(fake: FakeMetronome, seeded: Harness) -> None:
     assert {"field": "archived_at", "before": archived_at, "after": None} in e["changes"]
 
 
-def test_deleted_only_after_a_404_by_id(fake: FakeMetronome, seeded: Harness) -> None:
+def test_deleted_only_after_a_404_by_id(fake: SimulatedMetronome, seeded: Harness) -> None:
     cid = fake.customers(archived=False)[7]["id"]
     last = fake.get(cid)
     fake.delete(cid)
@@ -163,7 +166,7 @@ def test_deleted_only_after_a_404_by_id(fake: FakeMetronome, seeded: Harness) ->
     assert len(seeded.events()) == 1, "a deleted customer is reported once"
 
 
-def test_vanished_but_lookup_fails_means_no_conclusion(fake: FakeMetronome, seeded: Harness) -> None:
+def test_vanished_but_lookup_fails_means_no_conclusion(fake: SimulatedMetronome, seeded: Harness) -> None:
     cid = fake.customers(archived=False)[7]["id"]
     fake.delete(cid)
     fake.add_fault(Fault(kind="status", status=503, times=100, path=f"/v1/customers/{cid}"))
@@ -179,16 +182,18 @@ def test_vanished_but_lookup_fails_means_no_conclusion(fake: FakeMetronome, seed
     only(seeded.events(), type="customer.deleted", customer_id=cid)
 
 
-def test_vanished_from_listings_but_found_by_id_is_used_as_seen(fake: FakeMetronome, seeded: Harness) -> None:
+def test_vanished_from_listings_but_found_by_id_is_used_as_seen(
+    fake: SimulatedMetronome, seeded: Harness
+) -> None:
     # Absent is not archived: a listing that misses a customer (eventual consistency, say) must not
     # turn into an event. The source below hides one customer from the listings only.
     cid = fake.customers(archived=False)[2]["id"]
     real = seeded.client
 
     class HidingSource:
-        def iter_pages(self, *, archived: bool):  # type: ignore[no-untyped-def]
-            for page in real.iter_pages(archived=archived):
-                yield [r for r in page if r["id"] != cid]
+        def pages(self, *, listing: Listing, sent: Any = None) -> Iterator[ListingPage]:
+            for page in real.iter_pages(archived=bool(listing)):
+                yield ListingPage([r for r in page if r["id"] != cid])
 
         def get_customer(self, customer_id: str):  # type: ignore[no-untyped-def]
             return real.get_customer(customer_id)
@@ -211,7 +216,7 @@ def test_no_event_without_changes(seeded: Harness) -> None:
     assert seeded.snapshot() == before
 
 
-def test_updated_at_alone_is_not_an_event_but_is_stored(fake: FakeMetronome, seeded: Harness) -> None:
+def test_updated_at_alone_is_not_an_event_but_is_stored(fake: SimulatedMetronome, seeded: Harness) -> None:
     cid = fake.customers(archived=False)[1]["id"]
     fake.touch(cid)
 
@@ -225,7 +230,7 @@ def test_updated_at_alone_is_not_an_event_but_is_stored(fake: FakeMetronome, see
     assert orjson.loads(stored.record)["updated_at"] == fake.get(cid)["updated_at"]
 
 
-def test_ignore_list_is_configurable(fake: FakeMetronome, tmp_path: Path) -> None:
+def test_ignore_list_is_configurable(fake: SimulatedMetronome, tmp_path: Path) -> None:
     h = Harness(fake, tmp_path / "w.db", ignore_fields=("updated_at", "custom_fields"))
     try:
         cid = fake.create_customer("X", custom_fields={"tier": "a"})["id"]
@@ -256,7 +261,7 @@ def test_ignore_list_is_configurable(fake: FakeMetronome, tmp_path: Path) -> Non
     ids=["500-beyond-retries", "malformed", "bad-record", "401", "dropped-connection"],
 )
 def test_failed_page_commits_nothing_then_next_poll_catches_up(
-    fake: FakeMetronome, seeded: Harness, fault: Fault, reason: str
+    fake: SimulatedMetronome, seeded: Harness, fault: Fault, reason: str
 ) -> None:
     active = fake.customers(archived=False)
     renamed, archived = active[1]["id"], active[2]["id"]
@@ -288,7 +293,7 @@ def test_failed_page_commits_nothing_then_next_poll_catches_up(
 
 @pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "sequential"])
 def test_a_cancel_abandons_the_cycle_while_a_request_still_hangs(
-    fake: FakeMetronome, tmp_path: Path, concurrent: bool
+    fake: SimulatedMetronome, tmp_path: Path, concurrent: bool
 ) -> None:
     for i in range(25):
         fake.create_customer(f"Customer {i:02d}")
@@ -300,7 +305,7 @@ def test_a_cancel_abandons_the_cycle_while_a_request_still_hangs(
         hanging, release, cancel = threading.Event(), threading.Event(), threading.Event()
         answered = threading.Event()
 
-        def hang(_: FakeMetronome) -> None:
+        def hang(_: SimulatedMetronome) -> None:
             hanging.set()
             release.wait(30)
             answered.set()
@@ -321,7 +326,7 @@ def test_a_cancel_abandons_the_cycle_while_a_request_still_hangs(
 
 
 def test_behind_latency_a_cycle_reports_the_same_changes_and_refuses_a_bad_page(
-    fake: FakeMetronome, seeded: Harness
+    fake: SimulatedMetronome, seeded: Harness
 ) -> None:
     # 10 ms a page is past the hand-over threshold: every page goes to the cycle's thread unparsed,
     # its cursor read from the end of the body, and is parsed there while the next is in flight.
@@ -351,7 +356,7 @@ def test_behind_latency_a_cycle_reports_the_same_changes_and_refuses_a_bad_page(
     }
 
 
-def test_429_with_retry_after_is_waited_out(fake: FakeMetronome, seeded: Harness) -> None:
+def test_429_with_retry_after_is_waited_out(fake: SimulatedMetronome, seeded: Harness) -> None:
     fake.add_fault(Fault(kind="status", status=429, retry_after="7", page=2, archived=False))
     cid = fake.create_customer("After The Wait")["id"]
 
@@ -368,7 +373,7 @@ def test_429_with_retry_after_is_waited_out(fake: FakeMetronome, seeded: Harness
 @pytest.mark.parametrize("concurrent", [False, True], ids=["sequential", "concurrent"])
 @pytest.mark.parametrize("which", ["not-yet-listed", "already-listed"])
 def test_archived_between_two_page_requests_yields_one_event(
-    fake: FakeMetronome, tmp_path: Path, concurrent: bool, which: str
+    fake: SimulatedMetronome, tmp_path: Path, concurrent: bool, which: str
 ) -> None:
     for i in range(30):
         fake.create_customer(f"C{i:02d}")
@@ -393,7 +398,7 @@ def test_archived_between_two_page_requests_yields_one_event(
         h.close()
 
 
-def test_customer_in_both_listings_counts_as_archived(fake: FakeMetronome, seeded: Harness) -> None:
+def test_customer_in_both_listings_counts_as_archived(fake: SimulatedMetronome, seeded: Harness) -> None:
     # Seen on page 1 of the active listing, archived before the archived listing is read.
     cid = fake.customers(archived=False)[0]["id"]
     fake.on_page(2, lambda f: f.archive(cid), archived=False)
@@ -407,7 +412,7 @@ def test_customer_in_both_listings_counts_as_archived(fake: FakeMetronome, seede
     assert (result.active, result.archived) == (24, 6), "counted once, as archived"
 
 
-def test_mass_vanish_is_refused(fake: FakeMetronome, seeded: Harness) -> None:
+def test_mass_vanish_is_refused(fake: SimulatedMetronome, seeded: Harness) -> None:
     for c in fake.customers(archived=False)[:15]:
         fake.delete(c["id"])
     before = seeded.snapshot()
@@ -423,7 +428,7 @@ def test_mass_vanish_is_refused(fake: FakeMetronome, seeded: Harness) -> None:
 # -- rule 5 and the audit log ------------------------------------------------------------------
 
 
-def test_sequence_strictly_increases_and_ids_are_unique(fake: FakeMetronome, seeded: Harness) -> None:
+def test_sequence_strictly_increases_and_ids_are_unique(fake: SimulatedMetronome, seeded: Harness) -> None:
     for round_ in range(3):
         for c in fake.customers(archived=False)[:4]:
             fake.set_name(c["id"], f"{c['name']} r{round_}")
@@ -436,11 +441,9 @@ def test_sequence_strictly_increases_and_ids_are_unique(fake: FakeMetronome, see
     assert len({e["id"] for e in events}) == 15
 
 
-def test_one_outbox_row_per_event_and_sink(fake: FakeMetronome, seeded: Harness) -> None:
+def test_one_outbox_row_per_event_and_sink(fake: SimulatedMetronome, seeded: Harness) -> None:
     fake.create_customer("Outboxed")
     seeded.poll()
-    import sqlite3
-
     con = sqlite3.connect(seeded.db)
     rows = con.execute(
         "SELECT o.sink, o.status, e.type FROM outbox o JOIN events e USING (sequence)"
@@ -449,7 +452,7 @@ def test_one_outbox_row_per_event_and_sink(fake: FakeMetronome, seeded: Harness)
     assert rows == [("audit", "pending", "customer.created")]
 
 
-def test_a_second_poller_on_the_same_database_is_refused(fake: FakeMetronome, seeded: Harness) -> None:
+def test_a_second_poller_on_the_same_database_is_refused(fake: SimulatedMetronome, seeded: Harness) -> None:
     other = Harness(fake, seeded.db)
     try:
         fake.on_page(2, lambda f: results.append(other.poll()), archived=False)
@@ -463,11 +466,6 @@ def test_a_second_poller_on_the_same_database_is_refused(fake: FakeMetronome, se
 
 
 def test_schema_version_is_recorded_and_a_newer_database_is_refused(tmp_path: Path) -> None:
-    import sqlite3
-
-    from watcher.errors import StoreError
-    from watcher.store import SCHEMA_VERSION
-
     db = tmp_path / "w.db"
     Store(db).close()
     con = sqlite3.connect(db)
@@ -493,16 +491,19 @@ class ScriptedSource:
     """Serves fixed pages; with ``archived_first`` the active listing waits for the archived one."""
 
     def __init__(self, active: list[dict], archived: list[dict], *, archived_first: bool = False) -> None:
-        self.pages = {False: [active[i : i + 3] for i in range(0, len(active), 3)], True: [archived]}
+        self.listed = {
+            Listing.ACTIVE: [active[i : i + 3] for i in range(0, len(active), 3)],
+            Listing.ARCHIVED: [archived],
+        }
         self.archived_first = archived_first
         self.archived_done = threading.Event()
 
-    def iter_pages(self, *, archived: bool) -> Iterator[list[dict[str, Any]]]:
-        if self.archived_first and not archived:
+    def pages(self, *, listing: Listing, sent: Any = None) -> Iterator[ListingPage]:
+        if self.archived_first and listing is Listing.ACTIVE:
             assert self.archived_done.wait(10)
-        for page in self.pages[archived]:
-            yield copy.deepcopy(page)
-        if archived:
+        for page in self.listed[listing]:
+            yield ListingPage(copy.deepcopy(page))
+        if listing is Listing.ARCHIVED:
             self.archived_done.set()
 
     def get_customer(self, customer_id: str) -> dict[str, Any] | None:
@@ -517,7 +518,7 @@ class Scripted:
 
 
 @pytest.fixture
-def scripted(fake: FakeMetronome, tmp_path: Path) -> Iterator[Scripted]:
+def scripted(fake: SimulatedMetronome, tmp_path: Path) -> Iterator[Scripted]:
     """8 customers (2 archived) served by a ScriptedSource, baseline taken."""
     for i in range(8):
         fake.create_customer(f"Scripted {i}")
@@ -532,7 +533,7 @@ def scripted(fake: FakeMetronome, tmp_path: Path) -> Iterator[Scripted]:
 
 def scripted_poll(store: Store, source: ScriptedSource, *, concurrent: bool = False) -> PollResult:
     result = Poller(store, source, routes=[Route("audit")], concurrent_listings=concurrent).run()
-    check_page_memo(store.path)
+    check_page_memo(store)
     return result
 
 
@@ -593,7 +594,7 @@ def test_an_archived_customer_also_seen_active_mid_scan_stays_archived(scripted:
 
 
 def test_a_failed_baseline_commits_nothing_and_the_next_one_starts_afresh(
-    fake: FakeMetronome, harness: Harness
+    fake: SimulatedMetronome, harness: Harness
 ) -> None:
     fake.seed(45)
     fake.add_fault(Fault("status", status=400, message="bad request", page=3, archived=False))
@@ -612,7 +613,7 @@ def test_a_failed_baseline_commits_nothing_and_the_next_one_starts_afresh(
     )
 
 
-def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: FakeMetronome, harness: Harness) -> None:
+def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: SimulatedMetronome, harness: Harness) -> None:
     fake.seed(25)
     assert harness.poll().ok
     harness.store.close()
@@ -643,7 +644,7 @@ def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: FakeMetronome, ha
 
 @pytest.mark.parametrize("archived_first", [False, True], ids=["active-first", "archived-first"])
 def test_a_silent_baseline_stores_a_customer_seen_in_both_listings_once_as_archived(
-    fake: FakeMetronome, tmp_path: Path, archived_first: bool
+    fake: SimulatedMetronome, tmp_path: Path, archived_first: bool
 ) -> None:
     for i in range(7):
         fake.create_customer(f"Baseline {i}")
@@ -665,7 +666,7 @@ def test_a_silent_baseline_stores_a_customer_seen_in_both_listings_once_as_archi
 
 
 def test_a_silent_baseline_keeps_the_later_of_two_active_sightings(
-    fake: FakeMetronome, tmp_path: Path
+    fake: SimulatedMetronome, tmp_path: Path
 ) -> None:
     for i in range(5):
         fake.create_customer(f"Baseline {i}")
@@ -689,15 +690,15 @@ def test_a_silent_baseline_keeps_the_later_of_two_active_sightings(
 # should be, so that the check is not vacuous, and never when it must not be.
 
 
-def memo_is_complete(db: Path) -> bool:
-    complete, _ = page_memo(db)
+def memo_is_complete(store: Store) -> bool:
+    complete, _ = page_memo(store)
     return complete == {False: True, True: True}
 
 
 def test_the_memo_is_complete_after_ordinary_cycles_of_every_kind(
-    fake: FakeMetronome, seeded: Harness
+    fake: SimulatedMetronome, seeded: Harness
 ) -> None:
-    assert memo_is_complete(seeded.db)
+    assert memo_is_complete(seeded.store)
     ids = [c["id"] for c in fake.customers(archived=False)]
     archived_id = fake.customers(archived=True)[0]["id"]
     changes = [
@@ -712,9 +713,9 @@ def test_the_memo_is_complete_after_ordinary_cycles_of_every_kind(
     for change in changes:
         change()
         assert seeded.poll().ok
-        assert memo_is_complete(seeded.db)
-        _, fingerprints = page_memo(seeded.db)
-        assert fingerprints == stored_fingerprints(seeded.db)
+        assert memo_is_complete(seeded.store)
+        _, fingerprints = page_memo(seeded.store)
+        assert fingerprints == stored_fingerprints(seeded.store)
     assert {e["type"] for e in seeded.events()} == {
         "customer.updated",
         "customer.archived",
@@ -725,7 +726,7 @@ def test_the_memo_is_complete_after_ordinary_cycles_of_every_kind(
 
 
 def test_a_second_sighting_leaves_the_memo_incomplete_until_a_clean_cycle(
-    fake: FakeMetronome, seeded: Harness
+    fake: SimulatedMetronome, seeded: Harness
 ) -> None:
     cid = fake.customers(archived=False)[0]["id"]
     fake.on_page(2, lambda f: f.archive(cid), archived=False)
@@ -733,21 +734,23 @@ def test_a_second_sighting_leaves_the_memo_incomplete_until_a_clean_cycle(
 
     assert seeded.poll().ok  # seen active on page 1, then archived: the stale sighting is on a page
 
-    assert not memo_is_complete(seeded.db)
+    assert not memo_is_complete(seeded.store)
     assert seeded.poll().ok
-    assert memo_is_complete(seeded.db)
+    assert memo_is_complete(seeded.store)
     only(seeded.events(), type="customer.archived", customer_id=cid)
 
 
-def test_a_customer_found_only_by_id_leaves_the_memo_incomplete(fake: FakeMetronome, seeded: Harness) -> None:
+def test_a_customer_found_only_by_id_leaves_the_memo_incomplete(
+    fake: SimulatedMetronome, seeded: Harness
+) -> None:
     cid = fake.customers(archived=False)[2]["id"]
     real = seeded.client
 
     class HidingSource:
         """The listings without one customer, as pages with digests of what they hold."""
 
-        def iter_pages(self, *, archived: bool) -> Iterator[ListingPage]:
-            for page in real.iter_pages(archived=archived):
+        def pages(self, *, listing: Listing, sent: Any = None) -> Iterator[ListingPage]:
+            for page in real.iter_pages(archived=bool(listing)):
                 kept = [r for r in page if r["id"] != cid]
                 yield ListingPage(kept, xxhash.xxh3_128_digest(orjson.dumps(kept)))
 
@@ -756,41 +759,33 @@ def test_a_customer_found_only_by_id_leaves_the_memo_incomplete(fake: FakeMetron
 
     seeded.poller.source = HidingSource()
     assert seeded.poll().events == 0
-    assert not memo_is_complete(seeded.db)  # the stored customer is on no page
+    assert not memo_is_complete(seeded.store)  # the stored customer is on no page
 
     seeded.poller.source = real
     assert seeded.poll().events == 0
-    assert memo_is_complete(seeded.db)
+    assert memo_is_complete(seeded.store)
 
 
 def test_a_damaged_memo_costs_time_but_hides_nothing_and_is_repaired(
-    fake: FakeMetronome, seeded: Harness
+    fake: SimulatedMetronome, seeded: Harness
 ) -> None:
-    con = sqlite3.connect(seeded.db)
-    with con:  # every page keeps its digest, but its fingerprints are wrong
-        for archived, pages in con.execute("SELECT archived, pages FROM page_memo").fetchall():
-            damaged, view = b"", pages
-            while view:
-                n = int.from_bytes(view[16:20], "little")
-                damaged += view[:20] + bytes(8 * n)
-                view = view[20 + 8 * n :]
-            con.execute(
-                "UPDATE page_memo SET complete = 0, pages = ? WHERE archived = ?", (damaged, archived)
-            )
-    con.close()
+    with seeded.store.cycle() as session, session.transaction("IMMEDIATE"):
+        for listing, _, blob in session.page_memo():  # every page keeps its digest, wrong fingerprints
+            damaged = pack((digest, bytes(len(packed))) for digest, packed in unpack(blob))
+            session.save_page_memo(listing, complete=False, pages=damaged)
     before = seeded.snapshot()
     cid = fake.customers(archived=False)[8]["id"]
 
     assert seeded.poll().events == 0
     assert seeded.snapshot() == before  # nothing rewritten
-    assert memo_is_complete(seeded.db)
+    assert memo_is_complete(seeded.store)
 
     fake.set_name(cid, "Seen Anyway")
     seeded.poll()
     only(seeded.events(), type="customer.updated", customer_id=cid)
 
 
-def test_a_change_reverted_is_two_changes(fake: FakeMetronome, seeded: Harness) -> None:
+def test_a_change_reverted_is_two_changes(fake: SimulatedMetronome, seeded: Harness) -> None:
     cid = fake.customers(archived=False)[9]["id"]
     original = fake.get(cid)["name"]
 
@@ -805,7 +800,7 @@ def test_a_change_reverted_is_two_changes(fake: FakeMetronome, seeded: Harness) 
 
 
 def test_a_page_repeated_by_the_listing_is_a_second_sighting_not_a_change(
-    fake: FakeMetronome, seeded: Harness
+    fake: SimulatedMetronome, seeded: Harness
 ) -> None:
     real = seeded.client
     expected = (len(fake.customers(archived=False)), len(fake.customers(archived=True)))
@@ -813,41 +808,42 @@ def test_a_page_repeated_by_the_listing_is_a_second_sighting_not_a_change(
     class RepeatingSource:
         """The real listings, with the first active page served twice (same bytes, same digest)."""
 
-        def iter_pages(self, *, archived: bool) -> Iterator[ListingPage]:
-            for i, page in enumerate(real.iter_pages(archived=archived)):
+        def pages(self, *, listing: Listing, sent: Any = None) -> Iterator[ListingPage]:
+            for i, page in enumerate(real.iter_pages(archived=bool(listing))):
                 yield page
-                if i == 0 and not archived:
+                if i == 0 and listing is Listing.ACTIVE:
                     yield page
 
         def get_customer(self, customer_id: str) -> dict[str, Any] | None:
             return real.get_customer(customer_id)
 
-    assert memo_is_complete(seeded.db)
+    assert memo_is_complete(seeded.store)
     seeded.poller.source = RepeatingSource()
     result = seeded.poll()
 
     assert result.ok and result.events == 0
     assert (result.active, result.archived) == expected
-    assert not memo_is_complete(seeded.db)  # a second sighting: the memo no longer holds exactly the state
+    assert not memo_is_complete(seeded.store)  # a second sighting: the memo no longer holds exactly the state
 
 
 class RecordingClient(MetronomeClient):
     """The real client, keeping every page body it hands out.
 
-    ``parsed_when_next_sent[archived][k]``: whether page ``k`` of that listing had been parsed when
+    ``parsed_when_next_sent[listing][k]``: whether page ``k`` of that listing had been parsed when
     the request after it was first reported on the wire (before the caller's ``sent`` ran).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.bodies: list[PageBody] = []
-        self.parsed_when_next_sent: dict[bool, dict[int, bool]] = {False: {}, True: {}}
+        self.parsed_when_next_sent: dict[Listing, dict[int, bool]] = {
+            Listing.ACTIVE: {},
+            Listing.ARCHIVED: {},
+        }
 
-    def iter_page_bodies(
-        self, *, archived: bool, sent: Callable[[], None] | None = None
-    ) -> Iterator[PageBody]:
+    def pages(self, *, listing: Listing, sent: Callable[[], None] | None = None) -> Iterator[PageBody]:
         mine: list[PageBody] = []
-        noted = self.parsed_when_next_sent[archived]
+        noted = self.parsed_when_next_sent[listing]
 
         def on_sent() -> None:
             if mine and len(mine) not in noted:
@@ -855,7 +851,7 @@ class RecordingClient(MetronomeClient):
             if sent is not None:
                 sent()
 
-        for page in super().iter_page_bodies(archived=archived, sent=on_sent):
+        for page in super().pages(listing=listing, sent=on_sent):
             mine.append(page)
             self.bodies.append(page)
             yield page
@@ -863,11 +859,12 @@ class RecordingClient(MetronomeClient):
 
 @pytest.mark.parametrize("memo", ["complete", "incomplete"])
 def test_only_the_pages_not_seen_before_byte_for_byte_are_parsed(
-    fake: FakeMetronome, seeded: Harness, memo: str
+    fake: SimulatedMetronome, seeded: Harness, memo: str
 ) -> None:
     if memo == "incomplete":  # the pages settle against the set of stored fingerprints instead
-        with sqlite3.connect(seeded.db) as con:
-            con.execute("UPDATE page_memo SET complete = 0")
+        with seeded.store.cycle() as session, session.transaction("IMMEDIATE"):
+            for listing, _, blob in session.page_memo():
+                session.save_page_memo(listing, complete=False, pages=blob)
     client = RecordingClient(fake.url, TOKEN, page_limit=10)
     seeded.poller.source = client
     cid = fake.customers(archived=False)[13]["id"]  # on the second of three active pages
@@ -887,7 +884,7 @@ def test_only_the_pages_not_seen_before_byte_for_byte_are_parsed(
 
 
 def test_a_slow_page_is_handed_over_only_once_the_next_request_is_on_the_wire(
-    fake: FakeMetronome, harness: Harness
+    fake: SimulatedMetronome, harness: Harness
 ) -> None:
     # Handed over sooner, the thread that parses it takes the GIL while the request is still being
     # built, and the parsing goes in front of the request instead of inside its latency.
@@ -902,11 +899,11 @@ def test_a_slow_page_is_handed_over_only_once_the_next_request_is_on_the_wire(
 
     assert result.ok and result.baseline and result.active == 25
     assert len(client.bodies) == 4 and all(b.parsed for b in client.bodies)
-    assert client.parsed_when_next_sent == {False: {1: False, 2: False}, True: {}}
+    assert client.parsed_when_next_sent == {Listing.ACTIVE: {1: False, 2: False}, Listing.ARCHIVED: {}}
 
 
 def test_a_cycle_leaves_copying_its_wal_into_the_database_to_the_store(
-    fake: FakeMetronome, seeded: Harness
+    fake: SimulatedMetronome, seeded: Harness
 ) -> None:
     # Neither the cycle's commit nor the closing of its connection (were it the last one open)
     # checkpoints: both would hold the cycle up by a copy as large as its commit.
@@ -922,10 +919,10 @@ def test_a_cycle_leaves_copying_its_wal_into_the_database_to_the_store(
 
 
 def test_empty_listings_share_a_digest_and_are_each_settled_in_their_own_listing(
-    fake: FakeMetronome, harness: Harness
+    fake: SimulatedMetronome, harness: Harness
 ) -> None:
     assert harness.poll().ok and harness.poll().ok  # no customers at all: two empty pages
-    assert memo_is_complete(harness.db)
+    assert memo_is_complete(harness.store)
     assert harness.poll().events == 0
 
     cid = fake.create_customer("First Customer")["id"]

@@ -1,8 +1,12 @@
+"""The one small protocol every sink follows, and what a sink says about each event it attempted."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+from ..events import OutcomeKind
 
 __all__ = ["Outcome", "Sink"]
 
@@ -17,13 +21,16 @@ class Outcome:
     switched off until an operator re-enables it, and the event stays pending.
     """
 
-    kind: Literal["delivered", "retry", "dead", "disable"]
+    kind: OutcomeKind
     error: str | None = None
     retry_after: float | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", OutcomeKind(self.kind))  # "retry" is as good as the enum
+
     @classmethod
     def ok(cls) -> Outcome:
-        return cls("delivered")
+        return cls(OutcomeKind.DELIVERED)
 
 
 @runtime_checkable

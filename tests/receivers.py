@@ -1,12 +1,11 @@
-"""Real local HTTP receivers for the sink tests, and clocks that tests move by hand.
+"""Real local HTTP receivers for the tests, and clocks that tests move by hand: the one helper.
 
-A :class:`Receiver` is a ``ThreadingHTTPServer`` on 127.0.0.1 that stands in for Slack or for a
-webhook consumer: it answers from a script (:class:`Reply`: status, body, headers, hang, drop), can
-be taken down (port closed) and brought back on the same port, and records every request it saw
-(:class:`Received`) with a global arrival number, so tests can assert on the *order* in which
-several receivers were reached rather than on wall-clock thresholds.
-
-``tests/test_delivery_e2e.py`` loads this module by path to use the same receivers.
+A :class:`Receiver` is an HTTP server on 127.0.0.1 (``watcher._httpserver``, as the simulated
+Metronome's) that stands in for Slack or for a webhook consumer: it answers from a script
+(:class:`Reply`: status, body, headers, hang, drop), can be taken down (port closed) and brought
+back on the same port, and records every request it saw (:class:`Received`) with a global arrival
+number, so tests can assert on the *order* in which several receivers were reached rather than on
+wall-clock thresholds. ``tests/conftest.py`` makes its fixtures available to every test.
 """
 
 from __future__ import annotations
@@ -21,11 +20,13 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import orjson
 import pytest
+
+from watcher._httpserver import BackgroundServer
 
 __all__ = ["FakeClock", "FakeTime", "Received", "Receiver", "Reply"]
 
@@ -83,7 +84,7 @@ class Receiver:
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
+        self._server = BackgroundServer(_Handler, self, name="receiver", poll_interval=0.02)
         self._port = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -94,27 +95,20 @@ class Receiver:
 
     @property
     def up(self) -> bool:
-        return self._server is not None
+        return self._server.running
 
     def start(self) -> Receiver:
         """Listen (again) on the same port as before, so a sink's URL stays valid."""
-        if self._server is not None:
-            return self
-        self._stopping.clear()
-        server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_for(self))
-        server.daemon_threads = True
-        self._server, self._port = server, server.server_address[1]
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        if not self._server.running:
+            self._stopping.clear()
+            self._port = self._server.start().port
         return self
 
     def stop(self) -> None:
         """Go down: close the port (connections are refused) and end any hung request."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopping.set()
-        server.shutdown()
-        server.server_close()
+        if self._server.running:
+            self._stopping.set()
+            self._server.stop()
 
     # -- scripting ----------------------------------------------------------------------------
 
@@ -133,66 +127,70 @@ class Receiver:
             return self._script.popleft() if self._script else self.default
 
 
-def _handler_for(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
 
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            received = Received(_next_arrival(), self.command, self.path, headers, body)
-            reply = receiver._next(received)
-            index = self._record(received)
-            client_gone = False
-            if reply.hang:
-                client_gone = self._hang(reply.hang)
-                self._update(index, ended=_next_arrival())
-            if reply.drop or client_gone or receiver._stopping.is_set():
-                self.close_connection = True
-                return
-            self._update(index, status=reply.status)
-            payload = reply.body.encode() if isinstance(reply.body, str) else reply.body
-            try:
-                self.send_response(reply.status)
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                # One request per connection: "down" then really means refused, never a stale socket.
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(payload)
-            except OSError:
-                pass  # the client gave up (timeout): nothing to answer
+    @property
+    def receiver(self) -> Receiver:
+        return self.server.owner  # type: ignore[attr-defined, no-any-return]
+
+    def do_POST(self) -> None:
+        receiver = self.receiver
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        received = Received(_next_arrival(), self.command, self.path, headers, body)
+        reply = receiver._next(received)
+        index = self._record(received)
+        client_gone = False
+        if reply.hang:
+            client_gone = self._hang(reply.hang)
+            self._update(index, ended=_next_arrival())
+        if reply.drop or client_gone or receiver._stopping.is_set():
             self.close_connection = True
+            return
+        self._update(index, status=reply.status)
+        payload = reply.body.encode() if isinstance(reply.body, str) else reply.body
+        try:
+            self.send_response(reply.status)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            # One request per connection: "down" then really means refused, never a stale socket.
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:
+            pass  # the client gave up (timeout): nothing to answer
+        self.close_connection = True
 
-        def _record(self, received: Received) -> int:
-            with receiver._lock:
-                receiver.requests.append(received)
-                return len(receiver.requests) - 1
+    def _record(self, received: Received) -> int:
+        receiver = self.receiver
+        with receiver._lock:
+            receiver.requests.append(received)
+            return len(receiver.requests) - 1
 
-        def _update(self, index: int, **changes: Any) -> None:
-            with receiver._lock:
-                receiver.requests[index] = dataclasses.replace(receiver.requests[index], **changes)
+    def _update(self, index: int, **changes: Any) -> None:
+        receiver = self.receiver
+        with receiver._lock:
+            receiver.requests[index] = dataclasses.replace(receiver.requests[index], **changes)
 
-        def _hang(self, seconds: float) -> bool:
-            """Hold the request until the client hangs up (True), the receiver stops, or
-            ``seconds`` pass."""
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline and not receiver._stopping.is_set():
-                readable, _, _ = select.select([self.connection], [], [], 0.02)
-                if readable:
-                    try:
-                        if self.connection.recv(1, socket.MSG_PEEK) == b"":
-                            return True  # the client closed the connection: it timed out
-                    except OSError:
-                        return True
-            return False
+    def _hang(self, seconds: float) -> bool:
+        """Hold the request until the client hangs up (True), the receiver stops, or
+        ``seconds`` pass."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.receiver._stopping.is_set():
+            readable, _, _ = select.select([self.connection], [], [], 0.02)
+            if readable:
+                try:
+                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        return True  # the client closed the connection: it timed out
+                except OSError:
+                    return True
+        return False
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # quiet: the test reads ``receiver.requests``
-
-    return Handler
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: the test reads ``receiver.requests``
 
 
 class FakeClock:

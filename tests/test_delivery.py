@@ -20,11 +20,10 @@ import pytest
 from freezegun import freeze_time
 from standardwebhooks import Webhook
 
-from tests.sinks.conftest import FakeTime, Receiver, Reply, fake_time, make_receiver  # noqa: F401  (fixtures, used by name)
+from tests.receivers import FakeTime, Receiver, Reply
 from watcher.cli import main
-from watcher.fake_metronome import FakeMetronome
-from watcher.sinks import slack as slack_module
-from watcher.sinks.slack import MAX_BLOCKS, MAX_SECTION_TEXT
+from watcher.simulator import SimulatedMetronome
+from watcher.sinks.slack import MAX_BLOCKS, MAX_SECTION_TEXT, set_pacing_clock
 
 SECRET = "whsec_" + base64.b64encode(b"e2e-signing-key-for-the-webhook!").decode()
 APP = "https://app.metronome.test"
@@ -54,15 +53,17 @@ class Cli:
 
 @pytest.fixture
 def setup(
-    tmp_path: Path, fake: FakeMetronome, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    fake_time: FakeTime,  # noqa: F811
-) -> Callable[..., Cli]:  # fmt: skip
+    tmp_path: Path,
+    fake: SimulatedMetronome,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fake_time: FakeTime,
+) -> Callable[..., Cli]:
     """``setup(*sink_tables)``: write a config with these ``[[sinks]]`` and return the CLI for it."""
     monkeypatch.setenv("METRONOME_BEARER_TOKEN", fake.token)
     monkeypatch.setenv("WEBHOOK_SECRET", SECRET)
     # Slack's pacing (one message a second) on a fake clock: sleeping moves it, nothing waits.
-    monkeypatch.setattr(slack_module, "_sleep", fake_time.sleep)
-    monkeypatch.setattr(slack_module, "_monotonic", fake_time.monotonic)
+    set_pacing_clock(fake_time.monotonic, fake_time.sleep)
 
     def make(*sinks: str) -> Cli:
         config = tmp_path / "watcher.toml"
@@ -91,12 +92,12 @@ def http_sink(receiver: Receiver, extra: str = "") -> str:
 
 
 @pytest.fixture
-def slack(make_receiver: Callable[..., Receiver]) -> Receiver:  # noqa: F811
+def slack(make_receiver: Callable[..., Receiver]) -> Receiver:
     return make_receiver(Reply(200, "ok"), path="/services/T0E2E/B0E2E/s3cr3tWebhookToken")
 
 
 @pytest.fixture
-def hooks(make_receiver: Callable[..., Receiver]) -> Receiver:  # noqa: F811
+def hooks(make_receiver: Callable[..., Receiver]) -> Receiver:
     return make_receiver(Reply(204, b""))
 
 
@@ -114,7 +115,7 @@ def sections(message: dict[str, Any]) -> list[str]:
     return [b["text"]["text"] for b in message["blocks"] if b["type"] == "section"]
 
 
-def customers(fake: FakeMetronome, n: int) -> list[str]:
+def customers(fake: SimulatedMetronome, n: int) -> list[str]:
     return [
         fake.create_customer(f"Customer {i}", custom_fields={"tier": "free"}, ingest_aliases=[f"c{i}"])["id"]
         for i in range(n)
@@ -125,7 +126,7 @@ def customers(fake: FakeMetronome, n: int) -> list[str]:
 
 
 def test_a_poll_delivers_its_events_to_slack_and_to_the_signed_webhook(
-    setup: Callable[..., Cli], fake: FakeMetronome, slack: Receiver, hooks: Receiver,
+    setup: Callable[..., Cli], fake: SimulatedMetronome, slack: Receiver, hooks: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     cli = setup(slack_sink(slack, monkeypatch), http_sink(hooks))
@@ -168,7 +169,7 @@ def test_a_poll_delivers_its_events_to_slack_and_to_the_signed_webhook(
 
 
 def test_410_disables_the_webhook_and_no_service_kills_slack_events_as_deliveries_reports(
-    setup: Callable[..., Cli], fake: FakeMetronome, slack: Receiver, hooks: Receiver,
+    setup: Callable[..., Cli], fake: SimulatedMetronome, slack: Receiver, hooks: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     cli = setup(slack_sink(slack, monkeypatch), http_sink(hooks))
@@ -204,7 +205,7 @@ def test_410_disables_the_webhook_and_no_service_kills_slack_events_as_deliverie
 
 
 def test_a_dead_slack_webhook_does_not_delay_the_http_sink(
-    setup: Callable[..., Cli], fake: FakeMetronome, slack: Receiver, hooks: Receiver,
+    setup: Callable[..., Cli], fake: SimulatedMetronome, slack: Receiver, hooks: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     cli = setup(slack_sink(slack, monkeypatch, 'timeout = "500ms"'), http_sink(hooks))
@@ -237,8 +238,8 @@ def test_a_dead_slack_webhook_does_not_delay_the_http_sink(
 
 
 def test_500_changes_in_one_cycle_become_a_handful_of_slack_digests_within_the_limits(
-    setup: Callable[..., Cli], fake: FakeMetronome, slack: Receiver, monkeypatch: pytest.MonkeyPatch,
-    fake_time: FakeTime,  # noqa: F811
+    setup: Callable[..., Cli], fake: SimulatedMetronome, slack: Receiver, monkeypatch: pytest.MonkeyPatch,
+    fake_time: FakeTime,
 ) -> None:  # fmt: skip
     cli = setup(slack_sink(slack, monkeypatch))
     ids = fake.seed(520, archived_fraction=0.0)
@@ -267,7 +268,7 @@ def test_500_changes_in_one_cycle_become_a_handful_of_slack_digests_within_the_l
 
 
 def test_filters_let_through_exactly_what_they_name(
-    setup: Callable[..., Cli], fake: FakeMetronome, slack: Receiver, hooks: Receiver, tmp_path: Path,
+    setup: Callable[..., Cli], fake: SimulatedMetronome, slack: Receiver, hooks: Receiver, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     log_path = tmp_path / "created.jsonl"
@@ -303,7 +304,7 @@ def test_filters_let_through_exactly_what_they_name(
 
 
 def test_replay_redelivers_with_the_same_event_id(
-    setup: Callable[..., Cli], fake: FakeMetronome, hooks: Receiver
+    setup: Callable[..., Cli], fake: SimulatedMetronome, hooks: Receiver
 ) -> None:
     cli = setup(http_sink(hooks))
     a, b = customers(fake, 2)
@@ -331,7 +332,7 @@ def test_replay_redelivers_with_the_same_event_id(
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_pacing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Slack pacers are per webhook URL and process-wide; keep this module's out of other tests."""
-    monkeypatch.setattr(slack_module, "_PACERS", {})
+def _real_pacing_afterwards() -> Iterator[None]:
+    """The pacing clock is process-wide: give the next test the real one back."""
     yield
+    set_pacing_clock()

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from watcher import fake_metronome
-from watcher.fake_metronome import FakeMetronome, Fault
+from watcher import simulator
+from watcher.simulator import Fault, SimulatedMetronome
 
 TOKEN = "secret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -38,19 +38,19 @@ class SteppingClock:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeMetronome]:
-    with FakeMetronome(token=TOKEN, clock=SteppingClock(), default_limit=50) as server:
+def fake() -> Iterator[SimulatedMetronome]:
+    with SimulatedMetronome(token=TOKEN, clock=SteppingClock(), default_limit=50) as server:
         yield server
 
 
 @pytest.fixture
-def client(fake: FakeMetronome) -> Iterator[httpx.Client]:
+def client(fake: SimulatedMetronome) -> Iterator[httpx.Client]:
     # verify=False: plain HTTP anyway, and it skips loading CA certificates (~30 ms per client).
     with httpx.Client(base_url=fake.url, headers=AUTH, timeout=5, verify=False) as c:
         yield c
 
 
-def make_customers(fake: FakeMetronome, n: int) -> list[str]:
+def make_customers(fake: SimulatedMetronome, n: int) -> list[str]:
     return [fake.create_customer(f"Customer {i}", ingest_aliases=[f"alias-{i}"])["id"] for i in range(n)]
 
 
@@ -87,7 +87,7 @@ def scan(
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
-def test_requests_without_the_bearer_token_get_401(fake: FakeMetronome, headers: dict[str, str]) -> None:
+def test_requests_without_the_bearer_token_get_401(fake: SimulatedMetronome, headers: dict[str, str]) -> None:
     response = httpx.get(f"{fake.url}/v1/customers", headers=headers, verify=False)
 
     assert response.status_code == 401
@@ -98,7 +98,7 @@ def test_requests_without_the_bearer_token_get_401(fake: FakeMetronome, headers:
 
 
 def test_the_latest_requests_are_kept_and_all_are_counted() -> None:
-    class Fake(FakeMetronome):
+    class Fake(SimulatedMetronome):
         RECORDED_REQUESTS = 3
 
     with Fake(token=TOKEN) as fake, httpx.Client(base_url=fake.url, headers=AUTH, verify=False) as client:
@@ -133,7 +133,7 @@ def test_limit_outside_1_to_100_is_a_400(client: httpx.Client, limit: str) -> No
     assert "limit" in response.json()["message"]
 
 
-def test_limit_bounds_and_default(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_limit_bounds_and_default(fake: SimulatedMetronome, client: httpx.Client) -> None:
     fake.seed(120, archived_fraction=0, rng=random.Random(1))
 
     assert len(list_page(client, limit=1)["data"]) == 1
@@ -152,7 +152,7 @@ def test_unknown_route_is_a_json_404(client: httpx.Client) -> None:
 
 
 def test_pagination_visits_every_customer_exactly_once_in_creation_order(
-    fake: FakeMetronome, client: httpx.Client
+    fake: SimulatedMetronome, client: httpx.Client
 ) -> None:
     ids = make_customers(fake, 95)
 
@@ -162,7 +162,7 @@ def test_pagination_visits_every_customer_exactly_once_in_creation_order(
     assert listing[0].params == {"limit": ["10"]}
 
 
-def test_last_page_has_null_next_page(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_last_page_has_null_next_page(fake: SimulatedMetronome, client: httpx.Client) -> None:
     make_customers(fake, 3)
 
     assert list_page(client, limit=3)["next_page"] is None
@@ -174,7 +174,7 @@ def test_empty_listing(client: httpx.Client) -> None:
 
 
 def test_only_archived_lists_archived_customers_and_active_is_the_default(
-    fake: FakeMetronome, client: httpx.Client
+    fake: SimulatedMetronome, client: httpx.Client
 ) -> None:
     ids = make_customers(fake, 6)
     for cid in ids[1::2]:
@@ -187,7 +187,7 @@ def test_only_archived_lists_archived_customers_and_active_is_the_default(
     assert all(customer["archived_at"] is not None for customer in archived)
 
 
-def test_customer_ids_and_ingest_alias_filters(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_customer_ids_and_ingest_alias_filters(fake: SimulatedMetronome, client: httpx.Client) -> None:
     ids = make_customers(fake, 10)
     fake.archive(ids[3])
 
@@ -201,7 +201,7 @@ def test_customer_ids_and_ingest_alias_filters(fake: FakeMetronome, client: http
     assert too_many.status_code == 400
 
 
-def test_seeded_customers_look_like_metronome_records(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_seeded_customers_look_like_metronome_records(fake: SimulatedMetronome, client: httpx.Client) -> None:
     ids = fake.seed(300, archived_fraction=0.2, rng=random.Random(7))
 
     active = scan(client, limit=100)
@@ -218,7 +218,7 @@ def test_seeded_customers_look_like_metronome_records(fake: FakeMetronome, clien
     assert record["created_at"].endswith("Z") and len(record["created_at"]) == len("2024-01-01T00:00:00.000Z")
     assert any("current_billable_status" in c for c in fake.customers())
     assert any(c["customer_config"]["salesforce_account_id"] for c in fake.customers())
-    assert FakeMetronome().seed(5, rng=random.Random(7)) == ids[:5]  # reproducible
+    assert SimulatedMetronome().seed(5, rng=random.Random(7)) == ids[:5]  # reproducible
 
 
 @pytest.mark.parametrize(
@@ -240,7 +240,7 @@ def test_a_cursor_we_did_not_issue_is_a_400(client: httpx.Client, state: bytes) 
     assert response.json() == {"message": "invalid next_page"}
 
 
-def test_a_cursor_from_the_other_listing_is_a_400(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_a_cursor_from_the_other_listing_is_a_400(fake: SimulatedMetronome, client: httpx.Client) -> None:
     make_customers(fake, 3)
     cursor = list_page(client, limit=1)["next_page"]
 
@@ -254,7 +254,7 @@ def test_a_cursor_from_the_other_listing_is_a_400(fake: FakeMetronome, client: h
 
 
 def test_archiving_between_pages_skips_and_duplicates_nothing(
-    fake: FakeMetronome, client: httpx.Client
+    fake: SimulatedMetronome, client: httpx.Client
 ) -> None:
     ids = make_customers(fake, 30)
     served, unserved = ids[2], ids[25]
@@ -270,7 +270,9 @@ def test_archiving_between_pages_skips_and_duplicates_nothing(
     assert scan(client, only_archived="true") == [served, unserved]
 
 
-def test_creating_between_pages_appends_without_duplicates(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_creating_between_pages_appends_without_duplicates(
+    fake: SimulatedMetronome, client: httpx.Client
+) -> None:
     ids = make_customers(fake, 30)
     created: list[str] = []
 
@@ -280,7 +282,9 @@ def test_creating_between_pages_appends_without_duplicates(fake: FakeMetronome, 
     assert scan(client, limit=10, between_pages=create_one) == ids + created
 
 
-def test_deleting_between_pages_skips_only_the_deleted(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_deleting_between_pages_skips_only_the_deleted(
+    fake: SimulatedMetronome, client: httpx.Client
+) -> None:
     ids = make_customers(fake, 30)
 
     def delete_some(page: int) -> None:
@@ -291,11 +295,11 @@ def test_deleting_between_pages_skips_only_the_deleted(fake: FakeMetronome, clie
     assert scan(client, limit=10, between_pages=delete_some) == [c for c in ids if c != ids[15]]
 
 
-def test_on_page_runs_once_just_before_that_page(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_on_page_runs_once_just_before_that_page(fake: SimulatedMetronome, client: httpx.Client) -> None:
     ids = make_customers(fake, 6)
     calls: list[int] = []
 
-    def archive_fifth(server: FakeMetronome) -> None:
+    def archive_fifth(server: SimulatedMetronome) -> None:
         calls.append(len(server.requests))
         server.archive(ids[4])
 
@@ -310,7 +314,9 @@ def test_on_page_runs_once_just_before_that_page(fake: FakeMetronome, client: ht
 # -- get by id -------------------------------------------------------------------------------------------
 
 
-def test_get_by_id_returns_active_and_archived_customers(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_get_by_id_returns_active_and_archived_customers(
+    fake: SimulatedMetronome, client: httpx.Client
+) -> None:
     active, archived = make_customers(fake, 2)
     fake.archive(archived)
 
@@ -320,7 +326,7 @@ def test_get_by_id_returns_active_and_archived_customers(fake: FakeMetronome, cl
     assert body["data"]["archived_at"] is not None
 
 
-def test_get_unknown_or_deleted_customer_is_a_404(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_get_unknown_or_deleted_customer_is_a_404(fake: SimulatedMetronome, client: httpx.Client) -> None:
     (cid,) = make_customers(fake, 1)
     fake.delete(cid)
 
@@ -337,7 +343,7 @@ def test_get_unknown_or_deleted_customer_is_a_404(fake: FakeMetronome, client: h
 # -- the POST endpoints --------------------------------------------------------------------------------
 
 
-def test_create_customer_over_http(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_create_customer_over_http(fake: SimulatedMetronome, client: httpx.Client) -> None:
     response = client.post(
         "/v1/customers",
         json={
@@ -405,7 +411,7 @@ POST_CASES: dict[str, PostCase] = {
 
 @pytest.mark.parametrize("case", POST_CASES)
 def test_each_post_endpoint_changes_the_record_and_bumps_updated_at(
-    fake: FakeMetronome, client: httpx.Client, case: str
+    fake: SimulatedMetronome, client: httpx.Client, case: str
 ) -> None:
     path, body, changed = POST_CASES[case]
     cid = fake.create_customer("Before", custom_fields={"tier": "free", "region": "eu"})["id"]
@@ -420,7 +426,7 @@ def test_each_post_endpoint_changes_the_record_and_bumps_updated_at(
     assert after["created_at"] == before["created_at"]
 
 
-def test_post_responses_follow_the_openapi_shapes(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_post_responses_follow_the_openapi_shapes(fake: SimulatedMetronome, client: httpx.Client) -> None:
     cid = fake.create_customer("Before", ingest_aliases=["x"])["id"]
 
     renamed = client.post(f"/v1/customers/{cid}/setName", json={"name": "After"}).json()
@@ -455,7 +461,7 @@ def test_post_responses_follow_the_openapi_shapes(fake: FakeMetronome, client: h
     ],
 )
 def test_bad_post_bodies_are_refused(
-    fake: FakeMetronome, client: httpx.Client, path: str, content: bytes, status: int
+    fake: SimulatedMetronome, client: httpx.Client, path: str, content: bytes, status: int
 ) -> None:
     cid = fake.create_customer("Unchanged")["id"]
     before = fake.get(cid)
@@ -467,7 +473,7 @@ def test_bad_post_bodies_are_refused(
     assert fake.get(cid) == before
 
 
-def test_archiving_twice_is_a_400(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_archiving_twice_is_a_400(fake: SimulatedMetronome, client: httpx.Client) -> None:
     (cid,) = make_customers(fake, 1)
     fake.archive(cid)
 
@@ -478,7 +484,7 @@ def test_archiving_twice_is_a_400(fake: FakeMetronome, client: httpx.Client) -> 
         fake.archive(cid)
 
 
-def test_python_operations_bump_updated_at_and_unarchive_restores(fake: FakeMetronome) -> None:
+def test_python_operations_bump_updated_at_and_unarchive_restores(fake: SimulatedMetronome) -> None:
     (cid,) = make_customers(fake, 1)
     stamps = [fake.get(cid)["updated_at"]]
     fake.touch(cid)
@@ -495,7 +501,7 @@ def test_python_operations_bump_updated_at_and_unarchive_restores(fake: FakeMetr
     assert fake.get(cid)["name"] == "Customer 0"
 
 
-def test_churn_makes_realistic_changes(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_churn_makes_realistic_changes(fake: SimulatedMetronome, client: httpx.Client) -> None:
     fake.seed(50, rng=random.Random(3))
     before = {c["id"]: c for c in fake.customers()}
     rng = random.Random(4)
@@ -512,7 +518,7 @@ def test_churn_makes_realistic_changes(fake: FakeMetronome, client: httpx.Client
 # -- fault injection -----------------------------------------------------------------------------------
 
 
-def test_status_fault_with_retry_after_fires_once(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_status_fault_with_retry_after_fires_once(fake: SimulatedMetronome, client: httpx.Client) -> None:
     fake.add_fault(Fault("status", status=429, message="slow down", retry_after="7"))
 
     response = client.get("/v1/customers")
@@ -523,7 +529,7 @@ def test_status_fault_with_retry_after_fires_once(fake: FakeMetronome, client: h
     assert client.get("/v1/customers").status_code == 200
 
 
-def test_malformed_fault_sends_a_200_that_is_not_json(client: httpx.Client, fake: FakeMetronome) -> None:
+def test_malformed_fault_sends_a_200_that_is_not_json(client: httpx.Client, fake: SimulatedMetronome) -> None:
     fake.add_fault(Fault("malformed"))
 
     response = client.get("/v1/customers")
@@ -534,7 +540,7 @@ def test_malformed_fault_sends_a_200_that_is_not_json(client: httpx.Client, fake
 
 
 def test_bad_record_fault_drops_the_first_id_and_keeps_the_rest(
-    client: httpx.Client, fake: FakeMetronome
+    client: httpx.Client, fake: SimulatedMetronome
 ) -> None:
     ids = make_customers(fake, 3)
     intact = list_page(client, limit=2)
@@ -553,7 +559,7 @@ def test_bad_record_fault_drops_the_first_id_and_keeps_the_rest(
 
 
 def test_drop_fault_closes_the_connection_without_a_response(
-    fake: FakeMetronome, client: httpx.Client
+    fake: SimulatedMetronome, client: httpx.Client
 ) -> None:
     assert client.get("/v1/customers").status_code == 200  # a pooled keep-alive connection
     fake.add_fault(Fault("drop"))
@@ -565,7 +571,7 @@ def test_drop_fault_closes_the_connection_without_a_response(
     assert client.get("/v1/customers").status_code == 200
 
 
-def test_latency_fault_and_global_latency(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_latency_fault_and_global_latency(fake: SimulatedMetronome, client: httpx.Client) -> None:
     fake.add_fault(Fault("latency", delay=0.1))
     started = time.monotonic()
     assert client.get("/v1/customers").status_code == 200
@@ -577,7 +583,7 @@ def test_latency_fault_and_global_latency(fake: FakeMetronome, client: httpx.Cli
     assert time.monotonic() - started >= 0.05
 
 
-def test_page_and_archived_matchers(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_page_and_archived_matchers(fake: SimulatedMetronome, client: httpx.Client) -> None:
     ids = make_customers(fake, 8)
     for cid in ids[4:]:
         fake.archive(cid)
@@ -592,7 +598,7 @@ def test_page_and_archived_matchers(fake: FakeMetronome, client: httpx.Client) -
     assert scan(client, limit=2, only_archived="true") == ids[4:]  # consumed: gone
 
 
-def test_times_and_path_matchers(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_times_and_path_matchers(fake: SimulatedMetronome, client: httpx.Client) -> None:
     (cid,) = make_customers(fake, 1)
     fake.add_fault(Fault("status", status=500, times=2, path=f"/v1/customers/{cid}"))
 
@@ -600,7 +606,7 @@ def test_times_and_path_matchers(fake: FakeMetronome, client: httpx.Client) -> N
     assert [client.get(f"/v1/customers/{cid}").status_code for _ in range(3)] == [500, 500, 200]
 
 
-def test_page_matcher_never_fires_outside_the_listing(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_page_matcher_never_fires_outside_the_listing(fake: SimulatedMetronome, client: httpx.Client) -> None:
     (cid,) = make_customers(fake, 1)
     fake.add_fault(Fault("status", page=1))
 
@@ -615,7 +621,7 @@ def test_faults_are_validated() -> None:
         Fault("drop", times=0)
 
 
-def test_clear_faults_disarms_everything(fake: FakeMetronome, client: httpx.Client) -> None:
+def test_clear_faults_disarms_everything(fake: SimulatedMetronome, client: httpx.Client) -> None:
     fake.add_fault(Fault("status", times=5))
     fake.on_page(1, lambda server: server.create_customer("never"))
 
@@ -628,7 +634,7 @@ def test_clear_faults_disarms_everything(fake: FakeMetronome, client: httpx.Clie
 
 
 def test_stop_is_idempotent_closes_connections_and_restarts_on_the_same_url() -> None:
-    server = FakeMetronome(token=TOKEN).start()
+    server = SimulatedMetronome(token=TOKEN).start()
     url = server.url
     with httpx.Client(base_url=url, headers=AUTH, verify=False) as c:
         assert c.get("/v1/customers").status_code == 200
@@ -644,9 +650,9 @@ def test_stop_is_idempotent_closes_connections_and_restarts_on_the_same_url() ->
 
 
 def test_main_serves_seeded_customers_until_stopped() -> None:
-    root = str(Path(fake_metronome.__file__).resolve().parent.parent)
+    root = str(Path(simulator.__file__).resolve().parents[2])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "watcher.fake_metronome", "--customers", "7", "--token", "cli-token"],
+        [sys.executable, "-m", "watcher.simulator", "--customers", "7", "--token", "cli-token"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -1,0 +1,246 @@
+"""The watcher's vocabulary, and the v1 event contract built from it.
+
+- The names the rest of the package speaks in: event types, the two listings, a customer's status,
+  a poll's outcome, an outbox row's state and a sink's verdict on one event. They are string (or
+  integer) enums, so they compare equal to, and are stored as, the plain values the database and the
+  event contract have always held.
+- :func:`new_event`: the v1 payload, key for key (DESIGN's event contract).
+- :class:`EventWriter`: numbers a cycle's events, routes each one to the sinks that want it, and
+  hands the rows over to be written in the cycle's one transaction (:mod:`watcher.store` writes them).
+- :func:`change_line`: ``field: before -> after``, the one way every channel writes a change.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from enum import IntEnum, StrEnum
+from typing import Any, NamedTuple
+
+import orjson
+
+__all__ = [
+    "CustomerStatus",
+    "DeliveryState",
+    "EventRow",
+    "EventType",
+    "EventWriter",
+    "Listing",
+    "OutboxEntry",
+    "OutcomeKind",
+    "PollOutcome",
+    "Router",
+    "change_line",
+    "customer_name",
+    "customer_record",
+    "new_event",
+    "plain_value",
+]
+
+
+class EventType(StrEnum):
+    """Every ``type`` an event of the audit log can have."""
+
+    CUSTOMER_CREATED = "customer.created"
+    CUSTOMER_UPDATED = "customer.updated"
+    CUSTOMER_ARCHIVED = "customer.archived"
+    CUSTOMER_UNARCHIVED = "customer.unarchived"
+    CUSTOMER_DELETED = "customer.deleted"
+    #: Notices: the watcher talking about itself, not a customer change.
+    POLL_FAILING = "watcher.poll_failing"
+    POLL_RECOVERED = "watcher.poll_recovered"
+
+    @property
+    def is_customer(self) -> bool:
+        return self.value.startswith("customer.")
+
+
+class Listing(IntEnum):
+    """The two listings of ``GET /v1/customers``; the integer is the page memo's ``archived`` column."""
+
+    ACTIVE = 0
+    ARCHIVED = 1
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class CustomerStatus(StrEnum):
+    ACTIVE = "active"
+    ARCHIVED = "archived"
+    DELETED = "deleted"
+
+
+class PollOutcome(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REFUSED = "refused"
+    #: Stopped from outside (shutdown, a process that died mid-cycle); says nothing about Metronome.
+    ABANDONED = "abandoned"
+
+
+class DeliveryState(StrEnum):
+    """Where one event stands with one sink (an outbox row's ``status``)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class OutcomeKind(StrEnum):
+    """A sink's verdict on one event it attempted (see ``watcher.sinks.Outcome``)."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DEAD = "dead"
+    DISABLE = "disable"
+
+
+def new_event(
+    event_type: str,
+    *,
+    sequence: int,
+    detected_at: str,
+    poll_id: int | None,
+    customer_id: str | None,
+    customer: Any,
+    previous: Any,
+    changes: list[dict[str, Any]],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A v1 event: a fresh id, and the contract's keys in the contract's order, then ``extra``."""
+    event: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "type": str(event_type),
+        "sequence": sequence,
+        "detected_at": detected_at,
+        "poll_id": poll_id,
+        "customer_id": customer_id,
+        "customer": customer,
+        "previous": previous,
+        "changes": changes,
+    }
+    if extra:
+        event.update(extra)
+    return event
+
+
+class EventRow(NamedTuple):
+    """One audit-log row: the event's indexed keys and its payload as JSON text."""
+
+    sequence: int
+    id: str
+    type: str
+    customer_id: str | None
+    poll_id: int | None
+    detected_at: str
+    payload: str
+
+
+class OutboxEntry(NamedTuple):
+    """One delivery to queue: the event's sequence, the sink, and when it was queued."""
+
+    sequence: int
+    sink: str
+    created_at: str
+
+
+#: ``(event type, changed fields) -> names of the sinks that take it`` (``watcher.routing``).
+Router = Callable[[str, Sequence[str]], Iterable[str]]
+
+
+class EventWriter:
+    """Numbers events consecutively from ``last_sequence`` and routes each to its sinks.
+
+    Rows accumulate until :meth:`take`; whoever holds the transaction writes them, so that events
+    and their outbox rows land with the state they describe (DESIGN rule 5).
+    """
+
+    def __init__(self, *, poll_id: int | None, detected_at: str, last_sequence: int, route: Router) -> None:
+        self.poll_id = poll_id
+        self.detected_at = detected_at
+        self.sequence = last_sequence
+        self._route = route
+        self._events: list[EventRow] = []
+        self._outbox: list[OutboxEntry] = []
+
+    def add(
+        self,
+        event_type: str,
+        customer_id: str | None,
+        customer: Any,
+        previous: Any,
+        changes: list[dict[str, Any]],
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        self.sequence += 1
+        event = new_event(
+            event_type,
+            sequence=self.sequence,
+            detected_at=self.detected_at,
+            poll_id=self.poll_id,
+            customer_id=customer_id,
+            customer=customer,
+            previous=previous,
+            changes=changes,
+            extra=extra,
+        )
+        self._events.append(
+            EventRow(
+                self.sequence,
+                event["id"],
+                event["type"],
+                customer_id,
+                self.poll_id,
+                self.detected_at,
+                orjson.dumps(event).decode(),
+            )
+        )
+        for sink in self._route(event["type"], [c["field"] for c in changes]):
+            self._outbox.append(OutboxEntry(self.sequence, sink, self.detected_at))
+        return event
+
+    def take(self) -> tuple[list[EventRow], list[OutboxEntry]]:
+        """The rows added since the last call, to be written now."""
+        rows, self._events = self._events, []
+        outbox, self._outbox = self._outbox, []
+        return rows, outbox
+
+
+# -- reading an event, as the channels that show it to people do ----------------------------------
+
+
+def customer_record(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The customer as now seen (for ``deleted``, the last record seen); empty for a notice."""
+    for key in ("customer", "previous"):
+        value = event.get(key)
+        if isinstance(value, Mapping):
+            return value
+    return {}
+
+
+def customer_name(event: Mapping[str, Any]) -> str:
+    """The customer's name, or "" when the record has none."""
+    name = customer_record(event).get("name")
+    return str(name) if name else ""
+
+
+def plain_value(value: Any) -> str:
+    """A before/after value as text: strings as they are, anything else as compact JSON."""
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def change_line(
+    change: Mapping[str, Any],
+    *,
+    value: Callable[[Any], str] = plain_value,
+    field: Callable[[str], str] = str,
+    arrow: str = "->",
+) -> str:
+    """``field: before -> after``; each channel passes how it writes a value, a field and the arrow."""
+    return (
+        f"{field(str(change.get('field', '?')))}: "
+        f"{value(change.get('before'))} {arrow} {value(change.get('after'))}"
+    )

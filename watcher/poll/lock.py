@@ -1,0 +1,45 @@
+"""One poll at a time per database, across processes: an exclusive ``flock`` on ``<db>.lock``.
+
+Two pollers on one database would each see the other's changes as their own and emit them twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from ..errors import PollRefused
+
+__all__ = ["PollLock"]
+
+
+class PollLock:
+    """``with PollLock(db_path):`` (or :meth:`acquire`) holds the lock, or raises
+    :class:`~watcher.errors.PollRefused` when another process holds it."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(f"{db_path}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PollRefused("another poll is already running against this database") from None
+        self._fd = fd
+
+    def __enter__(self) -> PollLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

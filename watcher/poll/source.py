@@ -1,0 +1,45 @@
+"""What the poll cycle needs from a source of customers (``watcher.metronome.MetronomeClient``).
+
+A protocol, so that tests and benchmarks can hand the cycle any source: an in-memory one, or the
+real client wrapped to record or reorder what it serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from ..events import Listing
+
+__all__ = ["CustomerSource", "Page"]
+
+
+class Page(Protocol):
+    """One listing page: its records, parsed on demand, and a digest that stands for them.
+
+    ``digest`` is None when the source cannot vouch for one; two pages with the same digest must
+    hold the same records, and a digest seen on a page that parsed must parse again.
+    """
+
+    @property
+    def digest(self) -> bytes | None: ...
+
+    def parse(self) -> list[dict[str, Any]]:
+        """The page's records; raises ``watcher.errors.APIError`` for a page that is not usable."""
+        ...
+
+
+class CustomerSource(Protocol):
+    def pages(self, *, listing: Listing, sent: Callable[[], None] | None = None) -> Iterator[Page]:
+        """Every page of one listing, in order; raises ``watcher.errors.APIError`` when it cannot.
+
+        ``sent``, if given, is to be called once the request for the next page is on the wire (or,
+        at the latest, when that request has ended): the cycle hands the page before it to another
+        thread then, so that its work hides inside the wait for the next page. A source that makes
+        no requests may ignore it; its slow pages are then handed over when its listing ends.
+        """
+        ...
+
+    def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+        """One customer by id, archived ones included; None when it does not exist."""
+        ...

@@ -1,0 +1,3 @@
+from .metronome import main
+
+raise SystemExit(main())

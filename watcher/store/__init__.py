@@ -1,0 +1,21 @@
+"""The store: current state, poll history, the append-only audit log and the outbox, in SQLite.
+
+:class:`Store` opens the database and hands out transactions; :mod:`~watcher.store.queries` holds
+every statement run in them, :mod:`~watcher.store.cycle` the poll cycle's own, and
+:mod:`~watcher.store.schema` the tables and their migrations. No SQL lives outside this package.
+"""
+
+from .database import Store
+from .queries import SinkStatus
+from .schema import SCHEMA_VERSION, CustomerState, EventRecord, OutboxRow, PollRun, SinkState
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CustomerState",
+    "EventRecord",
+    "OutboxRow",
+    "PollRun",
+    "SinkState",
+    "SinkStatus",
+    "Store",
+]

@@ -1,0 +1,428 @@
+"""Every statement the watcher runs on its database outside the poll cycle's hot path.
+
+Each function takes the connection of a transaction its caller holds (``Store.read()`` or
+``Store.write()``), so that callers decide what lands together and nothing outside this package
+writes SQL. The poll cycle's own statements are in :mod:`watcher.store.cycle`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlmodel import col
+
+from .._time import parse_ts
+from ..events import DeliveryState, EventRow, EventType, OutboxEntry, PollOutcome
+from .schema import CustomerState, EventRecord, Meta, OutboxRow, PollRun, SinkState
+
+__all__ = [
+    "FailureCounts",
+    "SinkStatus",
+    "append_events",
+    "customer_counts",
+    "delivery_status",
+    "due_deliveries",
+    "enable_sink",
+    "expire_pending",
+    "fail_poll",
+    "failure_counts",
+    "get_customer",
+    "has_baseline",
+    "last_notice",
+    "last_polls",
+    "last_sequence",
+    "last_successful_poll",
+    "mark_attempt",
+    "query_events",
+    "record_refused_poll",
+    "replay",
+    "schema_version",
+    "set_schema_version",
+    "set_sink_state",
+    "sink_state",
+    "time_out_poll",
+]
+
+#: The outcomes that break a streak of successes. ``abandoned`` is not one of them: it means the
+#: process was stopped mid-poll (a deploy, a restart), which says nothing about Metronome.
+_FAILED = (PollOutcome.FAILED, PollOutcome.REFUSED)
+
+
+# -- the schema's version ----------------------------------------------------------------------
+
+
+def schema_version(conn: Connection) -> int:
+    """The version recorded in ``meta``; 0 for a database without one (a new file)."""
+    has_meta = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").first()
+    if not has_meta:
+        return 0
+    v = conn.execute(select(col(Meta.value)).where(col(Meta.key) == "schema_version")).scalar()
+    return int(v) if v is not None else 0
+
+
+def set_schema_version(conn: Connection, version: int) -> None:
+    conn.exec_driver_sql(
+        "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (str(version),),
+    )
+
+
+# -- polls ----------------------------------------------------------------------------------------
+
+
+def has_baseline(conn: Connection) -> bool:
+    """True once any poll has succeeded: only then are differences changes."""
+    # One row is enough (a daemon that polls every few minutes has a long history to count).
+    q = "SELECT 1 FROM poll_runs WHERE outcome = ? LIMIT 1"
+    return conn.exec_driver_sql(q, (PollOutcome.SUCCEEDED,)).first() is not None
+
+
+def last_polls(conn: Connection, limit: int = 10) -> list[PollRun]:
+    rows = conn.execute(select(PollRun).order_by(col(PollRun.id).desc()).limit(limit)).all()
+    return [PollRun.model_validate(r._mapping) for r in rows]
+
+
+def last_successful_poll(conn: Connection) -> PollRun | None:
+    row = conn.execute(
+        select(PollRun)
+        .where(col(PollRun.outcome) == PollOutcome.SUCCEEDED)
+        .order_by(col(PollRun.id).desc())
+        .limit(1)
+    ).first()
+    return PollRun.model_validate(row._mapping) if row else None
+
+
+def record_refused_poll(conn: Connection, *, now: str, error: str) -> int:
+    """A poll refused before it began (another poll holds the database): recorded as finished."""
+    result = conn.execute(
+        insert(PollRun).values(started_at=now, finished_at=now, outcome=PollOutcome.REFUSED, error=error)
+    )
+    assert result.inserted_primary_key is not None
+    return int(result.inserted_primary_key[0])
+
+
+def fail_poll(conn: Connection, poll_id: int, *, outcome: PollOutcome, finished_at: str, error: str) -> None:
+    conn.execute(
+        update(PollRun)
+        .where(col(PollRun.id) == poll_id)
+        .values(outcome=outcome, finished_at=finished_at, error=error[:2000])
+    )
+
+
+def time_out_poll(conn: Connection, poll_id: int, *, error: str) -> None:
+    """A poll abandoned because it outlived its timeout counts as failed, not abandoned."""
+    conn.execute(
+        update(PollRun)
+        .where(col(PollRun.id) == poll_id, col(PollRun.outcome) == PollOutcome.ABANDONED)
+        .values(outcome=PollOutcome.FAILED, error=error)
+    )
+
+
+@dataclass(frozen=True)
+class FailureCounts:
+    """Failed polls after the last success (or after ``success_id`` and before the success after it)."""
+
+    failures: int
+    #: ``started_at`` of the first failed poll counted.
+    since: str | None
+    last_failed_poll_id: int | None
+    last_error: str | None
+    last_success_id: int | None
+
+
+def failure_counts(conn: Connection, *, before_success: int | None = None) -> FailureCounts:
+    """The failed polls since the last success; with ``before_success``, those that led up to it."""
+    poll_id, outcome = col(PollRun.id), col(PollRun.outcome)
+    succeeded = select(func.max(poll_id)).where(outcome == PollOutcome.SUCCEEDED)
+    if before_success is not None:
+        succeeded = succeeded.where(poll_id < before_success)
+    last_success = conn.execute(succeeded).scalar()
+    window = [outcome.in_(_FAILED), poll_id > (last_success or 0)]
+    if before_success is not None:
+        window.append(poll_id < before_success)
+    count, since, last_failed = conn.execute(
+        select(func.count(), func.min(col(PollRun.started_at)), func.max(poll_id)).where(*window)
+    ).one()
+    last_error = None
+    if last_failed is not None:
+        last_error = conn.execute(select(col(PollRun.error)).where(poll_id == last_failed)).scalar()
+    return FailureCounts(int(count), since, last_failed, last_error, last_success)
+
+
+def last_notice(conn: Connection, types: Sequence[EventType]) -> dict[str, Any] | None:
+    """The latest event of one of these (notice) types, as its v1 payload."""
+    payload = conn.execute(
+        select(col(EventRecord.payload))
+        .where(col(EventRecord.type).in_(list(types)))
+        .order_by(col(EventRecord.sequence).desc())
+        .limit(1)
+    ).scalar()
+    return None if payload is None else dict(orjson.loads(payload))
+
+
+# -- customers and the audit log ------------------------------------------------------------------
+
+
+def customer_counts(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(
+        select(col(CustomerState.status), func.count()).group_by(col(CustomerState.status))
+    ).all()
+    return {status: n for status, n in rows}
+
+
+def get_customer(conn: Connection, customer_id: str) -> CustomerState | None:
+    row = conn.execute(select(CustomerState).where(col(CustomerState.id) == customer_id)).first()
+    return CustomerState.model_validate(row._mapping) if row else None
+
+
+def query_events(
+    conn: Connection,
+    *,
+    customer_id: str | None = None,
+    types: Sequence[str] = (),
+    since: str | None = None,
+    until: str | None = None,
+    after_sequence: int | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Audit events in ``sequence`` order, as v1 contract dicts."""
+    q = select(col(EventRecord.payload)).order_by(col(EventRecord.sequence))
+    if customer_id:
+        q = q.where(col(EventRecord.customer_id) == customer_id)
+    if types:
+        q = q.where(col(EventRecord.type).in_(list(types)))
+    if since:
+        q = q.where(col(EventRecord.detected_at) >= since)
+    if until:
+        q = q.where(col(EventRecord.detected_at) < until)
+    if after_sequence is not None:
+        q = q.where(col(EventRecord.sequence) > after_sequence)
+    if limit is not None:
+        q = q.limit(limit)
+    return [orjson.loads(p) for (p,) in conn.execute(q)]
+
+
+def last_sequence(conn: Connection) -> int:
+    return int(conn.exec_driver_sql("SELECT coalesce(max(sequence), 0) FROM events").scalar() or 0)
+
+
+INSERT_EVENT = (
+    "INSERT INTO events (sequence, id, type, customer_id, poll_id, detected_at, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_OUTBOX = (
+    "INSERT INTO outbox (sequence, sink, status, attempts, created_at, next_attempt_at) "
+    "VALUES (?1, ?2, 'pending', 0, ?3, ?3)"
+)
+
+
+def append_events(conn: Connection, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
+    """Write events (``events.EventWriter.take``) and their outbox rows."""
+    # Plain parameter tuples: a cycle that archives thousands of customers writes thousands of rows.
+    if events:
+        conn.exec_driver_sql(INSERT_EVENT, list(events))
+    if outbox:
+        conn.exec_driver_sql(INSERT_OUTBOX, list(outbox))
+
+
+# -- delivery -------------------------------------------------------------------------------------
+
+
+def sink_state(conn: Connection, name: str) -> SinkState:
+    row = conn.execute(select(SinkState).where(col(SinkState.name) == name)).first()
+    return SinkState.model_validate(row._mapping) if row else SinkState(name=name)
+
+
+def set_sink_state(conn: Connection, name: str, **values: Any) -> None:
+    exists = conn.execute(select(col(SinkState.name)).where(col(SinkState.name) == name)).first()
+    if exists:
+        conn.execute(update(SinkState).where(col(SinkState.name) == name).values(**values))
+    else:
+        conn.execute(insert(SinkState).values(name=name, **values))
+
+
+def due_deliveries(conn: Connection, sink: str, limit: int) -> list[tuple[int, int, str]]:
+    """The sink's oldest pending rows, in sequence order: (outbox row id, sequence, event payload)."""
+    rows = conn.execute(
+        select(col(OutboxRow.id), col(OutboxRow.sequence), col(EventRecord.payload))
+        .join(EventRecord, col(EventRecord.sequence) == col(OutboxRow.sequence))
+        .where(col(OutboxRow.sink) == sink, col(OutboxRow.status) == DeliveryState.PENDING)
+        .order_by(col(OutboxRow.sequence))
+        .limit(limit)
+    ).all()
+    return [(int(r[0] or 0), int(r[1]), str(r[2])) for r in rows]
+
+
+def mark_attempt(
+    conn: Connection,
+    row_id: int,
+    *,
+    at: str,
+    state: DeliveryState = DeliveryState.PENDING,
+    error: str | None = None,
+    next_attempt_at: str | None = None,
+) -> None:
+    """Record one attempt at one outbox row: delivered, dead, or still pending with its error."""
+    values: dict[str, Any] = {"attempts": col(OutboxRow.attempts) + 1, "last_attempt_at": at}
+    if state is DeliveryState.DELIVERED:
+        values.update(status=state, delivered_at=at)
+    else:
+        values.update(status=state, last_error=error)
+        if next_attempt_at is not None:
+            values["next_attempt_at"] = next_attempt_at
+    conn.execute(update(OutboxRow).where(col(OutboxRow.id) == row_id).values(**values))
+
+
+def expire_pending(conn: Connection, sink: str, *, queued_before: str) -> int:
+    """Mark dead the sink's pending rows queued at or before ``queued_before``; returns how many."""
+    result = conn.execute(
+        update(OutboxRow)
+        .where(
+            col(OutboxRow.sink) == sink,
+            col(OutboxRow.status) == DeliveryState.PENDING,
+            col(OutboxRow.created_at) <= queued_before,
+        )
+        .values(
+            status=DeliveryState.DEAD,
+            last_error=func.coalesce(OutboxRow.last_error, "") + " (gave up after max_age)",
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+@dataclass(frozen=True)
+class SinkStatus:
+    sink: str
+    pending: int
+    delivered: int
+    dead: int
+    oldest_pending_age: float | None  # seconds
+    last_error: str | None
+    disabled: bool
+    next_attempt_at: str | None
+
+
+def delivery_status(conn: Connection, now: datetime, *, sinks: Sequence[str] = ()) -> list[SinkStatus]:
+    """Per sink: pending, delivered and dead counts, oldest pending age and the last error."""
+    q = select(
+        col(OutboxRow.sink), col(OutboxRow.status), func.count(), func.min(col(OutboxRow.created_at))
+    ).group_by(col(OutboxRow.sink), col(OutboxRow.status))
+    if sinks:
+        q = q.where(col(OutboxRow.sink).in_(list(sinks)))
+    counts: dict[str, dict[str, Any]] = {}
+    for sink, status, n, oldest in conn.execute(q):
+        counts.setdefault(sink, {})[status] = (n, oldest)
+    states = {
+        s.name: s
+        for s in (SinkState.model_validate(r._mapping) for r in conn.execute(select(SinkState)).all())
+    }
+    last_errors: dict[str, str | None] = dict(
+        conn.execute(
+            select(col(OutboxRow.sink), col(OutboxRow.last_error))
+            .where(col(OutboxRow.last_error).is_not(None))
+            .order_by(col(OutboxRow.last_attempt_at))
+        ).all()
+    )
+    out = []
+    for name in list(sinks) or sorted(set(counts) | set(states)):
+        c = counts.get(name, {})
+        state = states.get(name)
+        oldest = c.get(DeliveryState.PENDING, (0, None))[1]
+        out.append(
+            SinkStatus(
+                sink=name,
+                pending=c.get(DeliveryState.PENDING, (0, None))[0],
+                delivered=c.get(DeliveryState.DELIVERED, (0, None))[0],
+                dead=c.get(DeliveryState.DEAD, (0, None))[0],
+                oldest_pending_age=(now - parse_ts(oldest)).total_seconds() if oldest else None,
+                last_error=(state.last_error if state and state.last_error else None)
+                or last_errors.get(name),
+                disabled=bool(state and state.disabled),
+                next_attempt_at=state.next_attempt_at if state else None,
+            )
+        )
+    return out
+
+
+def replay(
+    conn: Connection,
+    sink: str,
+    *,
+    now: str,
+    event_ids: Sequence[str] = (),
+    sequence_from: int | None = None,
+    sequence_to: int | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    dead_only: bool = False,
+) -> int:
+    """Queue events for ``sink`` again (same event ids). With no selector, every dead row.
+
+    Events that were never routed to the sink get a new outbox row; rows already pending are
+    left alone. Returns how many rows were (re)queued.
+    """
+    conds: list[Any] = []
+    if event_ids:
+        conds.append(col(EventRecord.id).in_(list(event_ids)))
+    if sequence_from is not None:
+        conds.append(col(EventRecord.sequence) >= sequence_from)
+    if sequence_to is not None:
+        conds.append(col(EventRecord.sequence) <= sequence_to)
+    if since:
+        conds.append(col(EventRecord.detected_at) >= since)
+    if until:
+        conds.append(col(EventRecord.detected_at) < until)
+    q = (
+        select(col(EventRecord.sequence), col(OutboxRow.id))
+        .outerjoin(
+            OutboxRow, and_(col(OutboxRow.sequence) == col(EventRecord.sequence), col(OutboxRow.sink) == sink)
+        )
+        .where(*conds)
+    )
+    if not conds or dead_only:
+        q = q.where(col(OutboxRow.status) == DeliveryState.DEAD)
+    else:
+        q = q.where(or_(col(OutboxRow.status).is_(None), col(OutboxRow.status) != DeliveryState.PENDING))
+    n = 0
+    for seq, row_id in conn.execute(q).all():
+        if row_id is None:
+            conn.execute(
+                insert(OutboxRow).values(
+                    sequence=seq,
+                    sink=sink,
+                    status=DeliveryState.PENDING,
+                    attempts=0,
+                    created_at=now,
+                    next_attempt_at=now,
+                )
+            )
+        else:
+            # A fresh max_age window: the operator asked for this delivery now.
+            conn.execute(
+                update(OutboxRow)
+                .where(col(OutboxRow.id) == row_id)
+                .values(status=DeliveryState.PENDING, created_at=now, next_attempt_at=now, delivered_at=None)
+            )
+        n += 1
+    conn.execute(
+        update(SinkState)
+        .where(col(SinkState.name) == sink)
+        .values(consecutive_failures=0, next_attempt_at=None)
+    )
+    return n
+
+
+def enable_sink(conn: Connection, sink: str) -> bool:
+    """Switch a disabled sink back on; False when it was not disabled."""
+    result = conn.execute(
+        update(SinkState)
+        .where(col(SinkState.name) == sink)
+        .values(disabled=False, disabled_reason=None, consecutive_failures=0, next_attempt_at=None)
+    )
+    return bool(result.rowcount)

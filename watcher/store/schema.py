@@ -1,0 +1,149 @@
+"""The database's tables, and the migrations that bring an older database up to this release.
+
+Tables are SQLModel models, so that one definition serves SQLAlchemy Core queries and the read
+models handed to the CLI. Every statement that reads or writes them lives beside this module, in
+:mod:`watcher.store.queries` and :mod:`watcher.store.cycle`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from ..fingerprint import record_hash
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "CustomerState",
+    "EventRecord",
+    "Meta",
+    "OutboxRow",
+    "PageMemo",
+    "PollRun",
+    "SinkState",
+]
+
+#: Bump when the schema changes, and add a step to ``MIGRATIONS`` that brings version N-1 to N.
+SCHEMA_VERSION = 3
+
+
+class Meta(SQLModel, table=True):
+    __tablename__ = "meta"
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class CustomerState(SQLModel, table=True):
+    """The last committed picture of one customer."""
+
+    __tablename__ = "customers"
+    id: str = Field(primary_key=True)
+    status: str  # events.CustomerStatus
+    hash: int  # fingerprint.record_hash of ``record``
+    record: str  # canonical JSON, as Metronome last returned it
+    first_seen_at: str
+    changed_at: str
+    last_poll_id: int
+
+
+class PageMemo(SQLModel, table=True):
+    """The fingerprints of every listing page the last successful poll saw, one row per listing
+    (``watcher.poll.memo``). Written in the poll's own transaction. Clear it whenever the
+    fingerprint changes, the client's checks of a listing page get stricter (a page in the memo
+    passed the checks of its day, and is not checked again), or anything but a poll changes
+    ``customers``.
+    """
+
+    __tablename__ = "page_memo"
+    archived: bool = Field(primary_key=True)  # events.Listing
+    #: The last successful poll saw every stored customer exactly once, on these pages.
+    complete: bool
+    #: The listing's pages in order, packed as ``watcher.poll.memo`` describes.
+    pages: bytes
+
+
+class PollRun(SQLModel, table=True):
+    __tablename__ = "poll_runs"
+    id: int | None = Field(default=None, primary_key=True)
+    started_at: str = Field(index=True)
+    finished_at: str | None = None
+    outcome: str = Field(default="running", index=True)  # events.PollOutcome
+    baseline: bool = False
+    pages: int = 0
+    active: int = 0
+    archived: int = 0
+    events: int = 0
+    #: JSON object: event counts by type
+    events_by_type: str = "{}"
+    error: str | None = None
+
+
+class EventRecord(SQLModel, table=True):
+    """The audit log. ``payload`` is the v1 event contract, exactly as every sink receives it."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_customer_sequence", "customer_id", "sequence"),
+        Index("ix_events_type_sequence", "type", "sequence"),
+    )
+    sequence: int = Field(primary_key=True)
+    id: str = Field(unique=True)
+    type: str
+    customer_id: str | None = None
+    poll_id: int | None = None
+    detected_at: str = Field(index=True)
+    payload: str
+
+
+class OutboxRow(SQLModel, table=True):
+    """One delivery of one event to one sink."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("sequence", "sink"),
+        Index("ix_outbox_sink_status_sequence", "sink", "status", "sequence"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    sequence: int = Field(foreign_key="events.sequence")
+    sink: str
+    status: str = "pending"  # events.DeliveryState
+    attempts: int = 0
+    created_at: str
+    next_attempt_at: str
+    last_attempt_at: str | None = None
+    delivered_at: str | None = None
+    last_error: str | None = None
+
+
+class SinkState(SQLModel, table=True):
+    """Per-sink delivery state that outlives a process: back-off after failures, and disabling."""
+
+    __tablename__ = "sink_state"
+    name: str = Field(primary_key=True)
+    disabled: bool = False
+    disabled_reason: str | None = None
+    consecutive_failures: int = 0
+    next_attempt_at: str | None = None
+    last_error: str | None = None
+
+
+def _migrate_to_2(conn: Connection) -> None:
+    """Version 2 fingerprints with XXH3 instead of BLAKE2b. The stored records are canonical JSON, so
+    the new fingerprints are computed from them in one statement; without this the next cycle would
+    find every customer "changed" and rewrite the whole table."""
+    db = conn.connection.dbapi_connection
+    assert db is not None
+    db.create_function("watcher_record_hash", 1, lambda r: record_hash(r.encode()), deterministic=True)
+    conn.exec_driver_sql("UPDATE customers SET hash = watcher_record_hash(record)")
+
+
+def _migrate_to_3(conn: Connection) -> None:
+    """Version 3 remembers the fingerprints of the pages last seen (``PageMemo``)."""
+    PageMemo.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
+#: version -> the step that upgrades a database from version-1 to version.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _migrate_to_2, 3: _migrate_to_3}
