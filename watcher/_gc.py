@@ -1,12 +1,10 @@
 """Keep the objects a process starts with out of the cyclic garbage collector's way.
 
 A poll cycle allocates and drops hundreds of thousands of containers (parsed records, fingerprint
-lists, staged rows), so the collector runs a few hundred times a cycle, and now and then a full
-collection walks every object it tracks. Most of those are the process's own furniture: the
-imported modules (SQLAlchemy, pydantic, httpx, structlog, APScheduler), the config and the wired
-app, some 70,000 objects, that live as long as the process. Measured with ``gc.callbacks`` over
-five pairs of cycles at 100k customers with 1% changed (1.4 to 1.9 s each), the collector took
-0.15 to 0.21 s a cycle, and 0.043 to 0.050 s with those objects frozen.
+lists, staged rows), so the collector runs often, and now and then a full collection walks every
+object it tracks. Most of those are the process's own furniture: the imported modules, the config
+and the wired app, which live as long as the process. What freezing them saves is measured in
+``docs/performance.md``.
 
 :func:`frozen_heap` freezes them (``gc.freeze``: the permanent generation, which no collection
 walks) while the watcher runs, and unfreezes them afterwards, so that a caller that runs the

@@ -568,9 +568,9 @@ class SimulatedMetronome:
         """Add ``n`` realistic customers created over the last three years; returns their ids.
 
         Records are built directly as JSON (no per-customer locking or validation, see
-        :class:`_Entry`) with the garbage collector paused, so a million take about ten seconds
-        and 0.75 GB, and a benchmark's first scan costs the server no more than later ones. Pass
-        a seeded ``rng`` for reproducible data.
+        :class:`_Entry`) with the garbage collector paused, so that a million are quick to seed and a
+        benchmark's first scan costs the server no more than later ones. Pass a seeded ``rng`` for
+        reproducible data.
         """
         rng = rng or random.Random()
         rand = rng.random
@@ -963,9 +963,9 @@ _HOLD_SPIN = 0.002
 def _hold(deadline: float) -> None:
     """Return at ``deadline`` (``time.monotonic()``), late by far less than ``time.sleep`` alone.
 
-    ``time.sleep`` alone wakes 0.2 to 0.5 ms late on a VM whose vCPU idles during the sleep (the
-    host has to reschedule it), which at 50 ms of latency is a fifth of a 5% margin charged to the
-    client. So the last ``_HOLD_SPIN`` seconds are spent yielding (``sleep(0)`` lets the server's
+    ``time.sleep`` alone wakes late on a VM whose vCPU idles during the sleep (the host has to
+    reschedule it), which would be charged to the client (``docs/performance.md`` has the figures).
+    So the last ``_HOLD_SPIN`` seconds are spent yielding (``sleep(0)`` lets the server's
     other threads run), which costs the fake some CPU on its own core and nobody else anything.
     """
     remaining = deadline - time.monotonic()
