@@ -151,9 +151,9 @@ def _when(value: str | None, *, now: datetime, key: str) -> str | None:
 
 
 def _open_store(config: Config) -> Store:
-    if not Path(config.store.path).exists():
+    if not config.store.postgres and not Path(config.store.path).exists():
         raise StoreError(f"no database at {config.store.path} (run 'poll' or 'run' first)")
-    return Store(config.store.path)
+    return Store(config.store.target)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -164,7 +164,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     names = ", ".join(f"{s.name} ({s.type})" for s in config.sinks) or "none"
     sched = config.schedule
     when = f"cron {sched.cron!r}" if sched.cron else f"every {sched.interval.total_seconds():g}s"
-    print(f"config OK: polls {config.metronome.base_url} {when}; store {config.store.path}; sinks: {names}")
+    store = config.store.describe()
+    print(f"config OK: polls {config.metronome.base_url} {when}; store {store}; sinks: {names}")
     try:
         resolve_token()
     except ConfigError as exc:

@@ -349,7 +349,7 @@ class Daemon:
             poll_timeout_s=sched.poll_timeout.total_seconds(),
             delivery_interval_s=sched.delivery_interval.total_seconds(),
             sinks=list(self.app.sinks),
-            database=str(self.app.store.path),
+            database=self.app.store.description,
             health_port=self.health.port if self.health else None,
         )
 

@@ -1,10 +1,10 @@
 """One contract for every sink type: the delivery rules (DESIGN rule 6) hold for log, slack and http.
 
 Each test runs the real :class:`watcher.delivery.Deliverer` over a real :class:`watcher.store.Store`
-(a SQLite file in ``tmp_path``) whose events come from real poll cycles, and each sink talks to a
-real receiver: a local HTTP server for ``slack`` and ``http``, a stream that can fail like a full
-disk for ``log``. Time never passes by itself: the Deliverer's clock and the Slack pacer's clock
-are moved by hand.
+(on each engine: a SQLite file in ``tmp_path``, a schema in PostgreSQL) whose events come from real
+poll cycles, and each sink talks to a real receiver: a local HTTP server for ``slack`` and
+``http``, a stream that can fail like a full disk for ``log``. Time never passes by itself: the
+Deliverer's clock and the Slack pacer's clock are moved by hand.
 
 Two rules need a receiver that can answer: a *permanent* refusal (dead at once) and
 ``Retry-After``. A local stream can do neither, so those tests run for ``slack`` and ``http`` only.
@@ -18,7 +18,6 @@ import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -229,7 +228,7 @@ ANSWERING = pytest.mark.parametrize("rig", ["slack", "http"], indirect=True)
 class World:
     """A store with N pending events for the rig's sink, and a way to (re)start the process."""
 
-    def __init__(self, path: Path, rig: Rig, clock: FakeClock) -> None:
+    def __init__(self, path: str, rig: Rig, clock: FakeClock) -> None:
         self.path, self.rig, self.clock = path, rig, clock
         self.store = Store(path)
         self.ids = record_events(self.store, clock)
@@ -259,8 +258,8 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, rig: Rig, clock: FakeClock) -> Iterator[World]:
-    w = World(tmp_path / "watcher.db", rig, clock)
+def world(store_url: str, rig: Rig, clock: FakeClock) -> Iterator[World]:
+    w = World(store_url, rig, clock)
     yield w
     w.close()
 

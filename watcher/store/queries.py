@@ -2,7 +2,8 @@
 
 Each function takes the connection of a transaction its caller holds (``Store.read()`` or
 ``Store.write()``), so that callers decide what lands together and nothing outside this package
-writes SQL. The poll cycle's own statements are in :mod:`watcher.store.cycle`.
+writes SQL. They are SQLAlchemy Core, so that each runs on SQLite and on PostgreSQL alike. The poll
+cycle's own statements are in each engine's cycle session (:mod:`watcher.store.cycle`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, func, insert, inspect, or_, select, update
 from sqlmodel import col
 
 from .._time import parse_ts
@@ -57,20 +58,17 @@ _FAILED = (PollOutcome.FAILED, PollOutcome.REFUSED)
 
 
 def schema_version(conn: Connection) -> int:
-    """The version recorded in ``meta``; 0 for a database without one (a new file)."""
-    has_meta = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").first()
-    if not has_meta:
+    """The version recorded in ``meta``; 0 for a database without one (a new one)."""
+    if not inspect(conn).has_table(Meta.__tablename__):
         return 0
     v = conn.execute(select(col(Meta.value)).where(col(Meta.key) == "schema_version")).scalar()
     return int(v) if v is not None else 0
 
 
 def set_schema_version(conn: Connection, version: int) -> None:
-    conn.exec_driver_sql(
-        "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
-        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        (str(version),),
-    )
+    key = col(Meta.key) == "schema_version"
+    if not conn.execute(update(Meta).where(key).values(value=str(version))).rowcount:
+        conn.execute(insert(Meta).values(key="schema_version", value=str(version)))
 
 
 # -- polls ----------------------------------------------------------------------------------------
@@ -79,8 +77,8 @@ def set_schema_version(conn: Connection, version: int) -> None:
 def has_baseline(conn: Connection) -> bool:
     """True once any poll has succeeded: only then are differences changes."""
     # One row is enough (a daemon that polls every few minutes has a long history to count).
-    q = "SELECT 1 FROM poll_runs WHERE outcome = ? LIMIT 1"
-    return conn.exec_driver_sql(q, (PollOutcome.SUCCEEDED,)).first() is not None
+    q = select(col(PollRun.id)).where(col(PollRun.outcome) == PollOutcome.SUCCEEDED).limit(1)
+    return conn.execute(q).first() is not None
 
 
 def last_polls(conn: Connection, limit: int = 10) -> list[PollRun]:
@@ -209,26 +207,28 @@ def query_events(
 
 
 def last_sequence(conn: Connection) -> int:
-    return int(conn.exec_driver_sql("SELECT coalesce(max(sequence), 0) FROM events").scalar() or 0)
-
-
-INSERT_EVENT = (
-    "INSERT INTO events (sequence, id, type, customer_id, poll_id, detected_at, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-INSERT_OUTBOX = (
-    "INSERT INTO outbox (sequence, sink, status, attempts, created_at, next_attempt_at) "
-    "VALUES (?1, ?2, 'pending', 0, ?3, ?3)"
-)
+    return int(conn.execute(select(func.coalesce(func.max(col(EventRecord.sequence)), 0))).scalar() or 0)
 
 
 def append_events(conn: Connection, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
-    """Write events (``events.EventWriter.take``) and their outbox rows."""
-    # Plain parameter tuples: a cycle that archives thousands of customers writes thousands of rows.
+    """Write events (``events.EventWriter.take``) and their outbox rows (one executemany each)."""
     if events:
-        conn.exec_driver_sql(INSERT_EVENT, list(events))
+        conn.execute(insert(EventRecord), [e._asdict() for e in events])
     if outbox:
-        conn.exec_driver_sql(INSERT_OUTBOX, list(outbox))
+        conn.execute(
+            insert(OutboxRow),
+            [
+                {
+                    "sequence": o.sequence,
+                    "sink": o.sink,
+                    "status": DeliveryState.PENDING,
+                    "attempts": 0,
+                    "created_at": o.created_at,
+                    "next_attempt_at": o.created_at,
+                }
+                for o in outbox
+            ],
+        )
 
 
 # -- delivery -------------------------------------------------------------------------------------
@@ -326,7 +326,8 @@ def delivery_status(conn: Connection, now: datetime, *, sinks: Sequence[str] = (
         conn.execute(
             select(col(OutboxRow.sink), col(OutboxRow.last_error))
             .where(col(OutboxRow.last_error).is_not(None))
-            .order_by(col(OutboxRow.last_attempt_at))
+            # Rows never attempted (expired unsent) first, whatever the engine's default for NULL.
+            .order_by(col(OutboxRow.last_attempt_at).nulls_first())
         ).all()
     )
     out = []

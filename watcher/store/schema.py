@@ -8,9 +8,10 @@ models handed to the CLI. Every statement that reads or writes them lives beside
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
-from sqlalchemy import Connection, Index, UniqueConstraint
-from sqlmodel import Field, SQLModel
+from sqlalchemy import BigInteger, Connection, DateTime, Index, UniqueConstraint, bindparam, select, update
+from sqlmodel import Field, SQLModel, col
 
 from ..fingerprint import record_hash
 
@@ -19,6 +20,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CustomerState",
     "EventRecord",
+    "Lease",
     "Meta",
     "OutboxRow",
     "PageMemo",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 #: Bump when the schema changes, and add a step to ``MIGRATIONS`` that brings version N-1 to N.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Meta(SQLModel, table=True):
@@ -42,7 +44,8 @@ class CustomerState(SQLModel, table=True):
     __tablename__ = "customers"
     id: str = Field(primary_key=True)
     status: str  # events.CustomerStatus
-    hash: int  # fingerprint.record_hash of ``record``
+    #: fingerprint.record_hash of ``record`` (63 bits: BIGINT where an engine has sizes)
+    hash: int = Field(sa_type=BigInteger)
     record: str  # canonical JSON, as Metronome last returned it
     first_seen_at: str
     changed_at: str
@@ -130,14 +133,36 @@ class SinkState(SQLModel, table=True):
     last_error: str | None = None
 
 
+class Lease(SQLModel, table=True):
+    """Who may poll and deliver, when several ``run`` replicas share one PostgreSQL database
+    (``watcher.store.lease``). One row per lease; ``epoch`` grows by one at every acquisition, and
+    every commit of the holder checks it. Times are the database's clock, never a replica's."""
+
+    __tablename__ = "leases"
+    name: str = Field(primary_key=True)
+    holder: str
+    epoch: int = Field(sa_type=BigInteger)
+    acquired_at: datetime = Field(sa_type=DateTime(timezone=True))  # type: ignore[call-overload]
+    renewed_at: datetime = Field(sa_type=DateTime(timezone=True))  # type: ignore[call-overload]
+    expires_at: datetime = Field(sa_type=DateTime(timezone=True))  # type: ignore[call-overload]
+
+
 def _migrate_to_2(conn: Connection) -> None:
     """Version 2 fingerprints with XXH3 instead of BLAKE2b. The stored records are canonical JSON, so
-    the new fingerprints are computed from them in one statement; without this the next cycle would
-    find every customer "changed" and rewrite the whole table."""
-    db = conn.connection.dbapi_connection
-    assert db is not None
-    db.create_function("watcher_record_hash", 1, lambda r: record_hash(r.encode()), deterministic=True)
-    conn.exec_driver_sql("UPDATE customers SET hash = watcher_record_hash(record)")
+    the new fingerprints are computed from them; without this the next cycle would find every
+    customer "changed" and rewrite the whole table. SQLite does it in one statement."""
+    if conn.dialect.name == "sqlite":
+        db = conn.connection.dbapi_connection
+        assert db is not None
+        db.create_function("watcher_record_hash", 1, lambda r: record_hash(r.encode()), deterministic=True)
+        conn.exec_driver_sql("UPDATE customers SET hash = watcher_record_hash(record)")
+        return
+    rows = conn.execute(select(col(CustomerState.id), col(CustomerState.record))).all()
+    if rows:
+        conn.execute(
+            update(CustomerState).where(col(CustomerState.id) == bindparam("cid")),
+            [{"cid": cid, "hash": record_hash(record.encode())} for cid, record in rows],
+        )
 
 
 def _migrate_to_3(conn: Connection) -> None:
@@ -145,5 +170,14 @@ def _migrate_to_3(conn: Connection) -> None:
     PageMemo.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
 
 
+def _migrate_to_4(conn: Connection) -> None:
+    """Version 4 has the leader lease of a replicated (PostgreSQL) store (``Lease``)."""
+    Lease.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
 #: version -> the step that upgrades a database from version-1 to version.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _migrate_to_2, 3: _migrate_to_3}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    2: _migrate_to_2,
+    3: _migrate_to_3,
+    4: _migrate_to_4,
+}
