@@ -23,7 +23,7 @@ from ._gc import frozen_heap
 from ._logging import configure_logging
 from ._time import format_ts, parse_ts, utcnow
 from .app import build_app
-from .config import Config, load_config, parse_duration, resolve_token
+from .config import Config, expand_env, load_config, parse_duration, parse_postgres_url, resolve_token
 from .daemon import Daemon
 from .delivery import enable_sink, replay
 from .demo import run_demo
@@ -31,6 +31,7 @@ from .errors import ConfigError, StoreError
 from .events import PollOutcome, change_line, customer_name, plain_value
 from .notices import failure_streak
 from .store import SinkStatus, Store
+from .store.transfer import copy_store
 
 __all__ = ["main"]
 
@@ -114,6 +115,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("sink")
 
     sub.add_parser("status", parents=[common], help="last polls, backlog per sink and the last error")
+
+    s = sub.add_parser("store", help="manage the database")
+    store_sub = s.add_subparsers(
+        dest="store_command", required=True, metavar="STORE_COMMAND", parser_class=_Parser
+    )
+    m = store_sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy the SQLite store ([store] path) into an empty PostgreSQL database, and verify it",
+    )
+    m.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="postgresql://user@host:5432/db (a password in ${VAR}, or from PGPASSWORD)",
+    )
     return p
 
 
@@ -453,6 +470,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """``store migrate --to URL``: the SQLite store of the config copied into PostgreSQL."""
+    config = _config(args)
+    if config.store.postgres:
+        raise ConfigError(
+            "store.url: this config's store is PostgreSQL already; store migrate copies a SQLite "
+            "store (store.path) into PostgreSQL"
+        )
+    try:
+        target_url = str(expand_env(args.to, "--to"))
+        parse_postgres_url(target_url)
+    except ValueError as exc:
+        raise ConfigError(f"--to: {exc}") from None
+    source = _open_store(config)
+    try:
+        target = Store(target_url)
+        try:
+            report = copy_store(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    rows = ", ".join(f"{n} {table}" for table, n in report.rows.items())
+    print(
+        f"copied {source.description} into {target.description}: {rows}; last sequence "
+        f"{report.last_sequence}; counts and last sequence verified.\n"
+        f"Now set [store] url (and remove path) in the config, and start the watcher on it."
+    )
+    return 0
+
+
 _COMMANDS = {
     "run": cmd_run,
     "poll": cmd_poll,
@@ -463,4 +511,5 @@ _COMMANDS = {
     "replay": cmd_replay,
     "enable-sink": cmd_enable_sink,
     "status": cmd_status,
+    "store": cmd_store,
 }

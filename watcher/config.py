@@ -58,6 +58,7 @@ __all__ = [
     "SinkConfig",
     "SlackSinkConfig",
     "StoreConfig",
+    "expand_env",
     "is_postgres_url",
     "load_config",
     "parse_config",
@@ -385,6 +386,11 @@ def _expand(value: Any, path: str, env: Mapping[str, str]) -> Any:
     if isinstance(value, list):
         return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
     return value
+
+
+def expand_env(value: str, key: str, env: Mapping[str, str] | None = None) -> str:
+    """``${VAR}`` references in one value (a command-line URL, say) expanded as the config's are."""
+    return str(_expand(value, key, os.environ if env is None else env))
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
