@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,10 +28,11 @@ from .config import Config, expand_env, load_config, parse_duration, parse_postg
 from .daemon import Daemon
 from .delivery import enable_sink, replay
 from .demo import run_demo
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, PollRefused, StoreError
 from .events import PollOutcome, change_line, customer_name, plain_value
 from .notices import failure_streak
 from .store import SinkStatus, Store
+from .store.lease import LeaseKeeper
 from .store.transfer import copy_store
 
 __all__ = ["main"]
@@ -194,9 +196,19 @@ def cmd_poll(args: argparse.Namespace) -> int:
     config = _config(args)
     app = build_app(config, resolve_token())
     try:
-        with frozen_heap():
+        with frozen_heap(), ExitStack() as lease:
+            leading = True
+            if app.store.replicated:
+                # Replicas on PostgreSQL: the poll and its deliveries under the leader lease, as a
+                # leader's (when a replica holds it, the cycle is refused and recorded as such, and
+                # the leader delivers).
+                keeper = LeaseKeeper(app.store, ttl=config.ha.lease.total_seconds())
+                try:
+                    lease.enter_context(keeper.hold())
+                except PollRefused:
+                    leading = False
             result = app.poller.run()
-            if not args.no_deliver:
+            if not args.no_deliver and leading:
                 app.deliverer.deliver_due()
     finally:
         app.close()
