@@ -18,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The wheel is bind-mounted from the builder, so it never becomes a layer of this image.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
-    && pip install --no-cache-dir /wheels/*.whl \
+    && pip install --no-cache-dir "$(echo /wheels/*.whl)[postgres]" \
     && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin watcher \
     && mkdir -p /data /config \
