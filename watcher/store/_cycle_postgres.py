@@ -78,12 +78,12 @@ _INSERT_BASELINE = (
 
 
 class PostgresCycleSession:
-    """One poll cycle's connection, taken out of the pool so that closing it really closes it.
-    Not thread-safe: one thread at a time, as the cycle uses it."""
+    """One poll cycle's connection, from the store's pool and back to it when closed (its temporary
+    tables go with the cycle's transaction, so nothing of the cycle stays on it). Not thread-safe:
+    one thread at a time, as the cycle uses it."""
 
     def __init__(self, engine: Engine, *, write_lock: TextClause, fence: Fence | None) -> None:
         conn = engine.connect()
-        conn.detach()
         self._conn = conn
         db = conn.connection.dbapi_connection
         assert isinstance(db, psycopg.Connection)
@@ -98,8 +98,10 @@ class PostgresCycleSession:
         self._locked: bool = False
 
     def close(self) -> None:
-        self._tx = None
-        self._conn.close()  # an open transaction rolls back with it
+        tx, self._tx = self._tx, None
+        if tx is not None and tx.is_active:
+            tx.rollback()  # a cycle that did not commit: its staging goes with it
+        self._conn.close()
 
     # -- transactions ---------------------------------------------------------------------------
 
