@@ -22,15 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-import psycopg
 from sqlalchemy import Connection, Engine, RootTransaction, TextClause
 
 from ..events import CustomerStatus, EventRow, Listing, OutboxEntry, PollOutcome
 from .cycle import Sighting, StoredState
 from .lease import Fence, check
+
+if TYPE_CHECKING:  # imported by SQLAlchemy's dialect when a PostgreSQL engine is made (an extra)
+    import psycopg
 
 __all__ = ["PostgresBaselineWriter", "PostgresCycleSession"]
 
@@ -85,9 +87,7 @@ class PostgresCycleSession:
     def __init__(self, engine: Engine, *, write_lock: TextClause, fence: Fence | None) -> None:
         conn = engine.connect()
         self._conn = conn
-        db = conn.connection.dbapi_connection
-        assert isinstance(db, psycopg.Connection)
-        self._db: psycopg.Connection[Any] = db
+        self._db = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)
         self._write_lock: TextClause = write_lock
         #: The lease this cycle began under (``Store.fence`` when the session opened).
         self._fence: Fence | None = fence

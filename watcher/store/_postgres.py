@@ -39,6 +39,13 @@ def describe_url(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=True)
 
 
+def _have_psycopg() -> bool:
+    try:
+        return importlib.util.find_spec("psycopg") is not None
+    except (ImportError, ValueError):  # a module entry of None, or a broken install
+        return False
+
+
 class PostgresEngine:
     """The engine of one PostgreSQL database (or schema, through ``options=-csearch_path=...``)."""
 
@@ -55,7 +62,7 @@ class PostgresEngine:
         register(os.environ.get("PGPASSWORD"))
         self.url = parsed
         self.description = describe_url(parsed)
-        if importlib.util.find_spec("psycopg") is None:
+        if not _have_psycopg():
             raise StoreError(
                 f"the PostgreSQL store needs the psycopg driver, which is not installed: {_INSTALL}"
             )
