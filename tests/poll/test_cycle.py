@@ -15,15 +15,13 @@ import pytest
 import xxhash
 
 from tests.conftest import TOKEN, Harness, check_page_memo, db_bytes, page_memo, stored_fingerprints
-from watcher.errors import StoreError
 from watcher.events import Listing
-from watcher.fingerprint import record_hash
 from watcher.metronome import ListingPage, MetronomeClient, PageBody
 from watcher.poll import Poller, PollResult
 from watcher.poll.memo import pack, unpack
 from watcher.routing import Route
 from watcher.simulator import Fault, SimulatedMetronome
-from watcher.store import SCHEMA_VERSION, Store
+from watcher.store import Store
 
 
 def only(events: list[dict], **match: object) -> dict:
@@ -465,20 +463,6 @@ def test_a_second_poller_on_the_same_database_is_refused(fake: SimulatedMetronom
         other.close()
 
 
-def test_schema_version_is_recorded_and_a_newer_database_is_refused(tmp_path: Path) -> None:
-    db = tmp_path / "w.db"
-    Store(db).close()
-    con = sqlite3.connect(db)
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
-        str(SCHEMA_VERSION),
-    )
-    con.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
-    con.commit()
-    con.close()
-    with pytest.raises(StoreError, match="newer than this release"):
-        Store(db)
-
-
 # -- sightings the fast path cannot settle alone ------------------------------------------------
 #
 # The scan pops each customer's stored fingerprint as it sees it and keeps no other record of the
@@ -611,32 +595,6 @@ def test_a_failed_baseline_commits_nothing_and_the_next_one_starts_afresh(
         len(fake.customers(archived=False)),
         len(fake.customers(archived=True)),
     )
-
-
-def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: SimulatedMetronome, harness: Harness) -> None:
-    fake.seed(25)
-    assert harness.poll().ok
-    harness.store.close()
-    con = sqlite3.connect(harness.db)
-    with con:
-        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-        con.execute("UPDATE customers SET hash = 12345")  # what an older fingerprint would look like
-    con.close()
-
-    store = Store(harness.db)
-
-    assert store.schema_version() == SCHEMA_VERSION == 3
-    con = sqlite3.connect(harness.db)
-    rows = con.execute("SELECT hash, record, last_poll_id FROM customers").fetchall()
-    con.close()
-    assert rows and all(h == record_hash(r.encode()) for h, r, _ in rows)
-    # The next cycle recognises every customer: nothing is staged, nothing rewritten.
-    harness.store = harness.poller.store = store
-    result = harness.poll()
-    assert result.ok and result.events == 0
-    con = sqlite3.connect(harness.db)
-    assert con.execute("SELECT DISTINCT last_poll_id FROM customers").fetchall() == [(rows[0][2],)]
-    con.close()
 
 
 # -- the silent baseline, written while it is fetched ------------------------------------------
