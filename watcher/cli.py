@@ -25,7 +25,7 @@ from ._time import format_ts, parse_ts, utcnow
 from .app import build_app
 from .config import Config, load_config, parse_duration, resolve_token
 from .daemon import Daemon
-from .delivery import enable_sink, replay
+from .delivery import ReplaySelection, enable_sink, replay
 from .demo import run_demo
 from .errors import ConfigError, StoreError
 from .events import PollOutcome, change_line, customer_name, plain_value
@@ -343,10 +343,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     now = utcnow()
     store = _open_store(config)
     try:
-        n = replay(
-            store,
-            args.sink,
-            now=now,
+        selection = ReplaySelection(
             event_ids=args.id,
             sequence_from=args.from_sequence,
             sequence_to=args.to_sequence,
@@ -354,6 +351,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             until=_when(args.until, now=now, key="until"),
             dead_only=args.dead,
         )
+        n = replay(store, args.sink, now=now, selection=selection)
     finally:
         store.close()
     print(f"re-queued {n} event(s) for {args.sink}; they go out on the next delivery")

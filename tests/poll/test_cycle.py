@@ -24,6 +24,22 @@ from watcher.simulator import Fault, SimulatedMetronome
 from watcher.store import Store
 
 
+class HidingSource:
+    """The real listings without one customer (by id it is still there); with ``digests``, the
+    pages carry digests of what they hold, as the client's do."""
+
+    def __init__(self, real: MetronomeClient, hidden: str, *, digests: bool = False) -> None:
+        self.real, self.hidden, self.digests = real, hidden, digests
+
+    def pages(self, *, listing: Listing, sent: Any = None) -> Iterator[ListingPage]:
+        for page in self.real.iter_pages(archived=bool(listing)):
+            kept = [r for r in page if r["id"] != self.hidden]
+            yield ListingPage(kept, xxhash.xxh3_128_digest(orjson.dumps(kept)) if self.digests else None)
+
+    def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+        return self.real.get_customer(customer_id)
+
+
 def only(events: list[dict], **match: object) -> dict:
     assert len(events) == 1, events
     for k, v in match.items():
@@ -186,17 +202,7 @@ def test_vanished_from_listings_but_found_by_id_is_used_as_seen(
     # Absent is not archived: a listing that misses a customer (eventual consistency, say) must not
     # turn into an event. The source below hides one customer from the listings only.
     cid = fake.customers(archived=False)[2]["id"]
-    real = seeded.client
-
-    class HidingSource:
-        def pages(self, *, listing: Listing, sent: Any = None) -> Iterator[ListingPage]:
-            for page in real.iter_pages(archived=bool(listing)):
-                yield ListingPage([r for r in page if r["id"] != cid])
-
-        def get_customer(self, customer_id: str):  # type: ignore[no-untyped-def]
-            return real.get_customer(customer_id)
-
-    seeded.poller.source = HidingSource()
+    seeded.poller.source = HidingSource(seeded.client, cid)
     assert seeded.poll().events == 0
     fake.set_name(cid, "Still Here")
     seeded.poll()
@@ -703,19 +709,7 @@ def test_a_customer_found_only_by_id_leaves_the_memo_incomplete(
 ) -> None:
     cid = fake.customers(archived=False)[2]["id"]
     real = seeded.client
-
-    class HidingSource:
-        """The listings without one customer, as pages with digests of what they hold."""
-
-        def pages(self, *, listing: Listing, sent: Any = None) -> Iterator[ListingPage]:
-            for page in real.iter_pages(archived=bool(listing)):
-                kept = [r for r in page if r["id"] != cid]
-                yield ListingPage(kept, xxhash.xxh3_128_digest(orjson.dumps(kept)))
-
-        def get_customer(self, customer_id: str) -> dict[str, Any] | None:
-            return real.get_customer(customer_id)
-
-    seeded.poller.source = HidingSource()
+    seeded.poller.source = HidingSource(real, cid, digests=True)
     assert seeded.poll().events == 0
     assert not memo_is_complete(seeded.store)  # the stored customer is on no page
 

@@ -22,6 +22,7 @@ from .schema import CustomerState, EventRecord, Meta, OutboxRow, PollRun, SinkSt
 
 __all__ = [
     "FailureCounts",
+    "ReplaySelection",
     "SinkStatus",
     "append_events",
     "customer_counts",
@@ -350,34 +351,37 @@ def delivery_status(conn: Connection, now: datetime, *, sinks: Sequence[str] = (
     return out
 
 
-def replay(
-    conn: Connection,
-    sink: str,
-    *,
-    now: str,
-    event_ids: Sequence[str] = (),
-    sequence_from: int | None = None,
-    sequence_to: int | None = None,
-    since: str | None = None,
-    until: str | None = None,
-    dead_only: bool = False,
-) -> int:
+@dataclass(frozen=True)
+class ReplaySelection:
+    """Which events ``replay`` queues again; with no selector at all, every dead one."""
+
+    event_ids: Sequence[str] = ()
+    sequence_from: int | None = None
+    sequence_to: int | None = None
+    since: str | None = None
+    until: str | None = None
+    #: Only rows that are dead (the default when nothing else is selected).
+    dead_only: bool = False
+
+
+def replay(conn: Connection, sink: str, selection: ReplaySelection, *, now: str) -> int:
     """Queue events for ``sink`` again (same event ids). With no selector, every dead row.
 
     Events that were never routed to the sink get a new outbox row; rows already pending are
     left alone. Returns how many rows were (re)queued.
     """
+    sel = selection
     conds: list[Any] = []
-    if event_ids:
-        conds.append(col(EventRecord.id).in_(list(event_ids)))
-    if sequence_from is not None:
-        conds.append(col(EventRecord.sequence) >= sequence_from)
-    if sequence_to is not None:
-        conds.append(col(EventRecord.sequence) <= sequence_to)
-    if since:
-        conds.append(col(EventRecord.detected_at) >= since)
-    if until:
-        conds.append(col(EventRecord.detected_at) < until)
+    if sel.event_ids:
+        conds.append(col(EventRecord.id).in_(list(sel.event_ids)))
+    if sel.sequence_from is not None:
+        conds.append(col(EventRecord.sequence) >= sel.sequence_from)
+    if sel.sequence_to is not None:
+        conds.append(col(EventRecord.sequence) <= sel.sequence_to)
+    if sel.since:
+        conds.append(col(EventRecord.detected_at) >= sel.since)
+    if sel.until:
+        conds.append(col(EventRecord.detected_at) < sel.until)
     q = (
         select(col(EventRecord.sequence), col(OutboxRow.id))
         .outerjoin(
@@ -385,7 +389,7 @@ def replay(
         )
         .where(*conds)
     )
-    if not conds or dead_only:
+    if not conds or sel.dead_only:
         q = q.where(col(OutboxRow.status) == DeliveryState.DEAD)
     else:
         q = q.where(or_(col(OutboxRow.status).is_(None), col(OutboxRow.status) != DeliveryState.PENDING))
