@@ -132,11 +132,3 @@ def seeded(fake: SimulatedMetronome, harness: Harness) -> Harness:
     result = harness.poll()
     assert result.ok and result.baseline
     return harness
-
-
-def db_bytes(db: Path) -> tuple[int, int]:
-    """Bytes in the database file, and bytes of the database as a reader sees it (WAL included)."""
-    with sqlite3.connect(db) as con:
-        (count,) = con.execute("PRAGMA page_count").fetchone()
-        (size,) = con.execute("PRAGMA page_size").fetchone()
-    return db.stat().st_size, count * size
