@@ -33,6 +33,7 @@ __all__ = [
     "change_line",
     "customer_name",
     "customer_record",
+    "is_customer_event",
     "new_event",
     "plain_value",
 ]
@@ -50,9 +51,10 @@ class EventType(StrEnum):
     POLL_FAILING = "watcher.poll_failing"
     POLL_RECOVERED = "watcher.poll_recovered"
 
-    @property
-    def is_customer(self) -> bool:
-        return self.value.startswith("customer.")
+
+def is_customer_event(event_type: str) -> bool:
+    """A change to a customer (``customer.*``), as opposed to a notice (``watcher.*``)."""
+    return event_type.startswith("customer.")
 
 
 class Listing(IntEnum):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from sqlalchemy import Connection, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from ..events import DeliveryState, PollOutcome
 from ..fingerprint import record_hash
 
 __all__ = [
@@ -70,7 +71,7 @@ class PollRun(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     started_at: str = Field(index=True)
     finished_at: str | None = None
-    outcome: str = Field(default="running", index=True)  # events.PollOutcome
+    outcome: str = Field(default=PollOutcome.RUNNING, index=True)
     baseline: bool = False
     pages: int = 0
     active: int = 0
@@ -109,7 +110,7 @@ class OutboxRow(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     sequence: int = Field(foreign_key="events.sequence")
     sink: str
-    status: str = "pending"  # events.DeliveryState
+    status: str = DeliveryState.PENDING
     attempts: int = 0
     created_at: str
     next_attempt_at: str

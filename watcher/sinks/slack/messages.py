@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ...config import DEFAULT_APP_URL
-from ...events import EventType, customer_name, customer_record, plain_value
+from ...events import EventType, change_line, customer_name, customer_record, is_customer_event, plain_value
 
 __all__ = [
     "DIGEST_ITEMS",
@@ -89,15 +89,12 @@ def _code(text: str) -> str:
 
 
 def _change_line(change: Mapping[str, Any]) -> str:
-    field = _code(str(change.get("field", "?")))
-    return f"{field}: {_value(change.get('before'))} {_ARROW} {_value(change.get('after'))}"
+    return change_line(change, value=_value, field=_code, arrow=_ARROW)
 
 
-def _changeplain_value(change: Mapping[str, Any]) -> str:
-    def short(v: Any) -> str:
-        return "none" if v is None else _clip(plain_value(v), 60)
-
-    return f"{change.get('field', '?')}: {short(change.get('before'))} -> {short(change.get('after'))}"
+def _change_plain(change: Mapping[str, Any]) -> str:
+    """A change in the message's plain-text fallback (notifications, screen readers)."""
+    return change_line(change, value=lambda v: "none" if v is None else _clip(plain_value(v), 60))
 
 
 def _name(event: Mapping[str, Any]) -> str:
@@ -172,7 +169,7 @@ def build_event_message(event: Mapping[str, Any], *, app_url: str = DEFAULT_APP_
         f"{_code(etype)} · #{seq} · detected {_esc(str(event.get('detected_at', '?')))} "
         f"· event {_code(str(event.get('id', '?')))}"
     )
-    if not etype.startswith("customer."):
+    if not is_customer_event(etype):
         return _notice(event, emoji, title, context)
     name = _name(event)
     record = customer_record(event)
@@ -188,14 +185,14 @@ def build_event_message(event: Mapping[str, Any], *, app_url: str = DEFAULT_APP_
         if len(changes) > MAX_CHANGES:
             lines.append(f"_…and {len(changes) - MAX_CHANGES} more changes_")
         blocks += _sections(lines, "Changes")
-    elif etype == "customer.created" and (facts := _facts(record)):
+    elif etype == EventType.CUSTOMER_CREATED and (facts := _facts(record)):
         blocks += _sections(facts, "Details")
-    elif etype == "customer.deleted":
+    elif etype == EventType.CUSTOMER_DELETED:
         blocks.append(_section("No longer in Metronome: in neither listing, and not found by id."))
     blocks.append(context)
     text = f"{title}: {name} ({cid})"
     if changes:
-        text += ": " + "; ".join(_changeplain_value(c) for c in changes[:3])
+        text += ": " + "; ".join(_change_plain(c) for c in changes[:3])
         if len(changes) > 3:
             text += f" (+{len(changes) - 3} more)"
     return _split(blocks, _esc(_clip(text, 500)))
@@ -254,12 +251,14 @@ def _duration(seconds: float) -> str:
 def _digest_line(event: Mapping[str, Any], app_url: str) -> str:
     etype = str(event.get("type", "event"))
     emoji, title, word = _kind(etype)
-    if not etype.startswith("customer."):
+    if not is_customer_event(etype):
         return f"• {emoji} {_esc(title)}"
     line = f"• {emoji} {_link(event, app_url)} {word}"
     changes = [c for c in event.get("changes") or [] if isinstance(c, Mapping)]
     shown = (
-        [c for c in changes if c.get("field") != "archived_at"] if etype != "customer.updated" else changes
+        [c for c in changes if c.get("field") != "archived_at"]
+        if etype != EventType.CUSTOMER_UPDATED
+        else changes
     )
     if shown:
         line += f": {_change_line(shown[0])}"
@@ -275,7 +274,7 @@ def build_digest(
     n = len(events)
     counts = Counter(str(e.get("type", "event")) for e in events)
     order = [t for t in _KINDS if t in counts] + sorted(t for t in counts if t not in _KINDS)
-    customer_only = all(t.startswith("customer.") for t in counts)
+    customer_only = all(is_customer_event(t) for t in counts)
     what = "customer changes" if customer_only else "events"
     by_type = [f"{_kind(t)[0]} *{counts[t]}* {_esc(_kind(t)[2])}" for t in order]
     blocks = [_header(f":bar_chart: {n} {what}"), *_sections(by_type, "By type")]
