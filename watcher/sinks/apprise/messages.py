@@ -167,10 +167,10 @@ def _fit(
     ``heading`` over as many ``items`` as fit, with a line ``more(n)`` for the ``n`` left out
     (``hidden`` of them already were); then ``tail``."""
     more = more or w.more
-    if shape.title_limit:
-        title = clip(title, shape.title_limit)
+    # A title the service has no room for goes at the top of the body: it stays short there.
+    title = clip(title, shape.title_limit or MAX_VALUE)
     room = 0
-    if shape.body_limit:  # a title the service has no room for goes at the top of the body
+    if shape.body_limit:
         room = max(1, shape.body_limit - (len(title) + 2 if shape.title_limit == 0 else 0))
 
     def body(n: int) -> str:
