@@ -27,7 +27,16 @@ from urllib.parse import unquote
 
 from ._secrets import redact, register
 
-__all__ = ["LOGGER", "MISSING", "Service", "installed", "open_service", "register_url", "scheme_of"]
+__all__ = [
+    "LOGGER",
+    "MISSING",
+    "Service",
+    "installed",
+    "open_service",
+    "register_url",
+    "scheme_of",
+    "service_scheme",
+]
 
 LOGGER = "apprise"
 MISSING = (
@@ -212,6 +221,34 @@ def _markup(plugin: Any, markdown: Any) -> Literal["markdown", "html", "text"]:
     return "markdown" if name == "markdown" else "html" if name == "html" else "text"
 
 
+def _read(apprise: Any, url: str) -> Any:
+    """Apprise's plugin for ``url``, or None; the URL's secrets are registered first."""
+    register_url(url)
+    with _collected():  # Apprise logs why it cannot read a URL, with parts of it: kept out of sight
+        return apprise.Apprise.instantiate(url, asset=apprise.AppriseAsset(storage_mode="memory"))
+
+
+def _scheme(url: str, plugin: Any) -> str | None:
+    """The scheme as written, except for a service's own ``https://`` URL (a Teams workflow's, a
+    Discord webhook's), which Apprise reads as that service: then the service's scheme."""
+    scheme = scheme_of(url)
+    if scheme not in ("http", "https") or plugin is None:
+        return scheme
+    for attr in ("secure_protocol", "protocol"):
+        value = getattr(plugin, attr, None)
+        names = [value] if isinstance(value, str) else list(value or ())
+        if names and names[0]:
+            return str(names[0]).lower()
+    return scheme
+
+
+def service_scheme(url: str) -> str | None:
+    """The scheme Apprise files ``url`` under (see :func:`_scheme`); None for no ``scheme://``."""
+    if scheme_of(url) is None:
+        return None
+    return _scheme(url, _read(_apprise(), url))
+
+
 def open_service(url: str) -> Service:
     """Read ``url`` with Apprise, registering its secrets first.
 
@@ -219,12 +256,15 @@ def open_service(url: str) -> Service:
     for a URL Apprise cannot use.
     """
     apprise = _apprise()
-    register_url(url)
-    scheme = scheme_of(url)
+    plugin = _read(apprise, url)
+    scheme = _scheme(url, plugin)
     if scheme is None:
         raise ValueError("not an Apprise URL (expected scheme://...)")
-    with _collected():  # Apprise logs why it cannot read a URL, with parts of it: kept out of sight
-        plugin = apprise.Apprise.instantiate(url, asset=apprise.AppriseAsset(storage_mode="memory"))
+    if plugin is None and scheme in ("http", "https"):
+        raise ValueError(
+            f"Apprise reads an {scheme}:// URL only as a service's own (a Teams workflow's, a Discord "
+            "webhook's); for any other endpoint write json://, form:// or xml://, or use the http sink"
+        )
     if plugin is None:
         raise ValueError(
             f"Apprise cannot use this {scheme}:// URL: an unknown service, or a token or option "

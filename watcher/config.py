@@ -276,7 +276,9 @@ class AppriseSinkConfig(_SinkBase):
     Each URL is a delivery target of its own, ``{name}.{label}``, with its own outbox rows,
     back-off and state: one URL that fails holds back and re-sends to no other. ``urls`` is a list
     (each label is the URL's scheme, ``-2``, ``-3`` ... for a scheme used again) or a table of
-    ``label = URL`` when the operator wants the names to stay put whatever the URLs become.
+    ``label = URL`` when the operator wants the names to stay put whatever the URLs become. A
+    service's own ``https://`` URL that Apprise reads (a Teams workflow's) is labelled with the
+    service's scheme (``workflow``), not ``https``.
     """
 
     type: Literal["apprise"]
@@ -305,7 +307,7 @@ class AppriseSinkConfig(_SinkBase):
             return v
         labelled: dict[str, Any] = {}
         for i, url in enumerate(v):
-            scheme = _apprise.scheme_of(url) if isinstance(url, str) else None
+            scheme = _apprise.service_scheme(url) if isinstance(url, str) else None
             if scheme is None:
                 raise ValueError(f"[{i}]: not an Apprise URL (expected scheme://..., e.g. msteams://)")
             base = re.sub(r"[^a-z0-9_-]", "-", scheme)

@@ -22,9 +22,11 @@ import pytest
 
 from tests.receivers import FakeClock, Receiver, Reply
 from tests.test_cli import cli, write_config
+from watcher._secrets import redact
 from watcher.cli import main
 from watcher.config import DeliveryConfig, parse_config
 from watcher.delivery import Deliverer
+from watcher.errors import ConfigError
 from watcher.events import Listing, OutcomeKind
 from watcher.metronome import ListingPage
 from watcher.poll import Poller
@@ -187,15 +189,17 @@ def test_poll_failing_and_recovered_notices_are_readable(receiver: Receiver) -> 
 
 
 def test_a_message_is_cut_to_what_the_service_takes_and_keeps_its_event_id() -> None:
-    # PagerDuty, as Apprise knows it: plain text, no title of its own, 1024 characters of body.
+    # PagerDuty, as Apprise knows it: plain text, and no title of its own ...
     pagerduty = AppriseSink(
         "oncall.pagerduty", "pagerduty://A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6@u+Xy7Zk9Qw3Er5Ty"
     )
-    assert pagerduty.shape == Shape("text", title_limit=0, body_limit=1024)
+    assert (pagerduty.shape.markup, pagerduty.shape.title_limit) == ("text", 0)
+    # ... and 1024 characters of body (Apprise 2 knows that limit; 1.9 knew none).
+    shape = Shape("text", title_limit=0, body_limit=1024)
 
     many = [{"field": f"custom_fields.k{i}", "before": "b" * 40, "after": "a" * 40} for i in range(40)]
     ev = customer_event(1, name="N" * 300, changes=many)
-    message = build_event_message(ev, shape=pagerduty.shape, app_url=APP)
+    message = build_event_message(ev, shape=shape, app_url=APP)
     assert len(message.title) + 2 + len(message.body) <= 1024  # the title goes into the body there
     assert message.title.startswith("Customer updated: NNN") and len(message.title) <= 200
     assert message.body.endswith(f"event {ev['id']}")  # replay --id still works from the message
@@ -374,6 +378,32 @@ def test_targets_are_named_after_their_scheme_numbered_when_one_repeats(receiver
 
 # -- configuration and secrets ----------------------------------------------------------------------
 
+#: A Teams channel's workflow ("Post to a channel when a webhook request is received"), as copied.
+TEAMS_WORKFLOW = (
+    "https://prod-12.westus.logic.azure.com:443/workflows/0123456789abcdef0123456789abcdef/triggers/"
+    "manual/paths/invoke?api-version=2016-06-01&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig=S1gNatur3AbCdEfGh"
+)
+
+
+def test_a_services_own_https_url_is_named_after_the_service_and_its_tokens_are_secrets() -> None:
+    config = parse_config({"sinks": [{"type": "apprise", "name": "ops", "urls": ["${TEAMS_URL}"]}]},
+                          env={"TEAMS_URL": TEAMS_WORKFLOW})  # fmt: skip
+    assert config.targets == ("ops.workflow",)  # Apprise reads it as Power Automate, not as https
+    (sink,) = build_sinks(config.sinks).values()
+    assert sink.shape == Shape("markdown", title_limit=250, body_limit=1000)
+    text = redact(
+        f"posting to {TEAMS_WORKFLOW} failed; sig=S1gNatur3AbCdEfGh; id 0123456789abcdef0123456789abcdef"
+    )
+    assert "S1gNatur3" not in text and "0123456789abcdef0123" not in text
+
+    with pytest.raises(
+        ConfigError, match=r"urls\.https: Apprise reads an https:// URL only as a service's own"
+    ):
+        parse_config(
+            {"sinks": [{"type": "apprise", "name": "ops", "urls": ["https://h.example/S3cret"]}]}, env={}
+        )
+
+
 #: Each looks like a real token, so a leak would be unmistakable.
 PASSWORD = "pw0rdZq8v1xY42"
 PATH_TOKEN = "T0kenInThePath7x9"
@@ -423,8 +453,6 @@ def test_a_url_apprise_cannot_use_is_one_line_naming_the_key_and_never_echoing_i
 
 
 def test_a_target_name_that_clashes_with_another_sink_is_refused() -> None:
-    from watcher.errors import ConfigError
-
     with pytest.raises(ConfigError, match=r"sinks\[1\]\.name: 'ops\.json' is already sink 'ops'"):
         parse_config({"sinks": [{"type": "apprise", "name": "ops", "urls": ["json://h/x"]},
                                 {"type": "log", "name": "ops.json"}]}, env={})  # fmt: skip
