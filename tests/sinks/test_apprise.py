@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -450,6 +452,26 @@ def test_a_url_apprise_cannot_use_is_one_line_naming_the_key_and_never_echoing_i
         assert main(["--config", str(path), "check-config"]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert expected in line and "S3cret" not in line
+
+
+def test_the_worked_examples_in_the_docs_are_valid_and_name_the_targets_they_say() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "sinks.md").read_text()
+    examples = re.findall(r"### Worked example: .*?```toml\n(.*?)```", docs, re.S)
+    assert len(examples) == 3  # Teams, email, PagerDuty
+    env = {
+        "TEAMS_WORKFLOW_URL": TEAMS_WORKFLOW,
+        "FINANCE_EMAIL_URL": "mailtos://watcher:app-passw0rd@smtp.example.com:587?from=w@example.com&to=f@example.com",
+        "PAGERDUTY_URL": "pagerduty://R0utingKey0123456789abcdefABCDEF@u+Ap1KeyAbCdEf/metronome-watcher/customers",
+    }
+    config = parse_config(tomllib.loads("".join(examples)), env=env)
+    assert config.targets == ("cs-teams.workflow", "finance.mail", "oncall.pagerduty")
+    for target in config.targets:
+        assert f"`{target}`" in docs
+
+    example = (Path(__file__).resolve().parents[2] / "config" / "watcher.example.toml").read_text()
+    commented = example[example.index('# [[sinks]]\n# type = "apprise"') :]
+    sink = tomllib.loads("\n".join(line.removeprefix("# ") for line in commented.splitlines()))
+    assert parse_config(sink, env=env).targets == ("ops.workflow", "ops.mailtos", "ops.pagerduty")
 
 
 def test_a_target_name_that_clashes_with_another_sink_is_refused() -> None:
