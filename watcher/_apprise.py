@@ -45,7 +45,7 @@ MISSING = (
 )
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-#: What separates the parts of a URL (the same in Apprise's rendering of it).
+#: What separates the parts of a URL's path and query.
 _PARTS = re.compile(r"[/:@?&=#,;]+")
 
 
@@ -163,7 +163,8 @@ def _collected() -> Iterator[list[str]]:
 def _reason(lines: list[str]) -> str:
     # One line: Apprise's lines joined, each stripped of the line breaks some services put in them.
     said = "; ".join(" ".join(line.split()) for line in dict.fromkeys(lines) if line.strip())
-    return redact(said[:800]) if said else "Apprise gave no reason (its warnings may be switched off)"
+    # Redacted before it is cut: a cut through a secret would leave part of it unrecognised.
+    return redact(said)[:800] if said else "Apprise gave no reason (its warnings may be switched off)"
 
 
 # -- one URL as a service ---------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class Service:
     """One Apprise URL, read and ready to send to. Holds no URL in its repr."""
 
     scheme: str
-    #: Apprise's name for the service ("Microsoft Teams", "E-Mail", "Pager Duty").
+    #: Apprise's name for the service ("E-Mail", "Pager Duty", "Discord").
     name: str
     #: What the service takes: Markdown; HTML, which Apprise makes from the Markdown we send; or
     #: plain text only (then we send plain text, not Markdown that would show as stray asterisks).
