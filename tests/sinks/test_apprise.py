@@ -35,7 +35,7 @@ from watcher.poll import Poller
 from watcher.routing import routes_from_config
 from watcher.simulator import SimulatedMetronome
 from watcher.sinks import Outcome, build_sinks
-from watcher.sinks.apprise import AppriseSink, Shape, build_event_message
+from watcher.sinks.apprise import AppriseSink, Shape, build_digest, build_event_message
 from watcher.sinks.slack import build_digest as slack_digest
 from watcher.store import Store
 
@@ -212,6 +212,12 @@ def test_a_message_is_cut_to_what_the_service_takes_and_keeps_its_event_id() -> 
     message = build_event_message(ev, shape=teams, app_url=APP)
     assert len(message.body) <= 1000 and message.body.endswith(f"event `{ev['id']}`")
     assert "- _…and " in message.body
+
+    digest = build_digest(mixed_round(40), shape=shape, app_url=APP)  # fewer than 20 lines fit
+    assert len(digest.title) + 2 + len(digest.body) <= 1024
+    listed = digest.body.count("\n- Acme & Co ")
+    assert 0 < listed < 20 and f"First {listed}:" in digest.body  # the heading counts what is there
+    assert f"…and {40 - listed} more. List them all with metronome-watcher events" in digest.body
 
 
 # -- digests ---------------------------------------------------------------------------------------

@@ -130,11 +130,11 @@ class _Writer:
     def change(self, c: Mapping[str, Any]) -> str:
         return change_line(c, value=self.value, field=self.code)
 
-    def customer(self, event: Mapping[str, Any], app_url: str, *, link: bool = True) -> str:
+    def customer(self, event: Mapping[str, Any], app_url: str) -> str:
         """The customer's name, linked to its page in the Metronome app where the markup links."""
         name = self.esc(clip(who(event), MAX_VALUE))
         cid = event.get("customer_id")
-        if self.plain or not cid or not link:
+        if self.plain or not cid:
             return name
         return f"[{name}]({_customer_url(app_url, str(cid))})"
 
@@ -159,13 +159,14 @@ def _fit(
     tail: Sequence[str],
     shape: Shape,
     *,
-    heading: str | None = None,
+    heading: str | Callable[[int, int], str] | None = None,
     more: Callable[[int], str] | None = None,
     hidden: int = 0,
 ) -> tuple[str, str]:
     """The title cut to the service's limit, and the body, paragraphs apart: ``head``; then
     ``heading`` over as many ``items`` as fit, with a line ``more(n)`` for the ``n`` left out
-    (``hidden`` of them already were); then ``tail``."""
+    (``hidden`` of them already were); then ``tail``. A callable ``heading`` is given how many
+    items are shown and how many are left out."""
     more = more or w.more
     # A title the service has no room for goes at the top of the body: it stays short there.
     title = clip(title, shape.title_limit or MAX_VALUE)
@@ -176,8 +177,9 @@ def _fit(
     def body(n: int) -> str:
         left = len(items) - n + hidden
         shown = "\n".join([*items[:n], *([more(left)] if left else [])])
-        if heading and shown:  # a Markdown list must stand apart from the line above it
-            shown = heading + ("\n" if w.plain else "\n\n") + shown
+        over = heading(n, left) if callable(heading) else heading
+        if over and shown:  # a Markdown list must stand apart from the line above it
+            shown = over + ("\n" if w.plain else "\n\n") + shown
         return "\n\n".join(p for p in [*head, shown, *tail] if p)
 
     n = len(items)
@@ -235,8 +237,10 @@ def _notice(event: Mapping[str, Any], w: _Writer, title: str, severity: str, sha
     """``watcher.poll_failing`` / ``watcher.poll_recovered``: the watcher talking about itself."""
     raw = event.get("detail")
     detail: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
-    items = [f"- {w.bold(w.esc(clip(label, 60)) + ':')} {w.esc(clip(shown, 500))}" for label, shown in
-             notice_details(detail)]  # fmt: skip
+    items = [
+        f"- {w.bold(w.esc(clip(label, 60)) + ':')} {w.esc(clip(shown, 500))}"
+        for label, shown in notice_details(detail)
+    ]
     title, body = _fit(w, title, [], items, [_footer(w, event)], shape)
     return Message(title, body, severity, not w.plain)
 
@@ -266,7 +270,10 @@ def build_digest(
     w = _Writer(shape.markup)
     plan = plan_digest(events, items=items)
     by_type = "\n".join(f"- {n} {w.esc(kind(t).word)}" for t, n in plan.counts)
-    heading = w.heading(f"First {len(plan.first)}" if plan.more else "Events")
+
+    def heading(shown: int, left: int) -> str:
+        return w.heading(f"First {shown}" if left else "Events")
+
     lines = [_digest_line(w, e, app_url) for e in plan.first]
     tail = [f"Sequences #{plan.sequences[0]} to #{plan.sequences[1]}."] if plan.sequences else []
 
