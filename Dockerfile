@@ -15,10 +15,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     WATCHER_CONFIG=/config/watcher.toml
 
-# The wheel is bind-mounted from the builder, so it never becomes a layer of this image.
+# The wheel is bind-mounted from the builder, so it never becomes a layer of this image. With the
+# apprise extra, so that the image speaks to every channel the apprise sink opens.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
-    && pip install --no-cache-dir /wheels/*.whl \
+    && wheel="$(ls /wheels/*.whl)" \
+    && pip install --no-cache-dir "${wheel}[apprise]" \
     && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin watcher \
     && mkdir -p /data /config \

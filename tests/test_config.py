@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,73 @@ def test_secrets_are_not_in_the_parsed_config_repr() -> None:
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
+
+
+# -- the apprise extra -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def python_without_apprise(tmp_path: Path) -> Path:
+    """A real interpreter whose import path holds every package this one has except Apprise.
+
+    A venv without pip, whose one ``.pth`` file names a folder of links to this interpreter's
+    packages (Apprise's left out) and the source tree: as if ``pip install metronome-watcher`` had
+    run without the extra. Nothing is patched; ``import apprise`` fails there for real.
+    """
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    for entry in purelib.iterdir():
+        if not entry.name.lower().startswith("apprise"):
+            (packages / entry.name).symlink_to(entry)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(site, "_watcher_without_apprise.pth").write_text(f"{packages}\n{REPO}\n")
+    return python
+
+
+@pytest.mark.slow
+def test_an_apprise_sink_without_apprise_installed_is_refused_at_start_up_saying_what_to_install(
+    python_without_apprise: Path, tmp_path: Path
+) -> None:
+    def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [python_without_apprise, "-m", "watcher", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "METRONOME_BEARER_TOKEN": "mtr_test_token",
+                "TEAMS_URL": "json://h/x",
+            },
+        )
+
+    missing = subprocess.run([python_without_apprise, "-c", "import apprise"], capture_output=True, text=True)
+    assert "No module named 'apprise'" in missing.stderr  # the premise: no Apprise there
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f"[store]\npath = '{tmp_path / 'w.db'}'\n[[sinks]]\ntype = 'log'\nname = 'audit'\n")
+    assert run(plain, "check-config").returncode == 0  # everything else works without it
+
+    config = tmp_path / "apprise.toml"
+    config.write_text(
+        f"[store]\npath = '{tmp_path / 'w.db'}'\n"
+        "[[sinks]]\ntype = 'log'\nname = 'audit'\n"
+        "[[sinks]]\ntype = 'apprise'\nname = 'ops'\nurls = ['${TEAMS_URL}']\n"
+    )
+    for command in ("check-config", "run", "poll"):
+        proc = run(config, command)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr == (
+            f"metronome-watcher: config error: {config}: sinks[1]: the apprise sink needs the Apprise "
+            "library, which is not installed: pip install 'metronome-watcher[apprise]'\n"
+        )
+        assert not (tmp_path / "w.db").exists()  # refused before anything started

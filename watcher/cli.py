@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("table", "json"), default="table")
 
     s = sub.add_parser("replay", parents=[common], help="re-queue dead or chosen events for a sink")
-    s.add_argument("--sink", required=True, help="the sink's name")
+    s.add_argument(
+        "--sink", required=True, help="the sink's name, or one delivery target's (an apprise sink's URL)"
+    )
     s.add_argument("--id", action="append", default=[], metavar="EVENT_ID", help="an event id (repeatable)")
     s.add_argument("--from-sequence", type=int, metavar="N")
     s.add_argument("--to-sequence", type=int, metavar="N")
@@ -161,7 +163,13 @@ def _open_store(config: Config) -> Store:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    names = ", ".join(f"{s.name} ({s.type})" for s in config.sinks) or "none"
+    names = (
+        ", ".join(
+            f"{s.name} ({s.type}" + (f": {', '.join(s.targets)})" if s.targets != (s.name,) else ")")
+            for s in config.sinks
+        )
+        or "none"
+    )
     sched = config.schedule
     when = f"cron {sched.cron!r}" if sched.cron else f"every {sched.interval.total_seconds():g}s"
     print(f"config OK: polls {config.metronome.base_url} {when}; store {config.store.path}; sinks: {names}")
@@ -308,7 +316,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     store = _open_store(config)
     try:
-        statuses = store.delivery_status(utcnow(), sinks=[s.name for s in config.sinks])
+        statuses = store.delivery_status(utcnow(), sinks=config.targets)
     finally:
         store.close()
     if args.format == "json":
@@ -338,23 +346,26 @@ def _deliveries_table(statuses: Sequence[SinkStatus], *, error_width: int | None
 
 def cmd_replay(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if args.sink not in {s.name for s in config.sinks}:
+    # A sink with several delivery targets (an apprise sink's URLs) stands for all of them.
+    targets = config.targets_of(args.sink)
+    if not targets:
         raise ConfigError(f"--sink: no sink named {args.sink!r} in the config")
     now = utcnow()
+    selection = ReplaySelection(
+        event_ids=args.id,
+        sequence_from=args.from_sequence,
+        sequence_to=args.to_sequence,
+        since=_when(args.since, now=now, key="since"),
+        until=_when(args.until, now=now, key="until"),
+        dead_only=args.dead,
+    )
     store = _open_store(config)
     try:
-        selection = ReplaySelection(
-            event_ids=args.id,
-            sequence_from=args.from_sequence,
-            sequence_to=args.to_sequence,
-            since=_when(args.since, now=now, key="since"),
-            until=_when(args.until, now=now, key="until"),
-            dead_only=args.dead,
-        )
-        n = replay(store, args.sink, now=now, selection=selection)
+        counts = {target: replay(store, target, now=now, selection=selection) for target in targets}
     finally:
         store.close()
-    print(f"re-queued {n} event(s) for {args.sink}; they go out on the next delivery")
+    for target, n in counts.items():
+        print(f"re-queued {n} event(s) for {target}; they go out on the next delivery")
     return 0
 
 
@@ -362,10 +373,13 @@ def cmd_enable_sink(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     store = _open_store(config)
     try:
-        changed = enable_sink(store, args.sink)
+        changed = {
+            target: enable_sink(store, target) for target in config.targets_of(args.sink) or [args.sink]
+        }
     finally:
         store.close()
-    print(f"{args.sink}: {'enabled' if changed else 'was not disabled'}")
+    for target, done in changed.items():
+        print(f"{target}: {'enabled' if done else 'was not disabled'}")
     return 0
 
 
@@ -390,7 +404,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         last_ok = store.last_successful_poll()
         streak = failure_streak(store)
         counts = store.customer_counts()
-        deliveries = store.delivery_status(now, sinks=[s.name for s in config.sinks])
+        deliveries = store.delivery_status(now, sinks=config.targets)
     finally:
         store.close()
     out = sys.stdout

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -31,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import _apprise
 from ._time import utcnow
 from .errors import ConfigError
 from .events import EventType
@@ -41,6 +43,7 @@ __all__ = [
     "DEFAULT_APP_URL",
     "SINK_TYPES",
     "TOKEN_ENV",
+    "AppriseSinkConfig",
     "Config",
     "DeliveryConfig",
     "DiffConfig",
@@ -187,6 +190,13 @@ class _SinkBase(_Model):
     #: notices are not affected.
     fields: tuple[str, ...] | None = None
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The delivery targets this sink is: each has its own outbox rows, back-off and state, and is
+        what ``deliveries``, ``replay --sink`` and ``enable-sink`` name. One, named like the sink,
+        except for ``apprise``: one per URL."""
+        return (self.name,)
+
     @field_validator("events")
     @classmethod
     def _known_events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -247,7 +257,75 @@ class HttpSinkConfig(_SinkBase):
         return v
 
 
-SinkConfig = Annotated[LogSinkConfig | SlackSinkConfig | HttpSinkConfig, Field(discriminator="type")]
+def _apprise_url(v: SecretStr) -> SecretStr:
+    """Apprise must be able to read the URL; the error names its scheme, never the URL."""
+    url = v.get_secret_value()
+    if _apprise.scheme_of(url) is None:
+        raise ValueError("not an Apprise URL (expected scheme://..., e.g. msteams://, mailto://)")
+    _apprise.open_service(url)  # registers its secrets first; ValueError says what is wrong
+    return v
+
+
+AppriseUrl = Annotated[SecretStr, AfterValidator(_apprise_url)]
+_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class AppriseSinkConfig(_SinkBase):
+    """Every channel Apprise speaks to (Teams, email, PagerDuty, ...), one URL each.
+
+    Each URL is a delivery target of its own, ``{name}.{label}``, with its own outbox rows,
+    back-off and state: one URL that fails holds back and re-sends to no other. ``urls`` is a list
+    (each label is the URL's scheme, ``-2``, ``-3`` ... for a scheme used again) or a table of
+    ``label = URL`` when the operator wants the names to stay put whatever the URLs become. A
+    service's own ``https://`` URL that Apprise reads (a Teams workflow's) is labelled with the
+    service's scheme (``workflow``), not ``https``.
+    """
+
+    type: Literal["apprise"]
+    urls: dict[str, AppriseUrl]
+    #: Above this many events in one delivery round, send a digest instead of one message each.
+    digest_threshold: int = Field(default=5, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_apprise(cls, data: Any) -> Any:
+        if not _apprise.installed():
+            raise ValueError(_apprise.MISSING)
+        return data
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _labelled(cls, v: Any) -> Any:
+        if not isinstance(v, Mapping | list | tuple):
+            raise ValueError("must be a list of Apprise URLs, or a table of label = URL")
+        if not v:
+            raise ValueError("needs at least one Apprise URL")
+        if isinstance(v, Mapping):
+            for label in v:
+                if not _LABEL.match(str(label)):
+                    raise ValueError(f".{label}: a label is 1 to 32 letters, digits, '-' or '_'")
+            return v
+        labelled: dict[str, Any] = {}
+        for i, url in enumerate(v):
+            scheme = _apprise.service_scheme(url) if isinstance(url, str) else None
+            if scheme is None:
+                raise ValueError(f"[{i}]: not an Apprise URL (expected scheme://..., e.g. msteams://)")
+            base = re.sub(r"[^a-z0-9_-]", "-", scheme)
+            label, n = base, 1
+            while label in labelled:
+                n += 1
+                label = f"{base}-{n}"
+            labelled[label] = url
+        return labelled
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}.{label}" for label in self.urls)
+
+
+SinkConfig = Annotated[
+    LogSinkConfig | SlackSinkConfig | HttpSinkConfig | AppriseSinkConfig, Field(discriminator="type")
+]
 #: Every sink ``type`` a config may name, in the order the messages list them.
 SINK_TYPES: tuple[str, ...] = tuple(
     get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(SinkConfig)[0])
@@ -274,6 +352,18 @@ class Config(_Model):
         )
         return period * self.health.ready_intervals
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every delivery target, in the config's order (see ``_SinkBase.targets``)."""
+        return tuple(t for sink in self.sinks for t in sink.targets)
+
+    def targets_of(self, name: str) -> tuple[str, ...]:
+        """The targets ``name`` stands for: itself when it is one, else every target of the sink of
+        that name (an ``apprise`` sink's URLs), else none."""
+        if name in self.targets:
+            return (name,)
+        return next((s.targets for s in self.sinks if s.name == name), ())
+
     @model_validator(mode="after")
     def _unique_sink_names(self) -> Config:
         seen: set[str] = set()
@@ -281,6 +371,15 @@ class Config(_Model):
             if sink.name in seen:
                 raise ValueError(f"sinks[{i}].name: duplicate sink name {sink.name!r}")
             seen.add(sink.name)
+        taken: dict[str, str] = {}
+        for i, sink in enumerate(self.sinks):
+            for name in {sink.name, *sink.targets}:
+                if taken.setdefault(name, sink.name) != sink.name:
+                    key = "name" if name == sink.name else "urls"
+                    raise ValueError(
+                        f"sinks[{i}].{key}: {name!r} is already sink {taken[name]!r} or one of its "
+                        "delivery targets"
+                    )
         return self
 
 
@@ -343,6 +442,8 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
         desc = _describe(err)
         if not loc:  # model-level checks put the key's path in their own message
             raise ConfigError(desc) from None
+        if desc.startswith(("[", ".")):  # a check that names the item under its key: urls[2]
+            raise ConfigError(f"{loc}{desc}") from None
         raise ConfigError(f"{loc}: {desc}") from None
 
 

@@ -46,6 +46,9 @@ class Router:
 
 
 def routes_from_config(config: Config) -> tuple[Route, ...]:
+    """One route per delivery target: every URL of an ``apprise`` sink gets its own outbox rows."""
     return tuple(
-        Route(s.name, tuple(s.events), None if s.fields is None else tuple(s.fields)) for s in config.sinks
+        Route(target, tuple(s.events), None if s.fields is None else tuple(s.fields))
+        for s in config.sinks
+        for target in s.targets
     )
