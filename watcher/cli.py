@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The config, with logging set up as it says (to stderr: stdout is the command's output)."""
     config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
     return config
@@ -248,7 +249,7 @@ def _short(value: Any) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _config(args)
     now = utcnow()
     since = _when(args.since, now=now, key="since")
     until = _when(args.until, now=now, key="until")
@@ -313,7 +314,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _config(args)
     store = _open_store(config)
     try:
         statuses = store.delivery_status(utcnow(), sinks=config.targets)
@@ -345,7 +346,7 @@ def _deliveries_table(statuses: Sequence[SinkStatus], *, error_width: int | None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _config(args)
     # A sink with several delivery targets (an apprise sink's URLs) stands for all of them.
     targets = config.targets_of(args.sink)
     if not targets:
@@ -370,7 +371,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_enable_sink(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _config(args)
     store = _open_store(config)
     try:
         changed = {
@@ -396,7 +397,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 return f"{seconds / size:.1f}{unit} ago"
         return f"{seconds:.0f}s ago"
 
-    config = load_config(args.config)
+    config = _config(args)
     store = _open_store(config)
     now = utcnow()
     try:

@@ -423,10 +423,13 @@ def replay(conn: Connection, sink: str, selection: ReplaySelection, *, now: str)
 
 
 def enable_sink(conn: Connection, sink: str) -> bool:
-    """Switch a disabled sink back on; False when it was not disabled."""
-    result = conn.execute(
+    """Switch a sink back on and end its back-off; False when it was not disabled."""
+    was_disabled = bool(
+        conn.execute(select(col(SinkState.disabled)).where(col(SinkState.name) == sink)).scalar()
+    )
+    conn.execute(
         update(SinkState)
         .where(col(SinkState.name) == sink)
         .values(disabled=False, disabled_reason=None, consecutive_failures=0, next_attempt_at=None)
     )
-    return bool(result.rowcount)
+    return was_disabled
