@@ -2,8 +2,8 @@
 
 * **One message per event** while a delivery round is small: a header with an emoji and what
   happened, *who* (the customer's name linked to ``{app_url}/customers/{id}``, its id), each field
-  change as ``field: before -> after``, and a context line with the event type, sequence and event
-  id (what ``replay --id`` takes).
+  change as ``field: before -> after`` (a changed list as the items added and removed), and a
+  context line with the event type, sequence and event id (what ``replay --id`` takes).
 * **A digest** when a round is bigger (a bulk edit, a backlog after an outage): counts by type, the
   first few items, "and N more" with the command that lists them all.
 * Slack's limits are enforced where the message is built, not hoped for: at most 50 blocks per
@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ...config import DEFAULT_APP_URL
-from ...events import EventType, customer_name, customer_record, plain_value
+from ...events import EventType, change_line, customer_name, customer_record, plain_value
 
 __all__ = [
     "DIGEST_ITEMS",
@@ -89,15 +89,17 @@ def _code(text: str) -> str:
 
 
 def _change_line(change: Mapping[str, Any]) -> str:
-    field = _code(str(change.get("field", "?")))
-    return f"{field}: {_value(change.get('before'))} {_ARROW} {_value(change.get('after'))}"
+    """``field: before -> after`` in mrkdwn; a changed list as the items added and removed."""
+    return change_line(change, value=_value, field=_code, arrow=_ARROW)
 
 
-def _changeplain_value(change: Mapping[str, Any]) -> str:
+def _plain_change_line(change: Mapping[str, Any]) -> str:
+    """The same in plain text, for the notification's fallback text."""
+
     def short(v: Any) -> str:
         return "none" if v is None else _clip(plain_value(v), 60)
 
-    return f"{change.get('field', '?')}: {short(change.get('before'))} -> {short(change.get('after'))}"
+    return change_line(change, value=short)
 
 
 def _name(event: Mapping[str, Any]) -> str:
@@ -195,7 +197,7 @@ def build_event_message(event: Mapping[str, Any], *, app_url: str = DEFAULT_APP_
     blocks.append(context)
     text = f"{title}: {name} ({cid})"
     if changes:
-        text += ": " + "; ".join(_changeplain_value(c) for c in changes[:3])
+        text += ": " + "; ".join(_plain_change_line(c) for c in changes[:3])
         if len(changes) > 3:
             text += f" (+{len(changes) - 3} more)"
     return _split(blocks, _esc(_clip(text, 500)))
