@@ -93,9 +93,12 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
     config = write_config(tmp_path, fake)
     a = fake.create_customer("Alpha")["id"]
     b = fake.create_customer("Beta")["id"]
+    long_alias = "billing-department-of-a-very-long-company-name@example.com"
+    c = fake.create_customer("Gamma", ingest_aliases=[long_alias, "old@gamma.example.com"])["id"]
     assert cli(config, "poll").returncode == 0
     fake.set_name(a, "Alpha Two")
     fake.archive(b)
+    fake.set_ingest_aliases(c, [long_alias, "new@gamma.example.com"])
     assert cli(config, "poll").returncode == 0
 
     by_customer = jsonl(cli(config, "events", "--customer", a, "--format", "jsonl").stdout)
@@ -103,7 +106,7 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
     by_type = jsonl(cli(config, "events", "--type", "customer.archived", "--format", "jsonl").stdout)
     assert [e["customer_id"] for e in by_type] == [b]
     assert jsonl(cli(config, "events", "--since", "2999-01-01T00:00:00Z", "--format", "jsonl").stdout) == []
-    assert len(jsonl(cli(config, "events", "--since", "1h", "--format", "jsonl").stdout)) == 2
+    assert len(jsonl(cli(config, "events", "--since", "1h", "--format", "jsonl").stdout)) == 3
     assert jsonl(cli(config, "events", "--until", "1h", "--format", "jsonl").stdout) == []
 
     # Events of one cycle come in no promised order; across cycles, in sequence order.
@@ -111,15 +114,21 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
         r["type"]: r for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
     }
     assert set(rows) == {"customer.updated", "customer.archived"}
-    assert json.loads(rows["customer.updated"]["changes"]) == [
+    rows = {
+        r["customer_id"]: r for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
+    }
+    assert json.loads(rows[a]["changes"]) == [
         {"field": "name", "before": "Alpha", "after": "Alpha Two"}
     ]
-    assert rows["customer.archived"]["customer_id"] == b and rows["customer.archived"]["name"] == "Beta"
+    assert rows[b]["type"] == "customer.archived" and rows[b]["name"] == "Beta"
 
     table = cli(config, "events").stdout.splitlines()
     assert table[0].split() == ["sequence", "detected_at", "type", "customer_id", "name", "changes"]
-    updated = next(line for line in table if "customer.updated" in line)
-    assert "name: Alpha -> Alpha Two" in updated and a in updated
+    updated = next(line for line in table if "customer.updated" in line and a in line)
+    assert "name: Alpha -> Alpha Two" in updated
+    # A changed list: what was added and removed, not two lists cut off at 40 characters.
+    aliases = next(line for line in table if c in line)
+    assert aliases.endswith("ingest_aliases: added new@gamma.example.com; removed old@gamma.example.com")
 
     bad = cli(config, "events", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "--since" in bad.stderr
