@@ -115,11 +115,10 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
     }
     assert set(rows) == {"customer.updated", "customer.archived"}
     rows = {
-        r["customer_id"]: r for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
+        r["customer_id"]: r
+        for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
     }
-    assert json.loads(rows[a]["changes"]) == [
-        {"field": "name", "before": "Alpha", "after": "Alpha Two"}
-    ]
+    assert json.loads(rows[a]["changes"]) == [{"field": "name", "before": "Alpha", "after": "Alpha Two"}]
     assert rows[b]["type"] == "customer.archived" and rows[b]["name"] == "Beta"
 
     table = cli(config, "events").stdout.splitlines()
@@ -230,6 +229,54 @@ def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
     assert any("customer." in line for line in event_lines)
     assert "demo stopped:" in out
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_serves_the_web_view_on_a_local_port_and_prints_its_address(tmp_path: Path) -> None:
+    import re
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            "demo",
+            "--for",
+            "30",
+            "--customers",
+            "50",
+            "--web-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "METRONOME_BEARER_TOKEN": ""},
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        match = re.search(
+            r"web view: (http://127\.0\.0\.1:(\d+))/ +\(user name: anything, password: (\S+)\)",
+            "".join(lines),
+        )
+        assert match, lines
+        url, printed_port, token = match.groups()
+        assert int(printed_port) == port
+        assert f"Authorization: Bearer {token}" in lines[2]
+        assert httpx.get(url + "/").status_code == 401
+        page = httpx.get(url + "/", auth=("me", token))
+        assert page.status_code == 200 and "Recent changes" in page.text
+        assert httpx.get(url + "/api/events", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def test_a_process_killed_mid_cycle_loses_nothing_and_invents_nothing(

@@ -351,9 +351,11 @@ def test_the_web_view_is_served_on_the_health_port_and_sigterm_still_exits_in_ti
         with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", auth=("ops", WEB_TOKEN)) as browser:
             assert browser.get("/", auth=None).status_code == 401
             page = wait_until(
-                lambda: (r := browser.get("/?type=customer.archived")).status_code == 200
-                and f"/customers/{ids[0]}" in r.text
-                and r,
+                lambda: (
+                    (r := browser.get("/?type=customer.archived")).status_code == 200
+                    and f"/customers/{ids[0]}" in r.text
+                    and r
+                ),
                 "the archive to show on the web view",
                 context=daemon.tail,
             )

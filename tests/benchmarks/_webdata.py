@@ -134,6 +134,7 @@ def build(path: Path, *, events: int, customers: int, seed: int = 7) -> dict[str
                 if roll > 0.995:
                     status[cid], changed[cid] = "deleted", now
                     writer.add(EventType.CUSTOMER_DELETED, cid, previous, previous, [])
+                    written += 1
                     continue
                 record["updated_at"] = now
                 etype, changes = _change(rng, record, now)

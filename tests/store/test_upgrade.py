@@ -21,7 +21,9 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "upgrade_v3"
 
 def indexes(db: Path) -> dict[str, str]:
     with sqlite3.connect(db) as con:
-        return dict(con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+        return dict(
+            con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+        )
 
 
 def test_a_version_3_database_migrates_to_this_release_and_loses_nothing(tmp_path: Path) -> None:
@@ -40,6 +42,8 @@ def test_a_version_3_database_migrates_to_this_release_and_loses_nothing(tmp_pat
         # The audit log reads back exactly as `events --format jsonl` printed it under version 3.
         printed = (FIXTURE / "events.jsonl").read_text().splitlines()
         assert [orjson.dumps(e).decode() for e in store.query_events()] == printed
+        # ... and as stored, byte for byte: the change feed sends the stored text as it is.
+        assert store.event_page(after=0, limit=100, parse=False).payloads[::-1] == printed
         # The sink that could not deliver still has its three events pending, in order.
         pending = (FIXTURE / "pending_crm.txt").read_text().split()
         (crm,) = store.delivery_status(datetime(2026, 12, 2, tzinfo=UTC), sinks=["crm"])

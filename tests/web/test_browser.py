@@ -73,7 +73,9 @@ class Demo:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         line = self.wait_for(lambda: next((x for x in self.lines if x.startswith("web view: ")), None))
-        match = re.match(r"web view: (http://127\.0\.0\.1:\d+)/  \(user name: anything, password: (\S+)\)", line)
+        match = re.match(
+            r"web view: (http://127\.0\.0\.1:\d+)/  \(user name: anything, password: (\S+)\)", line
+        )
         assert match, line
         self.url, self.token = match.groups()
 

@@ -15,7 +15,19 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Select, and_, func, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    and_,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlmodel import col
 
 from .._time import parse_ts
@@ -217,6 +229,10 @@ def query_events(
 #: Above this many customers matched by a text, a page of their events is found by walking the log
 #: from the newest event (they are common); below it, by each customer's own index entries.
 MANY_CUSTOMERS = 50
+#: A text whose first ``MANY_CUSTOMERS`` matches are among the first this many customers matches one
+#: in 400 or more: walking the log checking each event's customer then beats reading every customer
+#: (measured in docs/performance.md).
+_COMMON_MATCH = 20_000
 
 
 def _like_pattern(text: str) -> str:
@@ -247,25 +263,41 @@ def _customer_match(text: str) -> Any:
 def match_customers(conn: Connection, text: str, *, limit: int = MANY_CUSTOMERS + 1) -> list[str]:
     """Ids of up to ``limit`` customers the text names: the one whose id it is, else those whose id,
     name or external id contains it (ASCII letters in either case)."""
+    return _matching(conn, text, limit)[0]
+
+
+def _matching(conn: Connection, text: str, limit: int) -> tuple[list[str], int | None]:
+    """:func:`match_customers`, and about how many customers were read to find ``limit`` of them
+    (None when fewer match: then the whole table was read)."""
     text = text.strip()
     if not text:
-        return []
+        return [], None
     exact = conn.execute(select(col(CustomerState.id)).where(col(CustomerState.id) == text)).scalar()
     if exact is not None:
-        return [exact]
-    q = select(col(CustomerState.id)).where(_customer_match(text)).limit(limit)
-    return [cid for (cid,) in conn.execute(q)]
+        return [exact], None
+    rowid: Any = literal_column("customers.rowid")
+    q = select(col(CustomerState.id), rowid).where(_customer_match(text)).order_by(rowid).limit(limit)
+    rows = conn.execute(q).all()
+    return [r[0] for r in rows], int(rows[-1][1]) if len(rows) == limit else None
 
 
 @dataclass(frozen=True)
 class EventPage:
     """A page of the audit log, newest first, and whether there are more on either side of it."""
 
+    #: The v1 events (empty when the page was asked for with ``parse=False``) ...
     events: list[dict[str, Any]]
+    #: ... their sequences, and their payloads as stored: the JSON text ``orjson`` wrote, which
+    #: ``orjson`` reads back and writes again byte for byte (``events --format jsonl`` prints that).
+    sequences: list[int]
+    payloads: list[str]
     #: There are matching events older than the last one here.
     older: bool
     #: There are matching events newer than the first one here.
     newer: bool
+
+
+_EMPTY = EventPage([], [], [], older=False, newer=False)
 
 
 def event_page(
@@ -279,10 +311,12 @@ def event_page(
     before: int | None = None,
     after: int | None = None,
     limit: int = 50,
+    parse: bool = True,
 ) -> EventPage:
     """Up to ``limit`` audit events, newest first: those just below sequence ``before``, or just
     above ``after``, or the newest.
 
+    ``parse=False`` leaves the payloads as stored (the change feed sends them as they are).
     ``customer_ids`` keeps those customers' events (an empty list keeps none); ``customer_text``
     those of every customer :func:`match_customers` would find. With ``since`` or ``until`` the
     events are ordered by ``(detected_at, sequence)``, which is sequence order unless the clock was
@@ -292,13 +326,19 @@ def event_page(
     few customers is one range each, merged here; a text that many customers match walks the log
     from the cursor and keeps their events.
     """
+    walk = False
     if customer_text is not None:
-        if not (ids := match_customers(conn, customer_text)):
-            return EventPage([], False, False)
+        ids, read = _matching(conn, customer_text, MANY_CUSTOMERS + 1)
+        if not ids:
+            return _EMPTY
         if len(ids) <= MANY_CUSTOMERS:
             customer_ids = ids
+        else:
+            # Found within the first few thousand customers: they are common, and a page of their
+            # events is found within the newest few thousand events.
+            walk = read is not None and read <= _COMMON_MATCH
     if customer_ids is not None and not customer_ids:
-        return EventPage([], False, False)
+        return _EMPTY
     seq, when = col(EventRecord.sequence), col(EventRecord.detected_at)
     by_time = since is not None or until is not None
     key: Any = tuple_(when, seq) if by_time else seq
@@ -317,10 +357,18 @@ def event_page(
         if bound is not None:  # None: no event on the cursor's far side, so all are on this one
             conds.append(key > bound if ascending else key < bound)
     if customer_text is not None and customer_ids is None:
-        # Many customers match: an expression keeps SQLite from choosing the customer index, so
-        # that it walks the log in order and stops at a page's worth.
-        matched = select(col(CustomerState.id)).where(_customer_match(customer_text))
-        conds.append(func.coalesce(col(EventRecord.customer_id), "").in_(matched))
+        # Many customers match. The log is walked in order and stops at a page's worth: checking
+        # each event's customer when they are common, else against the set of them all, read once
+        # (an expression keeps SQLite from choosing the customer index and sorting their events).
+        if walk:
+            conds.append(
+                exists()
+                .where(col(CustomerState.id) == col(EventRecord.customer_id))
+                .where(_customer_match(customer_text))
+            )
+        else:
+            matched = select(col(CustomerState.id)).where(_customer_match(customer_text))
+            conds.append(func.coalesce(col(EventRecord.customer_id), "").in_(matched))
 
     def part(*only: Any) -> Select[Any]:
         q: Select[Any] = select(seq, when, col(EventRecord.payload)).where(*conds, *only)  # type: ignore[assignment]
@@ -346,10 +394,10 @@ def event_page(
     rows = rows[:limit]
     if ascending:
         rows.reverse()
-    events = [orjson.loads(r[2]) for r in rows]
-    if ascending:
-        return EventPage(events, older=bool(cursor), newer=more)
-    return EventPage(events, older=more, newer=cursor is not None)
+    payloads = [r[2] for r in rows]
+    events = [orjson.loads(p) for p in payloads] if parse else []
+    older, newer = (bool(cursor), more) if ascending else (more, cursor is not None)
+    return EventPage(events, [r[0] for r in rows], payloads, older=older, newer=newer)
 
 
 def _detected_at_near(conn: Connection, sequence: int, *, ascending: bool) -> str | None:
