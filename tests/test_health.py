@@ -234,3 +234,16 @@ def test_probe_finds_the_port_in_watcher_config(
 
     config.write_text("[health]\n")
     assert main([]) == 2
+
+
+def test_the_probe_loads_no_web_framework() -> None:
+    # The HEALTHCHECK runs every 30 s: it must stay as light as it was.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, watcher.health; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'starlette', 'uvicorn', 'jinja2'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

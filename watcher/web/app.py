@@ -426,10 +426,11 @@ class _Pages:
         )
         # The page is newest first; the feed is in order. The stored payloads go out as they are:
         # they are what `events --format jsonl` prints (see EventPage.payloads), and reading and
-        # writing each one again would cost most of the feed's time.
+        # writing each one again would cost most of the feed's time. No secret is ever in an
+        # event; should one be, it is cut out here as from every page.
         data = ",".join(reversed(page.payloads))
         next_after = page.sequences[0] if page.sequences else after
-        body = f'{{"data":[{data}],"next_after_sequence":{next_after}}}'.encode()
+        body = redact(f'{{"data":[{data}],"next_after_sequence":{next_after}}}').encode()
         return Response(body, 200, media_type="application/json")
 
 
