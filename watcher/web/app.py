@@ -199,15 +199,29 @@ def _int(
 class _Filters:
     """The list's filters as the form sent them (to fill the form again and build links)."""
 
-    type: str
+    types: tuple[str, ...]
     customer: str
     since: str
     until: str
 
+    @property
+    def type(self) -> str:
+        """What the form's one type menu shows (several types come only from a URL)."""
+        return self.types[0] if len(self.types) == 1 else ""
+
+    @property
+    def any(self) -> bool:
+        return bool(self.types or self.customer or self.since or self.until)
+
     def query(self, **cursor: int) -> str:
-        params = {k: v for k, v in vars(self).items() if v}
-        params.update({k: str(v) for k, v in cursor.items()})
-        return "?" + urlencode(params) if params else "?"
+        params: list[tuple[str, str]] = [("type", t) for t in self.types]
+        params += [
+            (k, v)
+            for k, v in (("customer", self.customer), ("since", self.since), ("until", self.until))
+            if v
+        ]
+        params += [(k, str(v)) for k, v in cursor.items()]
+        return "?" + urlencode(params)
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -301,7 +315,7 @@ class _Pages:
     def index(self, request: Request) -> Response:
         q = request.query_params
         filters = _Filters(
-            type=q.get("type", "").strip(),
+            types=tuple(t.strip() for t in q.getlist("type") if t.strip()),
             customer=q.get("customer", "").strip(),
             since=q.get("since", "").strip(),
             until=q.get("until", "").strip(),
@@ -314,7 +328,7 @@ class _Pages:
         try:
             now = self.health.clock()
             page = self.store.event_page(
-                types=_expand_types(q.getlist("type")),
+                types=_expand_types(filters.types),
                 customer_text=filters.customer or None,
                 since=_moment(filters.since, now, "since"),
                 until=_moment(filters.until, now, "until"),
