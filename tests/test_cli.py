@@ -93,9 +93,12 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
     config = write_config(tmp_path, fake)
     a = fake.create_customer("Alpha")["id"]
     b = fake.create_customer("Beta")["id"]
+    long_alias = "billing-department-of-a-very-long-company-name@example.com"
+    c = fake.create_customer("Gamma", ingest_aliases=[long_alias, "old@gamma.example.com"])["id"]
     assert cli(config, "poll").returncode == 0
     fake.set_name(a, "Alpha Two")
     fake.archive(b)
+    fake.set_ingest_aliases(c, [long_alias, "new@gamma.example.com"])
     assert cli(config, "poll").returncode == 0
 
     by_customer = jsonl(cli(config, "events", "--customer", a, "--format", "jsonl").stdout)
@@ -103,7 +106,7 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
     by_type = jsonl(cli(config, "events", "--type", "customer.archived", "--format", "jsonl").stdout)
     assert [e["customer_id"] for e in by_type] == [b]
     assert jsonl(cli(config, "events", "--since", "2999-01-01T00:00:00Z", "--format", "jsonl").stdout) == []
-    assert len(jsonl(cli(config, "events", "--since", "1h", "--format", "jsonl").stdout)) == 2
+    assert len(jsonl(cli(config, "events", "--since", "1h", "--format", "jsonl").stdout)) == 3
     assert jsonl(cli(config, "events", "--until", "1h", "--format", "jsonl").stdout) == []
 
     # Events of one cycle come in no promised order; across cycles, in sequence order.
@@ -111,15 +114,20 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
         r["type"]: r for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
     }
     assert set(rows) == {"customer.updated", "customer.archived"}
-    assert json.loads(rows["customer.updated"]["changes"]) == [
-        {"field": "name", "before": "Alpha", "after": "Alpha Two"}
-    ]
-    assert rows["customer.archived"]["customer_id"] == b and rows["customer.archived"]["name"] == "Beta"
+    rows = {
+        r["customer_id"]: r
+        for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
+    }
+    assert json.loads(rows[a]["changes"]) == [{"field": "name", "before": "Alpha", "after": "Alpha Two"}]
+    assert rows[b]["type"] == "customer.archived" and rows[b]["name"] == "Beta"
 
     table = cli(config, "events").stdout.splitlines()
     assert table[0].split() == ["sequence", "detected_at", "type", "customer_id", "name", "changes"]
-    updated = next(line for line in table if "customer.updated" in line)
-    assert "name: Alpha -> Alpha Two" in updated and a in updated
+    updated = next(line for line in table if "customer.updated" in line and a in line)
+    assert "name: Alpha -> Alpha Two" in updated
+    # A changed list: what was added and removed, not two lists cut off at 40 characters.
+    aliases = next(line for line in table if c in line)
+    assert aliases.endswith("ingest_aliases: added new@gamma.example.com; removed old@gamma.example.com")
 
     bad = cli(config, "events", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "--since" in bad.stderr
@@ -221,6 +229,54 @@ def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
     assert any("customer." in line for line in event_lines)
     assert "demo stopped:" in out
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_serves_the_web_view_on_a_local_port_and_prints_its_address(tmp_path: Path) -> None:
+    import re
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            "demo",
+            "--for",
+            "30",
+            "--customers",
+            "50",
+            "--web-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "METRONOME_BEARER_TOKEN": ""},
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        match = re.search(
+            r"web view: (http://127\.0\.0\.1:(\d+))/ +\(user name: anything, password: (\S+)\)",
+            "".join(lines),
+        )
+        assert match, lines
+        url, printed_port, token = match.groups()
+        assert int(printed_port) == port
+        assert f"Authorization: Bearer {token}" in lines[2]
+        assert httpx.get(url + "/").status_code == 401
+        page = httpx.get(url + "/", auth=("me", token))
+        assert page.status_code == 200 and "Recent changes" in page.text
+        assert httpx.get(url + "/api/events", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def test_a_process_killed_mid_cycle_loses_nothing_and_invents_nothing(

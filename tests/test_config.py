@@ -11,6 +11,7 @@ import pytest
 
 from watcher.cli import main
 from watcher.config import load_config, parse_config, parse_duration
+from watcher.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,19 @@ BAD = {
         "sinks[0].events: 'customer.renamed' matches no event type",
     ),
     "not TOML": ("[schedule\ninterval = 5\n", "not valid TOML"),
+    "web without a token": (
+        "[health]\nport = 8080\n[web]\nenabled = true\n",
+        'web.token: required when web.enabled is true: token = "${WATCHER_WEB_TOKEN}"',
+    ),
+    "web token too short": (
+        "[health]\nport = 8080\n[web]\nenabled = true\ntoken = 'hunter2'\n",
+        "web.token: must be at least 16 characters",
+    ),
+    "web without the health port": (
+        "[web]\nenabled = true\ntoken = '0123456789abcdef0123'\n",
+        "web.enabled: the web view is served on the health port: set health.port",
+    ),
+    "unknown web key": ("[web]\nport = 8081\n", "web.port: unknown key"),
 }
 
 
@@ -122,6 +136,19 @@ def test_every_documented_example_config_is_valid(example: Path) -> None:
     }
     config = load_config(example, env=env)
     assert config.metronome.base_url.startswith("https://")
+
+
+def test_the_web_view_is_off_by_default_and_its_token_never_shows() -> None:
+    assert parse_config({}, env={}).web.enabled is False
+    config = parse_config(
+        {"health": {"port": 8080}, "web": {"enabled": True, "token": "${WATCHER_WEB_TOKEN}"}},
+        env={"WATCHER_WEB_TOKEN": "tok-0123456789abcdef"},
+    )
+    assert config.web.enabled and config.web.page_size == 50
+    assert "tok-0123456789abcdef" not in repr(config)
+    with pytest.raises(ConfigError) as short:
+        parse_config({"health": {"port": 1}, "web": {"enabled": True, "token": "tok-short"}}, env={})
+    assert "tok-short" not in str(short.value)
 
 
 def test_secrets_are_not_in_the_parsed_config_repr() -> None:

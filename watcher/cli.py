@@ -23,7 +23,7 @@ from ._gc import frozen_heap
 from ._logging import configure_logging
 from ._time import format_ts, parse_ts, utcnow
 from .app import build_app
-from .config import Config, load_config, parse_duration, resolve_token
+from .config import Config, load_config, parse_when, resolve_token
 from .daemon import Daemon
 from .delivery import ReplaySelection, enable_sink, replay
 from .demo import run_demo
@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="poll interval")
     s.add_argument("--db", metavar="PATH", help="database file (default: a temporary one)")
     s.add_argument("--seed", type=int, help="random seed for a repeatable demo")
+    s.add_argument(
+        "--web-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve the web view on this local port (default: one the OS chooses; the address is printed)",
+    )
 
     sub.add_parser("check-config", parents=[common], help="validate the config file and exit")
 
@@ -144,13 +151,9 @@ def _when(value: str | None, *, now: datetime, key: str) -> str | None:
     if value is None:
         return None
     try:
-        return format_ts(parse_ts(value))
-    except ValueError:
-        pass
-    try:
-        return format_ts(now - parse_duration(value))
-    except ValueError:
-        raise ConfigError(f"--{key}: {value!r} is neither an RFC 3339 time nor an age such as 24h") from None
+        return format_ts(parse_when(value, now=now))
+    except ValueError as exc:
+        raise ConfigError(f"--{key}: {exc}") from None
 
 
 def _open_store(config: Config) -> Store:
@@ -233,6 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             db=Path(args.db) if args.db else None,
             seed=args.seed,
             stop=stop,
+            web_port=args.web_port,
         )
 
 

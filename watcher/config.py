@@ -28,12 +28,13 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from . import _apprise
-from ._time import utcnow
+from ._time import parse_ts, utcnow
 from .errors import ConfigError
 from .events import EventType
 from .schedule import cron_trigger, poll_period
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_APP_URL",
     "SINK_TYPES",
     "TOKEN_ENV",
+    "WEB_TOKEN_ENV",
     "AppriseSinkConfig",
     "Config",
     "DeliveryConfig",
@@ -56,13 +58,17 @@ __all__ = [
     "SinkConfig",
     "SlackSinkConfig",
     "StoreConfig",
+    "WebConfig",
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_when",
     "resolve_token",
 ]
 
 TOKEN_ENV = "METRONOME_BEARER_TOKEN"
+#: The variable the example config names for ``[web] token``.
+WEB_TOKEN_ENV = "WATCHER_WEB_TOKEN"
 CONFIG_ENV = "WATCHER_CONFIG"
 #: Where links to a customer point (``{app_url}/customers/{id}``) unless ``[metronome] app_url`` says.
 DEFAULT_APP_URL = "https://app.metronome.com"
@@ -84,6 +90,19 @@ def parse_duration(value: object) -> timedelta:
     else:
         raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
     return timedelta(seconds=seconds)
+
+
+def parse_when(value: str, *, now: datetime) -> datetime:
+    """A moment as people write one: RFC 3339 (``2026-11-22T03:04:05Z``, a date alone, or a time
+    without an offset, read as UTC), or an age before ``now`` such as ``24h`` or ``7d``."""
+    try:
+        return parse_ts(value)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither an RFC 3339 time nor an age such as 24h") from None
 
 
 def _positive_duration(value: object) -> timedelta:
@@ -174,6 +193,36 @@ class HealthConfig(_Model):
     ready_intervals: float = Field(default=3.0, gt=0)
     #: Consecutive failed polls before ``watcher.poll_failing`` is sent.
     failing_after: int = Field(default=3, ge=1)
+
+
+#: The shortest ``[web] token`` accepted: it is the only thing between the network and the audit log.
+WEB_TOKEN_MIN_LENGTH = 16
+
+
+class WebConfig(_Model):
+    """The web view (``/``, ``/customers/{id}``, ``/status``) and the change feed (``/api/events``),
+    served on the health port and behind ``token``; off unless ``enabled``."""
+
+    enabled: bool = False
+    #: Browsers send it as the password of HTTP Basic auth, the feed as ``Authorization: Bearer``.
+    token: SecretStr | None = Field(default=None, validate_default=True)
+    #: Events per page of the list and of a customer's history.
+    page_size: int = Field(default=50, ge=10, le=500)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if v is None:
+            if info.data.get("enabled"):
+                raise ValueError(f'required when web.enabled is true: token = "${{{WEB_TOKEN_ENV}}}"')
+            return v
+        if len(v.get_secret_value().strip()) < WEB_TOKEN_MIN_LENGTH:
+            # Never echo the token, not even a short one.
+            raise ValueError(
+                f"must be at least {WEB_TOKEN_MIN_LENGTH} characters "
+                "(e.g. the output of `openssl rand -hex 32`)"
+            )
+        return v
 
 
 class LoggingConfig(_Model):
@@ -339,6 +388,7 @@ class Config(_Model):
     diff: DiffConfig = DiffConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     health: HealthConfig = HealthConfig()
+    web: WebConfig = WebConfig()
     logging: LoggingConfig = LoggingConfig()
     sinks: tuple[SinkConfig, ...] = ()
 
@@ -363,6 +413,12 @@ class Config(_Model):
         if name in self.targets:
             return (name,)
         return next((s.targets for s in self.sinks if s.name == name), ())
+
+    @model_validator(mode="after")
+    def _web_on_the_health_port(self) -> Config:
+        if self.web.enabled and self.health.port is None:
+            raise ValueError("web.enabled: the web view is served on the health port: set health.port")
+        return self
 
     @model_validator(mode="after")
     def _unique_sink_names(self) -> Config:

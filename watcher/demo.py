@@ -2,7 +2,9 @@
 
 The simulated Metronome (the same one the tests use) is seeded with a few hundred customers, and a churn
 generator creates, renames, re-tags and archives them while the real daemon polls on a short
-interval. Events are printed as they are delivered, through an ordinary sink.
+interval. Events are printed as they are delivered, through an ordinary sink, and the web view is
+served on a local port (``web_port``; 0 lets the OS choose) behind a token made up for the run: its
+address and the token are printed first.
 """
 
 from __future__ import annotations
@@ -73,11 +75,13 @@ def run_demo(
     stop: threading.Event | None = None,
     out: IO[str] | None = None,
     churn_every: float = 0.25,
+    web_port: int = 0,
 ) -> int:
     out = out or sys.stdout
     stop = stop or threading.Event()
     rng = random.Random(seed)
     token = secrets.token_urlsafe(24)
+    web_token = secrets.token_urlsafe(18)
     with tempfile.TemporaryDirectory(prefix="watcher-demo-") as tmp, SimulatedMetronome(token=token) as fake:
         fake.seed(customers, rng=rng)
         db_path = db or Path(tmp) / "demo.db"
@@ -86,6 +90,8 @@ def run_demo(
                 "metronome": {"base_url": fake.url, "max_retry_wait": "10s"},
                 "store": {"path": str(db_path)},
                 "schedule": {"interval": interval, "delivery_interval": 1},
+                "health": {"port": web_port, "host": "127.0.0.1"},
+                "web": {"enabled": True, "token": web_token},
             },
             env={},
         )
@@ -103,9 +109,16 @@ def run_demo(
             out.flush()
 
         daemon = Daemon(app, on_poll=on_poll)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        daemon.start()
+        assert daemon.health is not None
+        web = daemon.health.url
         out.write(
             f"metronome-watcher demo: simulated Metronome at {fake.url} with {customers} customers, "
             f"polling every {interval:g}s, database {db_path}\n"
+            f"web view: {web}/  (user name: anything, password: {web_token})\n"
+            f"  change feed: curl -H 'Authorization: Bearer {web_token}' "
+            f"'{web}/api/events?after_sequence=0'\n"
             f"Customers are created, renamed, re-tagged and archived as you watch. "
             f"{f'Stops after {seconds:g}s' if seconds else 'Ctrl-C to stop'}.\n"
         )
@@ -113,8 +126,6 @@ def run_demo(
         churn = threading.Thread(
             target=_churn, args=(fake, rng, stop, churn_every), daemon=True, name="churn"
         )
-        deadline = None if seconds is None else time.monotonic() + seconds
-        daemon.start()
         churn.start()
         try:
             while not stop.wait(0.2):

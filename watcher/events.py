@@ -7,7 +7,8 @@
 - :func:`new_event`: the v1 payload, key for key (DESIGN's event contract).
 - :class:`EventWriter`: numbers a cycle's events, routes each one to the sinks that want it, and
   hands the rows over to be written in the cycle's one transaction (:mod:`watcher.store` writes them).
-- :func:`change_line`: ``field: before -> after``, the one way every channel writes a change.
+- :func:`change_line`: ``field: before -> after``, the one way every channel writes a change; a
+  changed list (``ingest_aliases``) as the items added and removed (:func:`list_change`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "EventRow",
     "EventType",
     "EventWriter",
+    "ListChange",
     "Listing",
     "OutboxEntry",
     "OutcomeKind",
@@ -34,6 +36,7 @@ __all__ = [
     "customer_name",
     "customer_record",
     "is_customer_event",
+    "list_change",
     "new_event",
     "plain_value",
 ]
@@ -234,6 +237,34 @@ def plain_value(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
+class ListChange(NamedTuple):
+    """What changed in a list: the items only in the new one, and those only in the old one."""
+
+    added: tuple[Any, ...]
+    removed: tuple[Any, ...]
+
+
+def list_change(change: Mapping[str, Any]) -> ListChange | None:
+    """The items added and removed when ``before`` and ``after`` are lists (a missing list counts
+    as empty); None for any other change, and for a list that was only reordered."""
+    before, after = change.get("before"), change.get("after")
+    if not (isinstance(before, list) or isinstance(after, list)):
+        return None
+    if not (isinstance(before, list | None) and isinstance(after, list | None)):
+        return None  # a list on one side only: a change of kind, shown as before -> after
+
+    def keyed(items: list[Any] | None) -> dict[bytes, Any]:
+        # Items compared as canonical JSON, so that dicts in a list compare too.
+        return {orjson.dumps(i, option=orjson.OPT_SORT_KEYS): i for i in items or []}
+
+    old, new = keyed(before), keyed(after)
+    delta = ListChange(
+        added=tuple(v for k, v in new.items() if k not in old),
+        removed=tuple(v for k, v in old.items() if k not in new),
+    )
+    return delta if delta.added or delta.removed else None
+
+
 def change_line(
     change: Mapping[str, Any],
     *,
@@ -241,8 +272,15 @@ def change_line(
     field: Callable[[str], str] = str,
     arrow: str = "->",
 ) -> str:
-    """``field: before -> after``; each channel passes how it writes a value, a field and the arrow."""
-    return (
-        f"{field(str(change.get('field', '?')))}: "
-        f"{value(change.get('before'))} {arrow} {value(change.get('after'))}"
-    )
+    """``field: before -> after``, or for a list ``field: added x, y; removed z``; each channel
+    passes how it writes a value (or a list's item), a field and the arrow."""
+    name = field(str(change.get("field", "?")))
+    delta = list_change(change)
+    if delta is not None:
+        parts = [
+            f"{word} {', '.join(value(v) for v in items)}"
+            for word, items in (("added", delta.added), ("removed", delta.removed))
+            if items
+        ]
+        return f"{name}: {'; '.join(parts)}"
+    return f"{name}: {value(change.get('before'))} {arrow} {value(change.get('after'))}"

@@ -115,6 +115,27 @@ def test_a_small_round_is_one_readable_message_per_event(
     assert "`archived_at`: _none_ -&gt; `2026-01-05T08:59:00.000Z`" in sections(second)[1]
 
 
+def test_a_changed_list_says_which_items_were_added_and_removed(
+    slack: Receiver, make_sink: Callable[..., SlackSink]
+) -> None:
+    long = "billing-department-of-a-very-long-company-name@example.com"
+    aliases = customer_event(1, changes=[
+        {"field": "ingest_aliases", "before": [long, "old@acme.example.com"],
+         "after": [long, "new@acme.example.com", "more@acme.example.com"]}])  # fmt: skip
+
+    assert make_sink().deliver([aliases]) == [Outcome.ok()]
+
+    (message,) = slack.bodies()
+    assert (
+        "• `ingest_aliases`: added `new@acme.example.com`, `more@acme.example.com`; "
+        "removed `old@acme.example.com`"
+    ) in sections(message)[1]
+    assert long not in all_text(message)  # unchanged items are not repeated
+    assert message["text"].endswith(
+        "ingest_aliases: added new@acme.example.com, more@acme.example.com; removed old@acme.example.com"
+    )
+
+
 @pytest.mark.parametrize(
     ("etype", "header", "says"),
     [

@@ -6,12 +6,13 @@ every statement run in them, :mod:`~watcher.store.cycle` the poll cycle's own, a
 """
 
 from .database import Store
-from .queries import SinkStatus
+from .queries import EventPage, SinkStatus
 from .schema import SCHEMA_VERSION, CustomerState, EventRecord, OutboxRow, PollRun, SinkState
 
 __all__ = [
     "SCHEMA_VERSION",
     "CustomerState",
+    "EventPage",
     "EventRecord",
     "OutboxRow",
     "PollRun",

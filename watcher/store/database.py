@@ -145,6 +145,11 @@ class Store:
         with self.read() as conn:
             return queries.query_events(conn, **filters)
 
+    def event_page(self, **filters: Any) -> queries.EventPage:
+        """A page of the audit log, newest first (see :func:`queries.event_page`)."""
+        with self.read() as conn:
+            return queries.event_page(conn, **filters)
+
     def delivery_status(self, now: datetime, *, sinks: Sequence[str] = ()) -> list[queries.SinkStatus]:
         """Per sink: pending, delivered and dead counts, oldest pending age and the last error."""
         with self.read() as conn:

@@ -7,13 +7,27 @@ writes SQL. The poll cycle's own statements are in :mod:`watcher.store.cycle`.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    and_,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlmodel import col
 
 from .._time import parse_ts
@@ -21,6 +35,8 @@ from ..events import DeliveryState, EventRow, EventType, OutboxEntry, PollOutcom
 from .schema import CustomerState, EventRecord, Meta, OutboxRow, PollRun, SinkState
 
 __all__ = [
+    "MANY_CUSTOMERS",
+    "EventPage",
     "FailureCounts",
     "ReplaySelection",
     "SinkStatus",
@@ -29,6 +45,7 @@ __all__ = [
     "delivery_status",
     "due_deliveries",
     "enable_sink",
+    "event_page",
     "expire_pending",
     "fail_poll",
     "failure_counts",
@@ -39,6 +56,7 @@ __all__ = [
     "last_sequence",
     "last_successful_poll",
     "mark_attempt",
+    "match_customers",
     "query_events",
     "record_refused_poll",
     "replay",
@@ -209,6 +227,188 @@ def query_events(
     return [orjson.loads(p) for (p,) in conn.execute(q)]
 
 
+#: Above this many customers matched by a text, a page of their events is found by walking the log
+#: from the newest event (they are common); below it, by each customer's own index entries.
+MANY_CUSTOMERS = 50
+#: A text whose first ``MANY_CUSTOMERS`` matches are among the first this many customers matches one
+#: in 400 or more: walking the log checking each event's customer then beats reading every customer
+#: (measured in docs/performance.md).
+_COMMON_MATCH = 20_000
+
+
+def _like_pattern(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _customer_match(text: str) -> Any:
+    """Customers whose id, name or external id contains ``text`` (ASCII letters in either case).
+
+    The JSON text of the record is searched first (``LIKE`` is a fast scan of it); only the records
+    it lets through are parsed to check that the text is in one of the three keys.
+    """
+    record = col(CustomerState.record)
+    # The record is stored as JSON: a quote or backslash in the text is escaped there.
+    encoded = orjson.dumps(text).decode()[1:-1]
+    needle = text.lower()
+    return and_(
+        record.like(_like_pattern(encoded), escape="\\"),
+        or_(
+            func.instr(func.lower(col(CustomerState.id)), needle) > 0,
+            func.instr(func.lower(func.json_extract(record, "$.name")), needle) > 0,
+            func.instr(func.lower(func.json_extract(record, "$.external_id")), needle) > 0,
+        ),
+    )
+
+
+def match_customers(conn: Connection, text: str, *, limit: int = MANY_CUSTOMERS + 1) -> list[str]:
+    """Ids of up to ``limit`` customers the text names: the one whose id it is, else those whose id,
+    name or external id contains it (ASCII letters in either case)."""
+    return _matching(conn, text, limit)[0]
+
+
+def _matching(conn: Connection, text: str, limit: int) -> tuple[list[str], int | None]:
+    """:func:`match_customers`, and about how many customers were read to find ``limit`` of them
+    (None when fewer match: then the whole table was read)."""
+    text = text.strip()
+    if not text:
+        return [], None
+    exact = conn.execute(select(col(CustomerState.id)).where(col(CustomerState.id) == text)).scalar()
+    if exact is not None:
+        return [exact], None
+    rowid: Any = literal_column("customers.rowid")
+    q = select(col(CustomerState.id), rowid).where(_customer_match(text)).order_by(rowid).limit(limit)
+    rows = conn.execute(q).all()
+    return [r[0] for r in rows], int(rows[-1][1]) if len(rows) == limit else None
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """A page of the audit log, newest first, and whether there are more on either side of it."""
+
+    #: The v1 events (empty when the page was asked for with ``parse=False``) ...
+    events: list[dict[str, Any]]
+    #: ... their sequences, and their payloads as stored: the JSON text ``orjson`` wrote, which
+    #: ``orjson`` reads back and writes again byte for byte (``events --format jsonl`` prints that).
+    sequences: list[int]
+    payloads: list[str]
+    #: There are matching events older than the last one here.
+    older: bool
+    #: There are matching events newer than the first one here.
+    newer: bool
+
+
+_EMPTY = EventPage([], [], [], older=False, newer=False)
+
+
+def event_page(
+    conn: Connection,
+    *,
+    types: Sequence[str] = (),
+    customer_ids: Sequence[str] | None = None,
+    customer_text: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    before: int | None = None,
+    after: int | None = None,
+    limit: int = 50,
+    parse: bool = True,
+) -> EventPage:
+    """Up to ``limit`` audit events, newest first: those just below sequence ``before``, or just
+    above ``after``, or the newest.
+
+    ``parse=False`` leaves the payloads as stored (the change feed sends them as they are).
+    ``customer_ids`` keeps those customers' events (an empty list keeps none); ``customer_text``
+    those of every customer :func:`match_customers` would find. With ``since`` or ``until`` the
+    events are ordered by ``(detected_at, sequence)``, which is sequence order unless the clock was
+    set back, so that the ``detected_at`` index finds a page of any time range without sorting it.
+
+    Each part is one index range, read no further than the page: a filter on several types or a
+    few customers is one range each, merged here; a text that many customers match walks the log
+    from the cursor and keeps their events.
+    """
+    walk = False
+    if customer_text is not None:
+        ids, read = _matching(conn, customer_text, MANY_CUSTOMERS + 1)
+        if not ids:
+            return _EMPTY
+        if len(ids) <= MANY_CUSTOMERS:
+            customer_ids = ids
+        else:
+            # Found within the first few thousand customers: they are common, and a page of their
+            # events is found within the newest few thousand events.
+            walk = read is not None and read <= _COMMON_MATCH
+    if customer_ids is not None and not customer_ids:
+        return _EMPTY
+    seq, when = col(EventRecord.sequence), col(EventRecord.detected_at)
+    by_time = since is not None or until is not None
+    key: Any = tuple_(when, seq) if by_time else seq
+    ascending = after is not None
+    cursor = after if ascending else before
+    conds: list[Any] = []
+    if since is not None:
+        conds.append(when >= since)
+    if until is not None:
+        conds.append(when < until)
+    if cursor is not None:
+        bound: Any = cursor
+        if by_time:
+            at = _detected_at_near(conn, cursor, ascending=ascending)
+            bound = tuple_(at, cursor) if at is not None else None
+        if bound is not None:  # None: no event on the cursor's far side, so all are on this one
+            conds.append(key > bound if ascending else key < bound)
+    if customer_text is not None and customer_ids is None:
+        # Many customers match. The log is walked in order and stops at a page's worth: checking
+        # each event's customer when they are common, else against the set of them all, read once
+        # (an expression keeps SQLite from choosing the customer index and sorting their events).
+        if walk:
+            conds.append(
+                exists()
+                .where(col(CustomerState.id) == col(EventRecord.customer_id))
+                .where(_customer_match(customer_text))
+            )
+        else:
+            matched = select(col(CustomerState.id)).where(_customer_match(customer_text))
+            conds.append(func.coalesce(col(EventRecord.customer_id), "").in_(matched))
+
+    def part(*only: Any) -> Select[Any]:
+        q: Select[Any] = select(seq, when, col(EventRecord.payload)).where(*conds, *only)  # type: ignore[assignment]
+        if by_time:
+            q = q.order_by(when, seq) if ascending else q.order_by(when.desc(), seq.desc())
+        else:
+            q = q.order_by(seq) if ascending else q.order_by(seq.desc())
+        return q.limit(limit + 1)
+
+    of_type = col(EventRecord.type)
+    if customer_ids is not None:
+        in_types = [of_type.in_(list(types))] if types else []
+        parts = [part(col(EventRecord.customer_id) == cid, *in_types) for cid in customer_ids]
+    elif len(types) > 1:
+        parts = [part(of_type == t) for t in types]
+    else:
+        parts = [part(*([of_type == types[0]] if types else []))]
+    rows_by_part = [conn.execute(p).all() for p in parts]
+    order = (lambda r: (r[1], r[0])) if by_time else (lambda r: r[0])
+    merged = heapq.merge(*rows_by_part, key=order, reverse=not ascending)
+    rows = list(itertools.islice(merged, limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if ascending:
+        rows.reverse()
+    payloads = [r[2] for r in rows]
+    events = [orjson.loads(p) for p in payloads] if parse else []
+    older, newer = (bool(cursor), more) if ascending else (more, cursor is not None)
+    return EventPage(events, [r[0] for r in rows], payloads, older=older, newer=newer)
+
+
+def _detected_at_near(conn: Connection, sequence: int, *, ascending: bool) -> str | None:
+    """``detected_at`` of the event at a paging cursor (of the nearest one on the page's side)."""
+    seq = col(EventRecord.sequence)
+    q = select(col(EventRecord.detected_at))
+    q = q.where(seq <= sequence).order_by(seq.desc()) if ascending else q.where(seq >= sequence).order_by(seq)
+    return conn.execute(q.limit(1)).scalar()
+
+
 def last_sequence(conn: Connection) -> int:
     return int(conn.exec_driver_sql("SELECT coalesce(max(sequence), 0) FROM events").scalar() or 0)
 
@@ -311,36 +511,47 @@ class SinkStatus:
 
 def delivery_status(conn: Connection, now: datetime, *, sinks: Sequence[str] = ()) -> list[SinkStatus]:
     """Per sink: pending, delivered and dead counts, oldest pending age and the last error."""
-    q = select(
-        col(OutboxRow.sink), col(OutboxRow.status), func.count(), func.min(col(OutboxRow.created_at))
-    ).group_by(col(OutboxRow.sink), col(OutboxRow.status))
+    # Three statements, each on an index of its own (the counts from ``ix_outbox_sink_status_sequence``
+    # alone, the oldest pending row and the last error from the partial indexes of schema version 4),
+    # so that a log of a million delivered events is counted, never read.
+    sink, status = col(OutboxRow.sink), col(OutboxRow.status)
+    q = select(sink, status, func.count()).group_by(sink, status)
     if sinks:
-        q = q.where(col(OutboxRow.sink).in_(list(sinks)))
-    counts: dict[str, dict[str, Any]] = {}
-    for sink, status, n, oldest in conn.execute(q):
-        counts.setdefault(sink, {})[status] = (n, oldest)
+        q = q.where(sink.in_(list(sinks)))
+    counts: dict[str, dict[str, int]] = {}
+    for name, kind, n in conn.execute(q):
+        counts.setdefault(name, {})[kind] = n
+    oldest_pending: dict[str, str] = dict(
+        conn.execute(
+            select(sink, func.min(col(OutboxRow.created_at)))
+            .where(status == DeliveryState.PENDING)
+            .group_by(sink)
+        ).all()
+    )
     states = {
         s.name: s
         for s in (SinkState.model_validate(r._mapping) for r in conn.execute(select(SinkState)).all())
     }
-    last_errors: dict[str, str | None] = dict(
-        conn.execute(
-            select(col(OutboxRow.sink), col(OutboxRow.last_error))
-            .where(col(OutboxRow.last_error).is_not(None))
-            .order_by(col(OutboxRow.last_attempt_at))
-        ).all()
-    )
+    names = list(sinks) or sorted(set(counts) | set(states))
+    last_errors: dict[str, str | None] = {}
+    for name in names:
+        last_errors[name] = conn.execute(
+            select(col(OutboxRow.last_error))
+            .where(sink == name, col(OutboxRow.last_error).is_not(None))
+            .order_by(col(OutboxRow.last_attempt_at).desc())
+            .limit(1)
+        ).scalar()
     out = []
-    for name in list(sinks) or sorted(set(counts) | set(states)):
+    for name in names:
         c = counts.get(name, {})
         state = states.get(name)
-        oldest = c.get(DeliveryState.PENDING, (0, None))[1]
+        oldest = oldest_pending.get(name)
         out.append(
             SinkStatus(
                 sink=name,
-                pending=c.get(DeliveryState.PENDING, (0, None))[0],
-                delivered=c.get(DeliveryState.DELIVERED, (0, None))[0],
-                dead=c.get(DeliveryState.DEAD, (0, None))[0],
+                pending=c.get(DeliveryState.PENDING, 0),
+                delivered=c.get(DeliveryState.DELIVERED, 0),
+                dead=c.get(DeliveryState.DEAD, 0),
                 oldest_pending_age=(now - parse_ts(oldest)).total_seconds() if oldest else None,
                 last_error=(state.last_error if state and state.last_error else None)
                 or last_errors.get(name),

@@ -2,8 +2,8 @@
 
 * **One message per event** while a delivery round is small: a header with an emoji and what
   happened, *who* (the customer's name linked to ``{app_url}/customers/{id}``, its id), each field
-  change as ``field: before -> after``, and a context line with the event type, sequence and event
-  id (what ``replay --id`` takes).
+  change as ``field: before -> after`` (a changed list as the items added and removed), and a
+  context line with the event type, sequence and event id (what ``replay --id`` takes).
 * **A digest** when a round is bigger (a bulk edit, a backlog after an outage): counts by type, the
   first few items, "and N more" with the command that lists them all.
 * Slack's limits are enforced where the message is built, not hoped for: at most 50 blocks per
