@@ -625,7 +625,7 @@ def test_schema_1_fingerprints_are_recomputed_on_upgrade(fake: SimulatedMetronom
 
     store = Store(harness.db)
 
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
     con = sqlite3.connect(harness.db)
     rows = con.execute("SELECT hash, record, last_poll_id FROM customers").fetchall()
     con.close()
