@@ -1,8 +1,10 @@
 """``metronome-watcher demo``: the whole daemon against the built-in simulated Metronome.
 
-The simulated Metronome (the same one the tests use) is seeded with a few hundred customers, and a churn
-generator creates, renames, re-tags and archives them while the real daemon polls on a short
-interval. Events are printed as they are delivered, through an ordinary sink.
+The simulated Metronome (the same one the tests use) is seeded with a few hundred customers, each on
+one of a few plans, and a churn generator creates, renames, re-tags and archives them, and sets end
+dates on their plans (a few seconds ahead, so the plan's end follows a little later), while the real
+daemon polls both sources on a short interval. Events are printed as they are delivered, through an
+ordinary sink.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import IO, Any
 from .app import build_app
 from .config import parse_config
 from .daemon import Daemon
-from .events import change_line, customer_name
+from .events import change_line, customer_name, plan_headline
 from .poll import PollResult
 from .simulator import SimulatedMetronome
 from .sinks import Outcome
@@ -42,7 +44,7 @@ class ConsoleSink:
     def deliver(self, events: Sequence[Mapping[str, Any]]) -> Sequence[Outcome]:
         for e in events:
             who = f"{customer_name(e) or '?'} ({str(e.get('customer_id', ''))[:8]})"
-            changes = "; ".join(
+            changes = plan_headline(e) or "; ".join(
                 change_line(c, value=_fmt) for c in e.get("changes", []) if c["field"] != "archived_at"
             )
             self.out.write(
@@ -73,6 +75,7 @@ def run_demo(
     stop: threading.Event | None = None,
     out: IO[str] | None = None,
     churn_every: float = 0.25,
+    plans: int = 4,
 ) -> int:
     out = out or sys.stdout
     stop = stop or threading.Event()
@@ -80,12 +83,15 @@ def run_demo(
     token = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="watcher-demo-") as tmp, SimulatedMetronome(token=token) as fake:
         fake.seed(customers, rng=rng)
+        if plans:
+            fake.seed_plans(plans, rng=rng)
         db_path = db or Path(tmp) / "demo.db"
         config = parse_config(
             {
                 "metronome": {"base_url": fake.url, "max_retry_wait": "10s"},
                 "store": {"path": str(db_path)},
                 "schedule": {"interval": interval, "delivery_interval": 1},
+                "plans": {"watch": plans > 0},
             },
             env={},
         )
@@ -94,9 +100,12 @@ def run_demo(
 
         def on_poll(result: PollResult) -> None:
             if result.baseline and result.ok:
+                on_plans = ""
+                if result.plans is not None:
+                    on_plans = f", {result.plans.memberships} memberships of {result.plans.plans} plans"
                 out.write(
-                    f"baseline: {result.active} active and {result.archived} archived customers recorded "
-                    f"(no events for what already existed)\n"
+                    f"baseline: {result.active} active and {result.archived} archived customers{on_plans} "
+                    f"recorded (no events for what already existed)\n"
                 )
             elif not result.ok:
                 out.write(f"poll {result.poll_id} {result.outcome}: {result.error}\n")
@@ -106,7 +115,7 @@ def run_demo(
         out.write(
             f"metronome-watcher demo: simulated Metronome at {fake.url} with {customers} customers, "
             f"polling every {interval:g}s, database {db_path}\n"
-            f"Customers are created, renamed, re-tagged and archived as you watch. "
+            f"Customers are created, renamed, re-tagged and archived, and their plans end, as you watch. "
             f"{f'Stops after {seconds:g}s' if seconds else 'Ctrl-C to stop'}.\n"
         )
         out.flush()

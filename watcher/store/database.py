@@ -134,6 +134,11 @@ class Store:
         with self.read() as conn:
             return queries.last_polls(conn, limit)
 
+    def failed_sources(self, poll_id: int) -> tuple[str, ...]:
+        """The sources a poll of more than one source failed on; () otherwise."""
+        with self.read() as conn:
+            return queries.failed_sources_of(conn, poll_id)
+
     def last_successful_poll(self) -> PollRun | None:
         with self.read() as conn:
             return queries.last_successful_poll(conn)

@@ -218,8 +218,8 @@ def settle_poll(conn: Connection, poll_id: int, *, finished_at: str) -> PollOutc
     outcomes = {PollOutcome(outcome) for _, outcome, _, _ in rows}
     outcome = next((o for o in _SETTLE_ORDER if o in outcomes), PollOutcome.SUCCEEDED)
     failed = [(source, o, error) for source, o, error, _ in rows if o != PollOutcome.SUCCEEDED]
-    if len(rows) == 1:
-        error = failed[0][2] if failed else None
+    if len(rows) == 1 or (len(failed) == len(rows) and len({e for _, _, e in failed}) == 1):
+        error = failed[0][2] if failed else None  # one source, or all of them for one reason (shutdown)
     else:
         error = "; ".join(f"{source}: {error or o}" for source, o, error in failed) or None
     by_type: dict[str, int] = {}

@@ -1,9 +1,10 @@
 """What a Slack message says: one event, or a digest of many, as Block Kit, within Slack's limits.
 
 * **One message per event** while a delivery round is small: a header with an emoji and what
-  happened, *who* (the customer's name linked to ``{app_url}/customers/{id}``, its id), each field
-  change as ``field: before -> after``, and a context line with the event type, sequence and event
-  id (what ``replay --id`` takes).
+  happened, *who* (the customer's name linked to ``{app_url}/customers/{id}``, its id), for a plan
+  event what it means in words (``plan Growth ends on 2026-12-31``), each field change as ``field:
+  before -> after``, and a context line with the event type, sequence and event id (what ``replay
+  --id`` takes).
 * **A digest** when a round is bigger (a bulk edit, a backlog after an outage): counts by type, the
   first few items, "and N more" with the command that lists them all.
 * Slack's limits are enforced where the message is built, not hoped for: at most 50 blocks per
@@ -21,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ...config import DEFAULT_APP_URL
-from ...events import EventType, customer_name, customer_record, plain_value
+from ...events import EventType, change_line, customer_name, customer_record, plain_value, plan_headline
 
 __all__ = [
     "DIGEST_ITEMS",
@@ -54,6 +55,10 @@ _KINDS: dict[str, tuple[str, str, str]] = {
     EventType.CUSTOMER_ARCHIVED: (":file_cabinet:", "Customer archived", "archived"),
     EventType.CUSTOMER_UNARCHIVED: (":recycle:", "Customer unarchived", "unarchived"),
     EventType.CUSTOMER_DELETED: (":wastebasket:", "Customer deleted", "deleted"),
+    EventType.CUSTOMER_PLAN_ADDED: (":inbox_tray:", "Customer added to a plan", "added to a plan"),
+    EventType.CUSTOMER_PLAN_UPDATED: (":calendar:", "Customer's plan changed", "plan changed"),
+    EventType.CUSTOMER_PLAN_ENDED: (":door:", "Customer's plan ended", "plan ended"),
+    EventType.CUSTOMER_PLAN_REMOVED: (":outbox_tray:", "Customer removed from a plan", "removed from a plan"),
     EventType.POLL_FAILING: (":rotating_light:", "Metronome polling is failing", "polling failing"),
     EventType.POLL_RECOVERED: (":white_check_mark:", "Metronome polling recovered", "polling recovered"),
 }
@@ -89,15 +94,16 @@ def _code(text: str) -> str:
 
 
 def _change_line(change: Mapping[str, Any]) -> str:
-    field = _code(str(change.get("field", "?")))
-    return f"{field}: {_value(change.get('before'))} {_ARROW} {_value(change.get('after'))}"
+    return change_line(change, value=_value, field=_code, arrow=_ARROW)
 
 
-def _changeplain_value(change: Mapping[str, Any]) -> str:
-    def short(v: Any) -> str:
-        return "none" if v is None else _clip(plain_value(v), 60)
+def _short(value: Any) -> str:
+    return "none" if value is None else _clip(plain_value(value), 60)
 
-    return f"{change.get('field', '?')}: {short(change.get('before'))} -> {short(change.get('after'))}"
+
+def _change_text(change: Mapping[str, Any]) -> str:
+    """A change in the plain-text fallback (notifications): ``field: before -> after``."""
+    return change_line(change, value=_short)
 
 
 def _name(event: Mapping[str, Any]) -> str:
@@ -182,6 +188,9 @@ def build_event_message(event: Mapping[str, Any], *, app_url: str = DEFAULT_APP_
     if external and external != cid:
         who += f" · external id {_code(str(external))}"
     blocks = [_header(f"{emoji} {title}: {name}"), _section(who)]
+    headline = plan_headline(event)
+    if headline:
+        blocks.append(_section(f"*{_esc(_clip(headline[0].upper() + headline[1:], MAX_SECTION_TEXT - 2))}*"))
     changes = [c for c in event.get("changes") or [] if isinstance(c, Mapping)]
     if changes:
         lines = [f"• {_change_line(c)}" for c in changes[:MAX_CHANGES]]
@@ -194,8 +203,10 @@ def build_event_message(event: Mapping[str, Any], *, app_url: str = DEFAULT_APP_
         blocks.append(_section("No longer in Metronome: in neither listing, and not found by id."))
     blocks.append(context)
     text = f"{title}: {name} ({cid})"
-    if changes:
-        text += ": " + "; ".join(_changeplain_value(c) for c in changes[:3])
+    if headline:
+        text += f": {headline}"
+    elif changes:
+        text += ": " + "; ".join(_change_text(c) for c in changes[:3])
         if len(changes) > 3:
             text += f" (+{len(changes) - 3} more)"
     return _split(blocks, _esc(_clip(text, 500)))
@@ -256,6 +267,9 @@ def _digest_line(event: Mapping[str, Any], app_url: str) -> str:
     emoji, title, word = _kind(etype)
     if not etype.startswith("customer."):
         return f"• {emoji} {_esc(title)}"
+    headline = plan_headline(event)
+    if headline:
+        return f"• {emoji} {_link(event, app_url)}: {_esc(_clip(headline, MAX_SECTION_TEXT // 4))}"
     line = f"• {emoji} {_link(event, app_url)} {word}"
     changes = [c for c in event.get("changes") or [] if isinstance(c, Mapping)]
     shown = (
