@@ -86,9 +86,10 @@ class PlanSession(SourceSession):
                     select(col(Plan.id), col(Plan.record), col(Plan.listed), col(Plan.watched))
                 )
             }
-            memo = dict(
-                conn.execute(select(col(PlanPageMemo.plan_id), col(PlanPageMemo.pages))).tuples().all()
-            )
+            memo = {
+                plan_id: pages
+                for plan_id, pages in conn.execute(select(col(PlanPageMemo.plan_id), col(PlanPageMemo.pages)))
+            }
         return baseline, plans, memo
 
     def member_hashes(self, plan_id: str) -> list[int]:
