@@ -69,7 +69,7 @@ class Harness:
         concurrent: bool = True,
         max_attempts: int = 3,
         plans: PlansConfig | None = None,
-        clock: Clock | None = None,
+        poll_clock: Clock | None = None,
         **diff: Any,
     ) -> None:
         self.fake = fake
@@ -91,7 +91,7 @@ class Harness:
             concurrent_listings=concurrent,
             plans=plans,
             plan_source=self.client,
-            **({"clock": clock} if clock is not None else {}),
+            **({"clock": poll_clock} if poll_clock is not None else {}),
         )
 
     def poll(self) -> PollResult:

@@ -69,7 +69,7 @@ def account(fake: SimulatedMetronome, clock: FakeClock) -> Account:
 
 def make_harness(fake: SimulatedMetronome, tmp_path: Path, clock: FakeClock, **kw: Any) -> Harness:
     kw.setdefault("plans", WATCH)
-    return Harness(fake, tmp_path / "watcher.db", clock=clock, **kw)
+    return Harness(fake, tmp_path / "watcher.db", poll_clock=clock, **kw)
 
 
 @pytest.fixture
@@ -379,9 +379,9 @@ def test_a_plan_id_no_plan_has_is_refused_and_holds_back_no_customer_event(
     try:
         first = h.poll()
         assert first.outcome == "refused" and first.failed_sources == ("plans",)
-        assert (
-            first.error
-            == "plans: plans.plan_ids names plan 'no-such-plan', which GET /v1/plans does not list (3 plans listed)"
+        assert first.error == (
+            "plans: plans.plan_ids names plan 'no-such-plan', which GET /v1/plans does not list "
+            "(3 plans listed)"
         )
         assert first.customers_ok and first.baseline
         fake.create_customer("Newcomer")
