@@ -156,6 +156,7 @@ def test_plans_are_off_unless_asked_and_their_events_are_types_like_any_other(tm
             "sinks": [
                 {"type": "log", "name": "all", "events": ["customer.plan_*"]},
                 {"type": "log", "name": "churn", "events": ["customer.plan_ended", "customer.plan_updated"]},
+                {"type": "log", "name": "ends", "fields": ["plan.ending_before"]},
             ],
         }
     )
@@ -165,6 +166,8 @@ def test_plans_are_off_unless_asked_and_their_events_are_types_like_any_other(tm
     route = Router(routes_from_config(config))
     assert route("customer.plan_ended", []) == ["all", "churn"]
     assert route("customer.plan_added", []) == ["all"]
+    assert route("customer.plan_updated", ["plan.ending_before"]) == ["all", "churn", "ends"]
+    assert route("customer.plan_updated", ["plan.plan_name"]) == ["all", "churn"]
     assert route("customer.archived", ["archived_at"]) == []
 
 

@@ -327,7 +327,7 @@ class PlanRead:
 
     def finish(self, poll_id: int, *, settle: bool = True) -> tuple[PlansResult, PollOutcome | None]:
         """Wait for the read, then commit it (or record why not); returns the plans' result and,
-        with ``settle``, the poll's settled outcome."""
+        with ``settle``, the poll's settled outcome. A bug is recorded, then raised again."""
         while self._thread.is_alive():
             self._thread.join(0.1)
             if self.cancel.is_set():
@@ -390,7 +390,7 @@ class PlanRead:
         else:
             log.error("poll.source_failed", poll_id=poll_id, source="plans", outcome=outcome, error=reason)
             if not isinstance(exc, WatcherError):
-                log.error("poll.plans_crashed", poll_id=poll_id, error=repr(exc))
+                raise exc  # a bug: recorded as the plans' failure, and raised again, as the customers' are
         return PlansResult(outcome, pages=self.pages, error=reason), settled
 
     def _commit(
