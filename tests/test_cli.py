@@ -219,6 +219,9 @@ def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
     event_lines = [line for line in out.splitlines() if line.lstrip().startswith("#")]
     assert len(event_lines) >= 3, out
     assert any("customer." in line for line in event_lines)
+    # Its customers are on plans, and their plans change (end dates, in words) as it runs.
+    assert "memberships of 4 plans recorded" in out
+    assert any("customer.plan_" in line for line in event_lines)
     assert "demo stopped:" in out
     assert "Traceback" not in proc.stderr
 
