@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable
+from datetime import datetime
 from itertools import repeat
 from typing import Any, cast
 
@@ -198,6 +199,11 @@ def _texts(values: list[Any], *, where: str, what: str, status: int) -> None:
 
 
 def _timestamps(values: list[Any], *, where: str, optional: bool, what: str, status: int) -> None:
+    present = [v for v in values if v is not None] if optional else values
+    with contextlib.suppress(TypeError, ValueError):  # one C-level pass; the loop names the culprit
+        if all(map(isinstance, present, repeat(str))):
+            list(map(datetime.fromisoformat, present))
+            return
     for index, value in enumerate(values):
         if value is None and optional:
             continue

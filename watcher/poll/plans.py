@@ -409,7 +409,8 @@ class PlanRead:
                 route=Router(self.routes),
             )
             commit = _Commit(session, conn, writer, poll_id, detected_at, self.diff.ignore_fields, counts)
-            silent = {plan_id for plan_id, state in self._plans.items() if state.silent}
+            silent = sorted(plan_id for plan_id, state in self._plans.items() if state.silent)
+            session.insert_silently(silent, now=detected_at, poll_id=poll_id)
             commit.apply_staged(silent)
             commit.remove(self._gone + self._vanished_members)
             session.delete_members(conn, self._unwatched_members)
@@ -528,21 +529,22 @@ class _Commit:
         )
         self.counts[event_type.value] += 1
 
-    def _staged_batches(self) -> Iterator[list[tuple[Any, ...]]]:
+    def _staged_batches(self, besides: Sequence[str]) -> Iterator[list[tuple[Any, ...]]]:
         last = ""
-        while rows := self.session.chosen_staged(last, _COMMIT_BATCH):
+        while rows := self.session.chosen_staged(last, _COMMIT_BATCH, besides=besides):
             last = rows[-1][1]
             yield rows
 
-    def apply_staged(self, silent: set[str]) -> None:
-        for rows in self._staged_batches():
+    def apply_staged(self, silent: Sequence[str]) -> None:
+        """The staged memberships of every plan but the ``silent`` ones (stored already)."""
+        for rows in self._staged_batches(silent):
             stored = self.session.load_members(self.conn, [r[1] for r in rows])
             inserts, updates = [], []
             for plan_id, cpid, customer_id, h, blob, ends_at, _ in rows:
                 item = orjson.loads(blob)
                 ended = ends_at is not None and ends_at <= self.now
                 old = stored.get(cpid)
-                event = self._classify(plan_id, item, old, ended, silent)
+                event = self._classify(item, old, ended)
                 values = {
                     "plan_id": plan_id,
                     "customer_id": customer_id,
@@ -561,13 +563,9 @@ class _Commit:
             self.session.update_members(self.conn, updates)
             self.session.append_events(*self.writer.take())
 
-    def _classify(
-        self, plan_id: str, item: dict[str, Any], old: StoredMember | None, ended: bool, silent: set[str]
-    ) -> EventType | None:
+    def _classify(self, item: dict[str, Any], old: StoredMember | None, ended: bool) -> EventType | None:
         """Which event a staged membership makes (written through the writer), if any."""
         if old is None:
-            if plan_id in silent:
-                return None
             self._event(EventType.CUSTOMER_PLAN_ADDED, item, None, [])
             return EventType.CUSTOMER_PLAN_ADDED
         previous = orjson.loads(old.record)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlmodel import col
 
@@ -36,10 +37,21 @@ _STAGED_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS plan_staged (plan_id TEXT NOT NULL, customer_plan_id TEXT NOT NULL, "
     "customer_id TEXT NOT NULL, hash INTEGER NOT NULL, record BLOB NOT NULL, ends_at TEXT)"
 )
-#: One staged row per membership, in customer_plan_id order: the latest sighting of it.
+#: One staged row per membership, in customer_plan_id order: the latest sighting of it; the plans
+#: read silently (a JSON array) are left to ``_INSERT_SILENT``.
 _CHOSEN_STAGED = (
     "SELECT plan_id, customer_plan_id, customer_id, hash, record, ends_at, max(rowid) FROM temp.plan_staged "
-    "WHERE customer_plan_id > ? GROUP BY customer_plan_id ORDER BY customer_plan_id LIMIT ?"
+    "WHERE customer_plan_id > ? AND plan_id NOT IN (SELECT value FROM json_each(?)) "
+    "GROUP BY customer_plan_id ORDER BY customer_plan_id LIMIT ?"
+)
+#: A silent baseline's memberships (the latest sighting of each) into ``plan_members`` in one
+#: statement: nothing is stored for those plans yet, and nothing is said about them.
+_INSERT_SILENT = (
+    "INSERT OR REPLACE INTO plan_members (customer_plan_id, plan_id, customer_id, hash, record, ends_at, "
+    "ended, first_seen_at, changed_at, last_poll_id) SELECT customer_plan_id, plan_id, customer_id, hash, "
+    "CAST(record AS TEXT), ends_at, coalesce(ends_at <= ?1, 0), ?1, ?1, ?2 FROM temp.plan_staged "
+    "WHERE rowid IN (SELECT max(rowid) FROM temp.plan_staged "
+    "WHERE plan_id IN (SELECT value FROM json_each(?3)) GROUP BY customer_plan_id)"
 )
 
 
@@ -159,9 +171,16 @@ class PlanSession(SourceSession):
                 out += [cpid for cpid in chunk if cpid not in staged]
         return out
 
-    def chosen_staged(self, after: str, limit: int) -> list[tuple[Any, ...]]:
-        """Up to ``limit`` staged memberships after customer_plan_id ``after``, one sighting each."""
-        return self._rows(_CHOSEN_STAGED, (after, limit))
+    def chosen_staged(self, after: str, limit: int, *, besides: Sequence[str] = ()) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` staged memberships after customer_plan_id ``after``, one sighting each,
+        of plans other than ``besides``."""
+        return self._rows(_CHOSEN_STAGED, (after, orjson.dumps(list(besides)).decode(), limit))
+
+    def insert_silently(self, plan_ids: Sequence[str], *, now: str, poll_id: int) -> None:
+        """The staged memberships of plans read for the first time and silently, stored as they are
+        (in the caller's transaction); a membership whose end has come by ``now`` is stored ended."""
+        if plan_ids:
+            self._db.execute(_INSERT_SILENT, (now, poll_id, orjson.dumps(list(plan_ids)).decode()))
 
     # -- the commit (inside the transaction its caller holds) -----------------------------------
 
