@@ -226,7 +226,7 @@ def _print_poll_of_both(result: PollResult) -> int:
     if result.ok:
         print(f"poll {result.poll_id} ok: {'; '.join(parts)}")
         return 0
-    if parts and result.outcome is not PollOutcome.ABANDONED:
+    if parts:
         which = Source.CUSTOMERS if result.customers_ok else Source.PLANS
         print(f"poll {result.poll_id} {which} ok: {'; '.join(parts)}")
     print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)

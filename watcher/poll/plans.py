@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 import structlog
+from sqlalchemy import Connection
 
 from .._time import Clock, format_ts, parse_ts
 from ..config import DiffConfig, PlansConfig
@@ -453,7 +454,7 @@ class PlanRead:
         )
         return result, settled
 
-    def _put_plans(self, session: PlanSession, conn: Any, now: str) -> None:
+    def _put_plans(self, session: PlanSession, conn: Connection, now: str) -> None:
         """The plans as listed now (written only where they differ from what is stored)."""
         new, changed = [], []
         read = set(self._plans)
@@ -495,7 +496,7 @@ class _Commit:
     def __init__(
         self,
         session: PlanSession,
-        conn: Any,
+        conn: Connection,
         writer: EventWriter,
         poll_id: int,
         now: str,
