@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from watcher.config import DiffConfig
+from watcher._time import Clock
+from watcher.config import DiffConfig, PlansConfig
 from watcher.events import Listing
 from watcher.metronome import MetronomeClient, RetryPolicy
 from watcher.poll import Poller, PollResult
@@ -67,6 +68,8 @@ class Harness:
         page_limit: int = 10,
         concurrent: bool = True,
         max_attempts: int = 3,
+        plans: PlansConfig | None = None,
+        poll_clock: Clock | None = None,
         **diff: Any,
     ) -> None:
         self.fake = fake
@@ -86,6 +89,9 @@ class Harness:
             diff=DiffConfig(**diff),
             routes=[Route("audit")],
             concurrent_listings=concurrent,
+            plans=plans,
+            plan_source=self.client,
+            **({"clock": poll_clock} if poll_clock is not None else {}),
         )
 
     def poll(self) -> PollResult:
@@ -102,7 +108,7 @@ class Harness:
         try:
             return {
                 table: con.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-                for table in ("customers", "events", "outbox")
+                for table in ("customers", "events", "outbox", "plans", "plan_members", "plan_page_memo")
             }
         finally:
             con.close()

@@ -227,6 +227,9 @@ def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
     event_lines = [line for line in out.splitlines() if line.lstrip().startswith("#")]
     assert len(event_lines) >= 3, out
     assert any("customer." in line for line in event_lines)
+    # Its customers are on plans, and their plans change (end dates, in words) as it runs.
+    assert "memberships of 4 plans recorded" in out
+    assert any("customer.plan_" in line for line in event_lines)
     assert "demo stopped:" in out
     assert "Traceback" not in proc.stderr
 
@@ -324,3 +327,48 @@ def test_a_process_killed_mid_cycle_loses_nothing_and_invents_nothing(
     outcomes = [o for (o,) in con.execute("SELECT outcome FROM poll_runs ORDER BY id")]
     con.close()
     assert outcomes == ["succeeded", "abandoned", "succeeded"]
+
+
+def test_poll_with_plans_says_what_each_source_did_and_which_one_failed(
+    fake: SimulatedMetronome, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, fake, "\n[plans]\nwatch = true\n")
+    growth = fake.create_plan("Growth")["id"]
+    ids = [fake.create_customer(f"Customer {i}")["id"] for i in range(3)]
+    cpids = [
+        fake.add_to_plan(cid, growth, starting_on="2026-01-01T00:00:00Z")["plan_details"]["customer_plan_id"]
+        for cid in ids
+    ]
+
+    first = cli(config, "poll")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == (
+        "poll 1 ok: 3 active, 0 archived, 2 pages; baseline recorded; "
+        "plans: 3 memberships on 1 plans, 2 pages; baseline recorded"
+    )
+
+    fake.set_plan_end(cpids[0], "2099-12-31T00:00:00Z")
+    second = cli(config, "poll")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip().endswith(
+        "; plans: 3 memberships on 1 plans, 2 pages; 1 customer.plan_updated"
+    )
+    table = cli(config, "events").stdout.splitlines()
+    (row,) = [line for line in table if "customer.plan_updated" in line]
+    assert "plan Growth ends on 2099-12-31; plan.ending_before: null -> 2099-12-31T00:00:00.000Z" in row
+    assert ids[0] in row and "Customer 0" in row
+
+    fake.set_name(ids[1], "Renamed")
+    fake.add_fault(Fault(kind="status", status=503, times=100, path="/v1/planDetails"))
+    third = cli(config, "poll")
+    assert third.returncode == 1
+    assert third.stdout.strip() == "poll 3 customers ok: 3 active, 0 archived, 2 pages; 1 customer.updated"
+    (failed,) = [line for line in third.stderr.splitlines() if line.startswith("poll 3 failed: ")]
+    assert failed.startswith(f"poll 3 failed: plans: GET /v1/planDetails/{growth}/customers (members of plan")
+    assert "HTTP 503" in failed
+    updated = jsonl(cli(config, "events", "--type", "customer.updated", "--format", "jsonl").stdout)
+    assert [e["customer_id"] for e in updated] == [ids[1]], "the customers' news was not held back"
+
+    status = cli(config, "status").stdout.splitlines()
+    assert "(failing: plans)" in status[0]
+    assert status[2] == "plans watched: 1 plans, 3 memberships (0 ended)"

@@ -64,6 +64,15 @@ BAD = {
         "web.enabled: the web view is served on the health port: set health.port",
     ),
     "unknown web key": ("[web]\nport = 8081\n", "web.port: unknown key"),
+    "typo in plans": ("[plans]\nwach = true\n", "plans.wach: unknown key"),
+    "plans.watch not a boolean": ("[plans]\nwatch = 'yes please'\n", "plans.watch:"),
+    "empty plan_ids": ("[plans]\nwatch = true\nplan_ids = []\n", "plans.plan_ids: is empty"),
+    "blank plan id": ("[plans]\nplan_ids = ['p1', ' ']\n", "plans.plan_ids: ' ' is not a plan id"),
+    "plan id twice": ("[plans]\nplan_ids = ['p1', 'p1']\n", "plans.plan_ids: names 'p1' more than once"),
+    "unknown plan event": (
+        "[[sinks]]\ntype = 'log'\nname = 'x'\nevents = ['customer.plan_renewed']\n",
+        "sinks[0].events: 'customer.plan_renewed' matches no event type",
+    ),
 }
 
 
@@ -235,3 +244,35 @@ def test_an_apprise_sink_without_apprise_installed_is_refused_at_start_up_saying
             "library, which is not installed: pip install 'metronome-watcher[apprise]'\n"
         )
         assert not (tmp_path / "w.db").exists()  # refused before anything started
+
+
+def test_plans_are_off_unless_asked_and_their_events_are_types_like_any_other(tmp_path: Path) -> None:
+    assert parse_config({}).plans.watch is False
+    config = parse_config(
+        {
+            "plans": {"watch": True, "plan_ids": ["p1", "p2"]},
+            "sinks": [
+                {"type": "log", "name": "all", "events": ["customer.plan_*"]},
+                {"type": "log", "name": "churn", "events": ["customer.plan_ended", "customer.plan_updated"]},
+                {"type": "log", "name": "ends", "fields": ["plan.ending_before"]},
+            ],
+        }
+    )
+    assert config.plans.watch and config.plans.plan_ids == ("p1", "p2")
+    from watcher.routing import Router, routes_from_config
+
+    route = Router(routes_from_config(config))
+    assert route("customer.plan_ended", []) == ["all", "churn"]
+    assert route("customer.plan_added", []) == ["all"]
+    assert route("customer.plan_updated", ["plan.ending_before"]) == ["all", "churn", "ends"]
+    assert route("customer.plan_updated", ["plan.plan_name"]) == ["all", "churn"]
+    assert route("customer.archived", ["archived_at"]) == []
+
+
+def test_check_config_says_which_plans_are_watched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text("[plans]\nwatch = true\n")
+    assert main(["--config", str(path), "check-config"]) == 0
+    assert "; plans: every plan GET /v1/plans lists;" in capsys.readouterr().out

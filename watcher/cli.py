@@ -28,8 +28,9 @@ from .daemon import Daemon
 from .delivery import ReplaySelection, enable_sink, replay
 from .demo import run_demo
 from .errors import ConfigError, StoreError
-from .events import PollOutcome, change_line, customer_name, plain_value
+from .events import PollOutcome, Source, change_line, customer_name, plain_value, plan_headline
 from .notices import failure_streak
+from .poll import PollResult
 from .store import SinkStatus, Store
 
 __all__ = ["main"]
@@ -176,7 +177,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     sched = config.schedule
     when = f"cron {sched.cron!r}" if sched.cron else f"every {sched.interval.total_seconds():g}s"
-    print(f"config OK: polls {config.metronome.base_url} {when}; store {config.store.path}; sinks: {names}")
+    plans = ""
+    if config.plans.watch:
+        ids = config.plans.plan_ids
+        plans = f"; plans: {len(ids)} plan(s)" if ids else "; plans: every plan GET /v1/plans lists"
+    store = config.store.path
+    print(f"config OK: polls {config.metronome.base_url} {when}; store {store}{plans}; sinks: {names}")
     try:
         resolve_token()
     except ConfigError as exc:
@@ -194,6 +200,8 @@ def cmd_poll(args: argparse.Namespace) -> int:
                 app.deliverer.deliver_due()
     finally:
         app.close()
+    if result.plans is not None:
+        return _print_poll_of_both(result)
     if result.ok:
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(result.events_by_type.items())) or "no changes"
         label = "baseline recorded" if result.baseline else kinds
@@ -202,6 +210,37 @@ def cmd_poll(args: argparse.Namespace) -> int:
             f"{result.pages} pages; {label}"
         )
         return 0
+    print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)
+    return 1
+
+
+def _print_poll_of_both(result: PollResult) -> int:
+    """A poll of customers and plans: what each source committed, then (exit 1) which one failed."""
+    plans = result.plans
+    assert plans is not None
+
+    def label(baseline: bool, by_type: dict[str, int]) -> str:
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()) if n) or "no changes"
+        return "baseline recorded" if baseline else kinds
+
+    parts = []
+    if result.customers_ok:
+        customer_events = {t: n - plans.events_by_type.get(t, 0) for t, n in result.events_by_type.items()}
+        parts.append(
+            f"{result.active} active, {result.archived} archived, {result.pages} pages; "
+            f"{label(result.baseline, customer_events)}"
+        )
+    if plans.ok:
+        parts.append(
+            f"plans: {plans.memberships} memberships on {plans.plans} plans, {plans.pages} pages; "
+            f"{label(plans.baseline, dict(plans.events_by_type))}"
+        )
+    if result.ok:
+        print(f"poll {result.poll_id} ok: {'; '.join(parts)}")
+        return 0
+    if parts:
+        which = Source.CUSTOMERS if result.customers_ok else Source.PLANS
+        print(f"poll {result.poll_id} {which} ok: {'; '.join(parts)}")
     print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)
     return 1
 
@@ -244,7 +283,11 @@ _EVENT_COLUMNS = ("sequence", "detected_at", "type", "customer_id", "name", "cha
 
 
 def _summary(event: dict[str, Any]) -> str:
-    return "; ".join(change_line(c, value=_short) for c in event.get("changes") or [])
+    """The changes column: each change as ``field: before -> after``; a plan event says what it
+    means first (``plan Growth ends on 2026-12-31``)."""
+    lines = [change_line(c, value=_short) for c in event.get("changes") or []]
+    headline = plan_headline(event)
+    return "; ".join([headline, *lines] if headline else lines)
 
 
 def _short(value: Any) -> str:
@@ -409,6 +452,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         last_ok = store.last_successful_poll()
         streak = failure_streak(store)
         counts = store.customer_counts()
+        plans, memberships, ended = store.plan_counts()
         deliveries = store.delivery_status(now, sinks=config.targets)
     finally:
         store.close()
@@ -426,10 +470,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         polling += (
             f"; FAILING: {streak.failures} consecutive failed poll(s) since {(streak.since or '')[:19]}Z"
         )
+        if streak.failed_sources:
+            polling += f" (failing: {', '.join(streak.failed_sources)})"
         if streak.failing_notice_outstanding:
             polling += " (watcher.poll_failing sent)"
     tracked = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet"
-    out.write(f"polling: {polling}\ncustomers tracked: {tracked}\n\nlast polls:\n")
+    out.write(f"polling: {polling}\ncustomers tracked: {tracked}\n")
+    if config.plans.watch or plans or memberships:
+        out.write(f"plans watched: {plans} plans, {memberships} memberships ({ended} ended)\n")
+    out.write("\nlast polls:\n")
     if not polls:
         out.write("(no polls yet)\n")
     else:

@@ -54,6 +54,7 @@ __all__ = [
     "LogSinkConfig",
     "LoggingConfig",
     "MetronomeConfig",
+    "PlansConfig",
     "ScheduleConfig",
     "SinkConfig",
     "SlackSinkConfig",
@@ -175,6 +176,31 @@ class DiffConfig(_Model):
     max_vanished_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     #: ... and more than this many: a handful of deletions in a small account is plausible.
     max_vanished_count: int = Field(default=10, ge=0)
+
+
+class PlansConfig(_Model):
+    """The plans source: who is on which plan (``GET /v1/planDetails/{plan_id}/customers``)."""
+
+    #: Read every watched plan's members each cycle, and report memberships added, changed, ended
+    #: and removed (``customer.plan_*``).
+    watch: bool = False
+    #: The plans to watch; unset: every plan ``GET /v1/plans`` lists, read each cycle.
+    plan_ids: tuple[str, ...] | None = None
+
+    @field_validator("plan_ids")
+    @classmethod
+    def _plan_ids(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("is empty; leave it out to watch every plan GET /v1/plans lists")
+        for plan_id in v:
+            if not plan_id.strip() or plan_id in (".", "..") or plan_id != plan_id.strip():
+                raise ValueError(f"{plan_id!r} is not a plan id")
+        duplicates = sorted({p for p in v if v.count(p) > 1})
+        if duplicates:
+            raise ValueError(f"names {duplicates[0]!r} more than once")
+        return v
 
 
 class DeliveryConfig(_Model):
@@ -386,6 +412,7 @@ class Config(_Model):
     store: StoreConfig = StoreConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     diff: DiffConfig = DiffConfig()
+    plans: PlansConfig = PlansConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     health: HealthConfig = HealthConfig()
     web: WebConfig = WebConfig()

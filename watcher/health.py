@@ -3,10 +3,11 @@
 * ``/healthz`` is liveness: the process answers and the scheduler is running (and no poll is stuck
   past its timeout). It never touches the database, so a slow disk cannot make an orchestrator
   kill a process that is merely busy.
-* ``/readyz`` is "is the watcher doing its job": the last successful poll, as recorded in the
-  database, is younger than ``ready_intervals`` x the poll interval. Reading it from the database
-  rather than from memory means a restarted process is ready at once when its data is fresh, and
-  reports the truth even when polls run from another process (``metronome-watcher poll``).
+* ``/readyz`` is "is the watcher doing its job": the last successful poll (every source it read
+  succeeded), as recorded in the database, is younger than ``ready_intervals`` x the poll interval;
+  with plans watched, ``failed_sources`` names the sources the latest poll failed on. Reading it from
+  the database rather than from memory means a restarted process is ready at once when its data is
+  fresh, and reports the truth even when polls run from another process (``metronome-watcher poll``).
 * ``/metrics`` is Prometheus text. Gauges that are cheap to compute from the database (customers
   by status, outbox backlog, time of the last successful poll) are refreshed on each scrape, so they
   are right after a restart and never drift from what ``status`` shows.
@@ -91,12 +92,15 @@ class Health:
             # Two: the latest may be the poll in progress, which has no outcome yet; the one before
             # it then says how the last attempt went (one poll runs at a time per database).
             latest = [p for p in self.store.last_polls(2) if p.outcome != PollOutcome.RUNNING][:1]
+            failed = self.store.failed_sources(latest[0].id) if latest and latest[0].id is not None else ()
         except Exception as exc:  # the database is part of the job: unreadable means not ready
             return False, {"ready": False, "reason": f"cannot read the database: {exc}"}
         last_error = next((p.error for p in latest if p.outcome != PollOutcome.SUCCEEDED and p.error), None)
         body: dict[str, Any] = {"ready": False, "max_age_seconds": max_age}
         if last_error:
             body["last_error"] = last_error
+        if failed:
+            body["failed_sources"] = list(failed)
         if last is None:
             body["reason"] = "no successful poll yet"
             return False, body

@@ -39,7 +39,8 @@ if not (CHROMIUM and CHROMEDRIVER):
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 #: The flags this machine's Chromium needs: no sandbox as root, no GPU, and nothing that reaches
 #: for the network on its own (the network is closed).
@@ -169,7 +170,8 @@ def test_the_pages_in_a_real_browser_with_javascript_off(
     # The type filter: a plain form, submitted by its button.
     Select(browser.find_element(By.NAME, "type")).select_by_value("customer.updated")
     browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
-    assert "type=customer.updated" in browser.current_url
+    # A click returns once the navigation has started; under load the next page can come later.
+    WebDriverWait(browser, 20).until(EC.url_contains("type=customer.updated"))
     narrowed = row_types(browser)
     assert narrowed and set(narrowed) == {"customer.updated"}
     screenshot(browser, tmp_path, "web-view-updated.png")
@@ -179,6 +181,7 @@ def test_the_pages_in_a_real_browser_with_javascript_off(
     name = link.text
     cid = link.get_attribute("href").rsplit("/", 1)[-1]
     link.click()
+    WebDriverWait(browser, 20).until(EC.url_contains(f"/customers/{cid}"))
     assert browser.find_element(By.TAG_NAME, "h1").text.startswith(name)
     assert cid in browser.find_element(By.CSS_SELECTOR, "p.ids").text
     history = [int(r.get_attribute("id")[1:]) for r in browser.find_elements(By.CSS_SELECTOR, "tr.event")]
@@ -186,6 +189,7 @@ def test_the_pages_in_a_real_browser_with_javascript_off(
     screenshot(browser, tmp_path, "web-view-customer.png")
     # The same events as the list filtered by this customer, each of them about this customer.
     browser.find_element(By.LINK_TEXT, "This customer in the list of changes").click()
+    WebDriverWait(browser, 20).until(EC.url_contains("customer="))
     listed = browser.find_elements(By.CSS_SELECTOR, "tr.event")
     assert [int(r.get_attribute("id")[1:]) for r in listed][: len(history)] == history
     assert {a.get_attribute("href").rsplit("/", 1)[-1] for a in browser.find_elements(
@@ -193,5 +197,6 @@ def test_the_pages_in_a_real_browser_with_javascript_off(
 
     # The status page draws its chart without a script.
     browser.find_element(By.LINK_TEXT, "Status").click()
+    WebDriverWait(browser, 20).until(EC.url_contains("/status"))
     assert browser.find_elements(By.CSS_SELECTOR, "figure.chart svg rect.bar")
     screenshot(browser, tmp_path, "web-view-status.png")

@@ -57,6 +57,10 @@ _KINDS: dict[str, Kind] = {
     EventType.CUSTOMER_ARCHIVED: Kind("Customer archived", "archived"),
     EventType.CUSTOMER_UNARCHIVED: Kind("Customer unarchived", "unarchived"),
     EventType.CUSTOMER_DELETED: Kind("Customer deleted", "deleted"),
+    EventType.CUSTOMER_PLAN_ADDED: Kind("Customer added to a plan", "added to a plan"),
+    EventType.CUSTOMER_PLAN_UPDATED: Kind("Customer's plan changed", "plan changed"),
+    EventType.CUSTOMER_PLAN_ENDED: Kind("Customer's plan ended", "plan ended"),
+    EventType.CUSTOMER_PLAN_REMOVED: Kind("Customer removed from a plan", "removed from a plan"),
     EventType.POLL_FAILING: Kind("Metronome polling is failing", "polling failing"),
     EventType.POLL_RECOVERED: Kind("Metronome polling recovered", "polling recovered"),
 }

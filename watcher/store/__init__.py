@@ -1,4 +1,5 @@
-"""The store: current state, poll history, the append-only audit log and the outbox, in SQLite.
+"""The store: current state (customers, plan memberships), poll history, the append-only audit log and
+the outbox, in SQLite.
 
 :class:`Store` opens the database and hands out transactions; :mod:`~watcher.store.queries` holds
 every statement run in them, :mod:`~watcher.store.cycle` the poll cycle's own, and
@@ -7,7 +8,17 @@ every statement run in them, :mod:`~watcher.store.cycle` the poll cycle's own, a
 
 from .database import Store
 from .queries import EventPage, SinkStatus
-from .schema import SCHEMA_VERSION, CustomerState, EventRecord, OutboxRow, PollRun, SinkState
+from .schema import (
+    SCHEMA_VERSION,
+    CustomerState,
+    EventRecord,
+    OutboxRow,
+    Plan,
+    PlanMember,
+    PollRun,
+    PollSource,
+    SinkState,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -15,7 +26,10 @@ __all__ = [
     "EventPage",
     "EventRecord",
     "OutboxRow",
+    "Plan",
+    "PlanMember",
     "PollRun",
+    "PollSource",
     "SinkState",
     "SinkStatus",
     "Store",

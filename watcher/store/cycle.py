@@ -25,10 +25,10 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine
 
-from ..events import CustomerStatus, EventRow, Listing, OutboxEntry, PollOutcome
+from ..events import CustomerStatus, EventRow, Listing, OutboxEntry, PollOutcome, Source
 from . import queries
 
-__all__ = ["BaselineWriter", "CycleSession", "Sighting", "StoredState"]
+__all__ = ["BaselineWriter", "CycleSession", "Sighting", "SourceSession", "StoredState"]
 
 #: A sighting the cycle could not settle: (customer id, archived, fingerprint, canonical JSON).
 Sighting = tuple[str, bool, int, bytes]
@@ -89,9 +89,12 @@ def _insert_customers_sql(rows: int) -> str:
     )
 
 
-class CycleSession:
-    """One poll cycle's connection, taken out of the pool so that closing it really closes it (and
-    its temporary file with it). Not thread-safe: one thread at a time, as the cycle uses it."""
+class SourceSession:
+    """A source's connection for one poll, taken out of the pool so that closing it really closes it
+    (and its temporary file with it). Not thread-safe: one thread at a time, as a source uses it.
+
+    The customers' session is :class:`CycleSession`; the plans' is ``store.plans.PlanSession``.
+    """
 
     def __init__(self, engine: Engine) -> None:
         conn = engine.connect()
@@ -124,6 +127,22 @@ class CycleSession:
     def set_cache(self, kib: int) -> None:
         self._db.execute(f"PRAGMA cache_size = -{kib}")
 
+    def last_sequence(self) -> int:
+        return queries.last_sequence(self._conn)
+
+    def append_events(self, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
+        if events:
+            self._db.executemany(queries.INSERT_EVENT, events)
+        if outbox:
+            self._db.executemany(queries.INSERT_OUTBOX, outbox)
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return self._db.execute(sql, params).fetchall()
+
+
+class CycleSession(SourceSession):
+    """The customers' cycle: its connection (see :class:`SourceSession`) and every statement it runs."""
+
     # -- the poll run ---------------------------------------------------------------------------
 
     def begin_poll(self, now: str) -> int:
@@ -152,20 +171,40 @@ class CycleSession:
         active: int,
         archived: int,
         events_by_type: dict[str, int],
+        settle: bool = True,
     ) -> None:
-        """Record the poll as succeeded, inside the transaction that commits it."""
+        """Record the customers as read, inside the transaction that commits them; with ``settle``
+        (no other source is still reading) the poll as succeeded, else its outcome is left to the
+        source that finishes last (``queries.settle_poll``)."""
+        by_type = orjson.dumps(events_by_type).decode()
+        events = sum(events_by_type.values())
         self._db.execute(
-            "UPDATE poll_runs SET outcome = ?, finished_at = ?, baseline = ?, pages = ?, "
-            "active = ?, archived = ?, events = ?, events_by_type = ? WHERE id = ?",
+            "INSERT INTO poll_sources (poll_id, source, outcome, finished_at, baseline, pages, items, "
+            "events, events_by_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
+                poll_id,
+                Source.CUSTOMERS,
                 PollOutcome.SUCCEEDED,
                 finished_at,
                 baseline,
                 pages,
+                active + archived,
+                events,
+                by_type,
+            ),
+        )
+        self._db.execute(
+            "UPDATE poll_runs SET outcome = ?, finished_at = ?, baseline = ?, pages = ?, "
+            "active = ?, archived = ?, events = ?, events_by_type = ? WHERE id = ?",
+            (
+                PollOutcome.SUCCEEDED if settle else PollOutcome.RUNNING,
+                finished_at if settle else None,
+                baseline,
+                pages,
                 active,
                 archived,
-                sum(events_by_type.values()),
-                orjson.dumps(events_by_type).decode(),
+                events,
+                by_type,
                 poll_id,
             ),
         )
@@ -173,7 +212,7 @@ class CycleSession:
     # -- what is stored -------------------------------------------------------------------------
 
     def has_baseline(self) -> bool:
-        return queries.has_baseline(self._conn)
+        return queries.has_baseline(self._conn, Source.CUSTOMERS)
 
     def is_empty(self) -> bool:
         return self._db.execute("SELECT 1 FROM customers LIMIT 1").fetchone() is None
@@ -252,9 +291,6 @@ class CycleSession:
         """Up to ``limit`` staged customers after ``after_id``, in id order, one sighting each."""
         return self._rows(_CHOSEN_STAGED, (after_id, limit))
 
-    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        return self._db.execute(sql, params).fetchall()
-
     # -- the final transaction ------------------------------------------------------------------
 
     def load_states(self, ids: Sequence[str]) -> dict[str, StoredState]:
@@ -275,15 +311,6 @@ class CycleSession:
             f"WHERE id IN ({', '.join('?' * len(ids))})",
             (CustomerStatus.DELETED, detected_at, poll_id, *ids),
         )
-
-    def last_sequence(self) -> int:
-        return queries.last_sequence(self._conn)
-
-    def append_events(self, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
-        if events:
-            self._db.executemany(queries.INSERT_EVENT, events)
-        if outbox:
-            self._db.executemany(queries.INSERT_OUTBOX, outbox)
 
     def baseline_writer(self, *, detected_at: str, poll_id: int) -> BaselineWriter:
         """A writer for a silent baseline into an empty store; see :class:`BaselineWriter`."""

@@ -24,6 +24,7 @@ from ..errors import StoreError
 from . import queries
 from ._checkpoint import Checkpointer
 from .cycle import CycleSession
+from .plans import PlanSession
 from .schema import MIGRATIONS, SCHEMA_VERSION, CustomerState, PollRun
 
 __all__ = ["Store"]
@@ -113,6 +114,11 @@ class Store:
             finally:
                 session.close()
 
+    def plan_session(self) -> PlanSession:
+        """The plans source's own connection for one poll (see :class:`~watcher.store.plans.PlanSession`);
+        the caller closes it, after :meth:`request_checkpoint` when it committed."""
+        return PlanSession(self.engine)
+
     # -- reads that are a transaction of their own ----------------------------------------------
 
     def schema_version(self) -> int:
@@ -128,6 +134,11 @@ class Store:
         with self.read() as conn:
             return queries.last_polls(conn, limit)
 
+    def failed_sources(self, poll_id: int) -> tuple[str, ...]:
+        """The sources a poll of more than one source failed on; () otherwise."""
+        with self.read() as conn:
+            return queries.failed_sources_of(conn, poll_id)
+
     def last_successful_poll(self) -> PollRun | None:
         with self.read() as conn:
             return queries.last_successful_poll(conn)
@@ -135,6 +146,11 @@ class Store:
     def customer_counts(self) -> dict[str, int]:
         with self.read() as conn:
             return queries.customer_counts(conn)
+
+    def plan_counts(self) -> tuple[int, int, int]:
+        """(plans whose members are watched, memberships held, of which ended)."""
+        with self.read() as conn:
+            return queries.plan_counts(conn)
 
     def get_customer(self, customer_id: str) -> CustomerState | None:
         with self.read() as conn:

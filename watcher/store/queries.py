@@ -31,8 +31,18 @@ from sqlalchemy import (
 from sqlmodel import col
 
 from .._time import parse_ts
-from ..events import DeliveryState, EventRow, EventType, OutboxEntry, PollOutcome
-from .schema import CustomerState, EventRecord, Meta, OutboxRow, PollRun, SinkState
+from ..events import DeliveryState, EventRow, EventType, OutboxEntry, PollOutcome, Source
+from .schema import (
+    CustomerState,
+    EventRecord,
+    Meta,
+    OutboxRow,
+    Plan,
+    PlanMember,
+    PollRun,
+    PollSource,
+    SinkState,
+)
 
 __all__ = [
     "MANY_CUSTOMERS",
@@ -48,8 +58,10 @@ __all__ = [
     "event_page",
     "expire_pending",
     "fail_poll",
+    "failed_sources_of",
     "failure_counts",
     "get_customer",
+    "get_poll",
     "has_baseline",
     "last_notice",
     "last_polls",
@@ -57,13 +69,17 @@ __all__ = [
     "last_successful_poll",
     "mark_attempt",
     "match_customers",
+    "plan_counts",
     "query_events",
     "record_refused_poll",
+    "record_source",
     "replay",
     "schema_version",
     "set_schema_version",
     "set_sink_state",
+    "settle_poll",
     "sink_state",
+    "source_outcomes",
     "time_out_poll",
 ]
 
@@ -95,16 +111,23 @@ def set_schema_version(conn: Connection, version: int) -> None:
 # -- polls ----------------------------------------------------------------------------------------
 
 
-def has_baseline(conn: Connection) -> bool:
-    """True once any poll has succeeded: only then are differences changes."""
+def has_baseline(conn: Connection, source: Source = Source.CUSTOMERS) -> bool:
+    """True once a read of ``source`` has succeeded: only then are its differences changes."""
     # One row is enough (a daemon that polls every few minutes has a long history to count).
-    q = "SELECT 1 FROM poll_runs WHERE outcome = ? LIMIT 1"
-    return conn.exec_driver_sql(q, (PollOutcome.SUCCEEDED,)).first() is not None
+    q = select(col(PollSource.poll_id)).where(
+        col(PollSource.source) == source, col(PollSource.outcome) == PollOutcome.SUCCEEDED
+    )
+    return conn.execute(q.limit(1)).first() is not None
 
 
 def last_polls(conn: Connection, limit: int = 10) -> list[PollRun]:
     rows = conn.execute(select(PollRun).order_by(col(PollRun.id).desc()).limit(limit)).all()
     return [PollRun.model_validate(r._mapping) for r in rows]
+
+
+def get_poll(conn: Connection, poll_id: int) -> PollRun | None:
+    row = conn.execute(select(PollRun).where(col(PollRun.id) == poll_id)).first()
+    return PollRun.model_validate(row._mapping) if row else None
 
 
 def last_successful_poll(conn: Connection) -> PollRun | None:
@@ -135,12 +158,105 @@ def fail_poll(conn: Connection, poll_id: int, *, outcome: PollOutcome, finished_
 
 
 def time_out_poll(conn: Connection, poll_id: int, *, error: str) -> None:
-    """A poll abandoned because it outlived its timeout counts as failed, not abandoned."""
+    """A poll abandoned because it outlived its timeout counts as failed, not abandoned (and so do
+    the sources it abandoned)."""
     conn.execute(
         update(PollRun)
         .where(col(PollRun.id) == poll_id, col(PollRun.outcome) == PollOutcome.ABANDONED)
         .values(outcome=PollOutcome.FAILED, error=error)
     )
+    conn.execute(
+        update(PollSource)
+        .where(col(PollSource.poll_id) == poll_id, col(PollSource.outcome) == PollOutcome.ABANDONED)
+        .values(outcome=PollOutcome.FAILED, error=error)
+    )
+
+
+def record_source(
+    conn: Connection,
+    poll_id: int,
+    source: Source,
+    *,
+    outcome: PollOutcome,
+    finished_at: str,
+    baseline: bool = False,
+    pages: int = 0,
+    items: int = 0,
+    events_by_type: dict[str, int] | None = None,
+    error: str | None = None,
+) -> None:
+    """How ``source`` fared in the poll, in the transaction that commits it (or records its failure)."""
+    by_type = events_by_type or {}
+    conn.execute(
+        insert(PollSource).values(
+            poll_id=poll_id,
+            source=source,
+            outcome=outcome,
+            finished_at=finished_at,
+            baseline=baseline,
+            pages=pages,
+            items=items,
+            events=sum(by_type.values()),
+            events_by_type=orjson.dumps(by_type).decode(),
+            error=None if error is None else error[:2000],
+        )
+    )
+
+
+def source_outcomes(conn: Connection, poll_id: int) -> dict[str, tuple[str, str | None]]:
+    """source -> (outcome, error) of every source the poll read, in the order they were recorded."""
+    rows = conn.execute(
+        select(col(PollSource.source), col(PollSource.outcome), col(PollSource.error))
+        .where(col(PollSource.poll_id) == poll_id)
+        .order_by(col(PollSource.source))
+    ).all()
+    return {source: (outcome, error) for source, outcome, error in rows}
+
+
+#: How the outcomes of a poll's sources make the poll's: the first of these that any source had.
+_SETTLE_ORDER = (PollOutcome.ABANDONED, PollOutcome.FAILED, PollOutcome.REFUSED)
+
+
+def settle_poll(conn: Connection, poll_id: int, *, finished_at: str) -> PollOutcome:
+    """Record the poll's outcome from its sources' (once the last of them is done) and return it.
+
+    It succeeded when every source did; otherwise it is abandoned, failed or refused (in that order
+    of precedence), and its error names each source that did not succeed: ``plans: <reason>``.
+    Its events are those its sources committed.
+    """
+    rows = conn.execute(
+        select(
+            col(PollSource.source),
+            col(PollSource.outcome),
+            col(PollSource.error),
+            col(PollSource.events_by_type),
+        )
+        .where(col(PollSource.poll_id) == poll_id)
+        .order_by(col(PollSource.source))
+    ).all()
+    outcomes = {PollOutcome(outcome) for _, outcome, _, _ in rows}
+    outcome = next((o for o in _SETTLE_ORDER if o in outcomes), PollOutcome.SUCCEEDED)
+    failed = [(source, o, error) for source, o, error, _ in rows if o != PollOutcome.SUCCEEDED]
+    if len(rows) == 1 or (len(failed) == len(rows) and len({e for _, _, e in failed}) == 1):
+        error = failed[0][2] if failed else None  # one source, or all of them for one reason (shutdown)
+    else:
+        error = "; ".join(f"{source}: {error or o}" for source, o, error in failed) or None
+    by_type: dict[str, int] = {}
+    for *_, counts in rows:
+        for event_type, n in orjson.loads(counts).items():
+            by_type[event_type] = by_type.get(event_type, 0) + n
+    conn.execute(
+        update(PollRun)
+        .where(col(PollRun.id) == poll_id)
+        .values(
+            outcome=outcome,
+            finished_at=finished_at,
+            error=error[:2000] if error else None,
+            events=sum(by_type.values()),
+            events_by_type=orjson.dumps(by_type).decode(),
+        )
+    )
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -153,6 +269,8 @@ class FailureCounts:
     last_failed_poll_id: int | None
     last_error: str | None
     last_success_id: int | None
+    #: The sources that did not succeed in the last failed poll, when it read more than one.
+    failed_sources: tuple[str, ...] = ()
 
 
 def failure_counts(conn: Connection, *, before_success: int | None = None) -> FailureCounts:
@@ -168,10 +286,20 @@ def failure_counts(conn: Connection, *, before_success: int | None = None) -> Fa
     count, since, last_failed = conn.execute(
         select(func.count(), func.min(col(PollRun.started_at)), func.max(poll_id)).where(*window)
     ).one()
-    last_error = None
+    last_error: str | None = None
+    failed_sources: tuple[str, ...] = ()
     if last_failed is not None:
         last_error = conn.execute(select(col(PollRun.error)).where(poll_id == last_failed)).scalar()
-    return FailureCounts(int(count), since, last_failed, last_error, last_success)
+        failed_sources = failed_sources_of(conn, last_failed)
+    return FailureCounts(int(count), since, last_failed, last_error, last_success, failed_sources)
+
+
+def failed_sources_of(conn: Connection, poll_id: int) -> tuple[str, ...]:
+    """The sources that did not succeed in a poll that read more than one; () otherwise."""
+    outcomes = source_outcomes(conn, poll_id)
+    if len(outcomes) < 2:
+        return ()
+    return tuple(source for source, (outcome, _) in outcomes.items() if outcome != PollOutcome.SUCCEEDED)
 
 
 def last_notice(conn: Connection, types: Sequence[EventType]) -> dict[str, Any] | None:
@@ -193,6 +321,15 @@ def customer_counts(conn: Connection) -> dict[str, int]:
         select(col(CustomerState.status), func.count()).group_by(col(CustomerState.status))
     ).all()
     return {status: n for status, n in rows}
+
+
+def plan_counts(conn: Connection) -> tuple[int, int, int]:
+    """(plans whose members are watched, memberships held, of which ended)."""
+    plans = conn.execute(select(func.count()).where(col(Plan.watched).is_(True))).scalar() or 0
+    members, ended = conn.execute(
+        select(func.count(), func.coalesce(func.sum(col(PlanMember.ended)), 0))
+    ).one()
+    return int(plans), int(members or 0), int(ended or 0)
 
 
 def get_customer(conn: Connection, customer_id: str) -> CustomerState | None:

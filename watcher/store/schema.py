@@ -23,12 +23,16 @@ __all__ = [
     "Meta",
     "OutboxRow",
     "PageMemo",
+    "Plan",
+    "PlanMember",
+    "PlanPageMemo",
     "PollRun",
+    "PollSource",
     "SinkState",
 ]
 
 #: Bump when the schema changes, and add a step to ``MIGRATIONS`` that brings version N-1 to N.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class Meta(SQLModel, table=True):
@@ -80,6 +84,79 @@ class PollRun(SQLModel, table=True):
     #: JSON object: event counts by type
     events_by_type: str = "{}"
     error: str | None = None
+
+
+class PollSource(SQLModel, table=True):
+    """How one source fared in one poll run (``events.Source``): each source commits on its own, so a
+    run has a row per source it read, written in that source's own transaction (or with its failure).
+    The run's own ``outcome`` is settled from them once the last source is done."""
+
+    __tablename__ = "poll_sources"
+    __table_args__ = (Index("ix_poll_sources_source_outcome", "source", "outcome", "poll_id"),)
+    poll_id: int = Field(primary_key=True)
+    source: str = Field(primary_key=True)  # events.Source
+    outcome: str  # events.PollOutcome
+    finished_at: str | None = None
+    #: The source's first successful read: recorded silently (unless diff.emit_baseline_events).
+    baseline: bool = False
+    pages: int = 0
+    #: Customers seen (active and archived), or plan memberships held, after the read.
+    items: int = 0
+    events: int = 0
+    #: JSON object: event counts by type
+    events_by_type: str = "{}"
+    error: str | None = None
+
+
+class Plan(SQLModel, table=True):
+    """A plan ``GET /v1/plans`` listed, as the plans source last saw it."""
+
+    __tablename__ = "plans"
+    id: str = Field(primary_key=True)
+    name: str
+    #: canonical JSON, as ``GET /v1/plans`` last listed it
+    record: str
+    #: In the listing of the last successful plans read (False: gone from it since).
+    listed: bool
+    #: Its members were read completely by the last successful plans read, and are in ``plan_members``.
+    watched: bool
+    first_seen_at: str
+    changed_at: str
+
+
+class PlanMember(SQLModel, table=True):
+    """The last committed picture of one membership (a customer on a plan), by ``customer_plan_id``."""
+
+    __tablename__ = "plan_members"
+    __table_args__ = (
+        Index("ix_plan_members_plan_hash", "plan_id", "hash"),
+        # The memberships whose end is still to be announced, by when it comes.
+        Index("ix_plan_members_due", "ends_at", sqlite_where=text("ended = 0 AND ends_at IS NOT NULL")),
+    )
+    customer_plan_id: str = Field(primary_key=True)
+    plan_id: str
+    customer_id: str
+    hash: int  # fingerprint.record_hash of ``record``
+    #: canonical JSON of the item as listed: ``{"customer_details": ..., "plan_details": ...}``
+    record: str
+    #: ``plan_details.ending_before`` in ``_time.format_ts`` form (comparable as text); None: no end set.
+    ends_at: str | None = None
+    #: Its end has passed and was announced (``customer.plan_ended``), or had passed when first seen.
+    ended: bool = False
+    first_seen_at: str
+    changed_at: str
+    last_poll_id: int
+
+
+class PlanPageMemo(SQLModel, table=True):
+    """The digest and fingerprints of every page of a plan's members that the last successful plans
+    read saw (packed as ``watcher.poll.memo`` packs a listing's), written with ``plan_members``: a
+    plan whose pages all come back byte for byte is settled without parsing. Clear it whenever the
+    fingerprint or the checks of a members page change."""
+
+    __tablename__ = "plan_page_memo"
+    plan_id: str = Field(primary_key=True)
+    pages: bytes
 
 
 class EventRecord(SQLModel, table=True):
@@ -162,5 +239,23 @@ def _migrate_to_4(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _migrate_to_5(conn: Connection) -> None:
+    """Version 5 watches plans (``Plan``, ``PlanMember``, ``PlanPageMemo``) and records each source's
+    outcome per poll (``PollSource``). Every earlier poll read the customers alone, so each finished
+    one becomes a ``customers`` row: the customers' baseline stays where it was."""
+    for table in (PollSource, Plan, PlanMember, PlanPageMemo):
+        table.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined,union-attr]
+    conn.exec_driver_sql(
+        "INSERT OR IGNORE INTO poll_sources (poll_id, source, outcome, finished_at, baseline, pages, items, "
+        "events, events_by_type, error) SELECT id, 'customers', outcome, finished_at, baseline, pages, "
+        "active + archived, events, events_by_type, error FROM poll_runs WHERE outcome != 'running'"
+    )
+
+
 #: version -> the step that upgrades a database from version-1 to version.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _migrate_to_2, 3: _migrate_to_3, 4: _migrate_to_4}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    2: _migrate_to_2,
+    3: _migrate_to_3,
+    4: _migrate_to_4,
+    5: _migrate_to_5,
+}

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from ...config import DEFAULT_APP_URL
-from ...events import EventType, change_line, customer_record, is_customer_event, plain_value
+from ...events import EventType, change_line, customer_record, is_customer_event, plain_value, plan_headline
 from .._summary import (
     DIGEST_ITEMS,
     MAX_CHANGES,
@@ -51,6 +51,10 @@ _SEVERITY: dict[str, str] = {
     EventType.CUSTOMER_ARCHIVED: "warning",
     EventType.CUSTOMER_UNARCHIVED: "success",
     EventType.CUSTOMER_DELETED: "warning",
+    EventType.CUSTOMER_PLAN_ADDED: "info",
+    EventType.CUSTOMER_PLAN_UPDATED: "warning",  # an end date that appears is the early churn notice
+    EventType.CUSTOMER_PLAN_ENDED: "warning",
+    EventType.CUSTOMER_PLAN_REMOVED: "warning",
     EventType.POLL_FAILING: "failure",
     EventType.POLL_RECOVERED: "success",
 }
@@ -214,6 +218,9 @@ def build_event_message(
         ids.append(f"external id {w.code(str(external))}")
     line = " · ".join([w.bold(w.customer(event, app_url)), *ids])
     head = [line + (f"\n{_customer_url(app_url, cid)}" if w.plain and cid else "")]
+    headline = plan_headline(event)
+    if headline:
+        head.append(w.bold(w.esc(headline[0].upper() + headline[1:])))
     found = changes(event)
     items: list[str] = []
     heading = None
@@ -250,6 +257,9 @@ def _digest_line(w: _Writer, event: Mapping[str, Any], app_url: str) -> str:
     words = kind(etype)
     if not is_customer_event(etype):
         return f"- {w.esc(words.title)}"
+    headline = plan_headline(event)
+    if headline:
+        return f"- {w.bold(w.customer(event, app_url))}: {w.esc(headline)}"
     line = f"- {w.bold(w.customer(event, app_url))} {words.word}"
     shown = digest_changes(event)
     if shown:

@@ -1,9 +1,10 @@
 """What a Slack message says: one event, or a digest of many, as Block Kit, within Slack's limits.
 
 * **One message per event** while a delivery round is small: a header with an emoji and what
-  happened, *who* (the customer's name linked to ``{app_url}/customers/{id}``, its id), each field
-  change as ``field: before -> after`` (a changed list as the items added and removed), and a
-  context line with the event type, sequence and event id (what ``replay --id`` takes).
+  happened, *who* (the customer's name linked to ``{app_url}/customers/{id}``, its id), for a plan
+  event what it means in words (``plan Growth ends on 2026-12-31``), each field change as ``field:
+  before -> after`` (a changed list as the items added and removed), and a context line with the
+  event type, sequence and event id (what ``replay --id`` takes).
 * **A digest** when a round is bigger (a bulk edit, a backlog after an outage): counts by type, the
   first few items, "and N more" with the command that lists them all.
 * Slack's limits are enforced where the message is built, not hoped for: at most 50 blocks per
@@ -23,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ...config import DEFAULT_APP_URL
-from ...events import EventType, change_line, customer_record, is_customer_event, plain_value
+from ...events import EventType, change_line, customer_record, is_customer_event, plain_value, plan_headline
 from .._summary import (
     DIGEST_ITEMS,
     MAX_CHANGES,
@@ -66,6 +67,10 @@ _EMOJI: dict[str, str] = {
     EventType.CUSTOMER_DELETED: ":wastebasket:",
     EventType.POLL_FAILING: ":rotating_light:",
     EventType.POLL_RECOVERED: ":white_check_mark:",
+    EventType.CUSTOMER_PLAN_ADDED: ":inbox_tray:",
+    EventType.CUSTOMER_PLAN_UPDATED: ":calendar:",
+    EventType.CUSTOMER_PLAN_ENDED: ":door:",
+    EventType.CUSTOMER_PLAN_REMOVED: ":outbox_tray:",
 }
 
 
@@ -180,6 +185,9 @@ def build_event_message(event: Mapping[str, Any], *, app_url: str = DEFAULT_APP_
     if external and external != cid:
         who_text += f" · external id {_code(str(external))}"
     blocks = [_header(f"{emoji} {title}: {name}"), _section(who_text)]
+    headline = plan_headline(event)
+    if headline:
+        blocks.append(_section(f"*{_esc(clip(headline[0].upper() + headline[1:], MAX_SECTION_TEXT - 2))}*"))
     found = changes(event)
     if found:
         lines = [f"• {_change_line(c)}" for c in found[:MAX_CHANGES]]
@@ -193,7 +201,9 @@ def build_event_message(event: Mapping[str, Any], *, app_url: str = DEFAULT_APP_
         blocks.append(_section("No longer in Metronome: in neither listing, and not found by id."))
     blocks.append(context)
     text = f"{title}: {name} ({cid})"
-    if found:
+    if headline:
+        text += f": {headline}"
+    elif found:
         text += ": " + "; ".join(change_line(c, value=_short) for c in found[:3])
         if len(found) > 3:
             text += f" (+{len(found) - 3} more)"
@@ -218,6 +228,9 @@ def _digest_line(event: Mapping[str, Any], app_url: str) -> str:
     emoji, words = _emoji(etype), kind(etype)
     if not is_customer_event(etype):
         return f"• {emoji} {_esc(words.title)}"
+    headline = plan_headline(event)
+    if headline:
+        return f"• {emoji} {_link(event, app_url)}: {_esc(clip(headline, MAX_SECTION_TEXT // 4))}"
     line = f"• {emoji} {_link(event, app_url)} {words.word}"
     shown = digest_changes(event)
     if shown:
