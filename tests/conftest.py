@@ -11,7 +11,6 @@ A test that is about SQLite itself says so with ``@sqlite_only``.
 from __future__ import annotations
 
 import os
-import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,8 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import text
 
-from watcher.config import DiffConfig, is_postgres_url
+from watcher._time import Clock
+from watcher.config import DiffConfig, PlansConfig, is_postgres_url
 from watcher.events import Listing
 from watcher.metronome import MetronomeClient, RetryPolicy
 from watcher.poll import Poller, PollResult
@@ -68,6 +68,24 @@ def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def create_schema(server: str) -> tuple[str, str]:
+    """A new, empty schema in the PostgreSQL ``server``: (its name, the URL of a store in it)."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return schema, schema_url(server, schema)
+
+
+def drop_schemas(server: str, schemas: list[str]) -> None:
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True) as conn:
+        for schema in schemas:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
 @pytest.fixture
 def new_store_url(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
     """Makes targets for new, empty stores on the test's engine: a file, or a fresh schema."""
@@ -78,21 +96,28 @@ def new_store_url(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -
         if engine == "sqlite":
             made.append(f"watcher{len(made) or ''}.db")  # watcher.db, watcher1.db, ...
             return str(tmp_path / made[-1])
-        import psycopg
-
-        schema = f"t_{uuid.uuid4().hex[:16]}"
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
+        schema, url = create_schema(server)
         made.append(schema)
-        return schema_url(server, schema)
+        return url
 
     yield make
     if engine == "postgresql" and made:
-        import psycopg
+        drop_schemas(server, made)
 
-        with psycopg.connect(server, autocommit=True) as conn:
-            for schema in made:
-                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+@pytest.fixture(scope="module", params=ENGINES)
+def module_store_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The target of a store that a whole module's tests share (a data set built once), on each
+    engine in turn: a file, or a fresh schema dropped when the module is done."""
+    if request.param == "sqlite":
+        yield str(tmp_path_factory.mktemp("module-store") / "watcher.db")
+        return
+    server = request.getfixturevalue("pg_server")
+    schema, url = create_schema(server)
+    yield url
+    drop_schemas(server, [schema])
 
 
 @pytest.fixture
@@ -149,6 +174,8 @@ class Harness:
         page_limit: int = 10,
         concurrent: bool = True,
         max_attempts: int = 3,
+        plans: PlansConfig | None = None,
+        poll_clock: Clock | None = None,
         **diff: Any,
     ) -> None:
         self.fake = fake
@@ -169,6 +196,9 @@ class Harness:
             diff=DiffConfig(**diff),
             routes=[Route("audit")],
             concurrent_listings=concurrent,
+            plans=plans,
+            plan_source=self.client,
+            **({"clock": poll_clock} if poll_clock is not None else {}),
         )
 
     def poll(self) -> PollResult:
@@ -183,7 +213,7 @@ class Harness:
         """Everything a cycle may change, to prove a failed one changed nothing."""
         return {
             table: rows(self.store, f"SELECT * FROM {table} ORDER BY 1")
-            for table in ("customers", "events", "outbox")
+            for table in ("customers", "events", "outbox", "plans", "plan_members", "plan_page_memo")
         }
 
     def close(self) -> None:
@@ -211,11 +241,3 @@ def seeded(fake: SimulatedMetronome, harness: Harness) -> Harness:
     result = harness.poll()
     assert result.ok and result.baseline
     return harness
-
-
-def db_bytes(db: Path) -> tuple[int, int]:
-    """Bytes in the database file, and bytes of the database as a reader sees it (WAL included)."""
-    with sqlite3.connect(db) as con:
-        (count,) = con.execute("PRAGMA page_count").fetchone()
-        (size,) = con.execute("PRAGMA page_size").fetchone()
-    return db.stat().st_size, count * size

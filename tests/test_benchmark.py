@@ -127,3 +127,31 @@ def test_latency_run_compares_with_pages_times_latency(report: dict[str, Any]) -
     for mode in ("back_to_back", "after_idle"):
         assert wake[mode]["request_ms"] > 0 and wake[mode]["parse_ms"] > 0
     assert set(latency["concurrency_gain"]) == {"floor", "poll_no_change"}
+
+
+def test_the_plans_case_reads_every_membership_and_reports_exactly_the_endings(
+    report: dict[str, Any],
+) -> None:
+    (plans,) = report["plans"]
+    assert (plans["customers"], plans["plans"], plans["memberships"]) == (CUSTOMERS, 20, CUSTOMERS)
+    scenarios = plans["scenarios"]
+    assert set(scenarios) == {"floor_plans", "baseline", "no_change", "ended_1pct"}
+    floor = scenarios["floor_plans"]
+    assert (floor["records"], floor["plans"], floor["memberships"]) == (CUSTOMERS, 20, CUSTOMERS)
+    assert plans["pages"] == floor["pages_active"] + floor["pages_archived"] + floor["pages_members"]
+    for name in ("baseline", "no_change", "ended_1pct"):
+        cycle = scenarios[name]
+        assert cycle["active"] + cycle["archived"] == CUSTOMERS, name
+        assert (cycle["plans"]["plans"], cycle["plans"]["memberships"]) == (20, CUSTOMERS), name
+        assert cycle["plans"]["pages"] == 1 + floor["pages_members"], name  # GET /v1/plans, then members
+        assert cycle["seconds"] > 0 and cycle["ratio_to_floor"] > 0, name
+    assert scenarios["baseline"]["plans"]["baseline"] is True
+    assert scenarios["no_change"]["plans"]["baseline"] is False
+    assert scenarios["no_change"]["events"] == 0
+    (mutation,) = plans["mutations_per_1pct_run"]
+    assert mutation["changed"] == round(CUSTOMERS / 100)
+    # Every end date is one event: plan_ended for those in the past, plan_updated for those ahead.
+    assert (
+        scenarios["ended_1pct"]["plans"]["events"] == scenarios["ended_1pct"]["events"] == mutation["changed"]
+    )
+    assert set(plans["targets"]) == {"no_change_le_1.25x_floor_plans"}

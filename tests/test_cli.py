@@ -93,9 +93,12 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
     config = write_config(tmp_path, fake)
     a = fake.create_customer("Alpha")["id"]
     b = fake.create_customer("Beta")["id"]
+    long_alias = "billing-department-of-a-very-long-company-name@example.com"
+    c = fake.create_customer("Gamma", ingest_aliases=[long_alias, "old@gamma.example.com"])["id"]
     assert cli(config, "poll").returncode == 0
     fake.set_name(a, "Alpha Two")
     fake.archive(b)
+    fake.set_ingest_aliases(c, [long_alias, "new@gamma.example.com"])
     assert cli(config, "poll").returncode == 0
 
     by_customer = jsonl(cli(config, "events", "--customer", a, "--format", "jsonl").stdout)
@@ -103,7 +106,7 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
     by_type = jsonl(cli(config, "events", "--type", "customer.archived", "--format", "jsonl").stdout)
     assert [e["customer_id"] for e in by_type] == [b]
     assert jsonl(cli(config, "events", "--since", "2999-01-01T00:00:00Z", "--format", "jsonl").stdout) == []
-    assert len(jsonl(cli(config, "events", "--since", "1h", "--format", "jsonl").stdout)) == 2
+    assert len(jsonl(cli(config, "events", "--since", "1h", "--format", "jsonl").stdout)) == 3
     assert jsonl(cli(config, "events", "--until", "1h", "--format", "jsonl").stdout) == []
 
     # Events of one cycle come in no promised order; across cycles, in sequence order.
@@ -111,15 +114,20 @@ def test_events_filters_and_formats(fake: SimulatedMetronome, tmp_path: Path) ->
         r["type"]: r for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
     }
     assert set(rows) == {"customer.updated", "customer.archived"}
-    assert json.loads(rows["customer.updated"]["changes"]) == [
-        {"field": "name", "before": "Alpha", "after": "Alpha Two"}
-    ]
-    assert rows["customer.archived"]["customer_id"] == b and rows["customer.archived"]["name"] == "Beta"
+    rows = {
+        r["customer_id"]: r
+        for r in csv.DictReader(io.StringIO(cli(config, "events", "--format", "csv").stdout))
+    }
+    assert json.loads(rows[a]["changes"]) == [{"field": "name", "before": "Alpha", "after": "Alpha Two"}]
+    assert rows[b]["type"] == "customer.archived" and rows[b]["name"] == "Beta"
 
     table = cli(config, "events").stdout.splitlines()
     assert table[0].split() == ["sequence", "detected_at", "type", "customer_id", "name", "changes"]
-    updated = next(line for line in table if "customer.updated" in line)
-    assert "name: Alpha -> Alpha Two" in updated and a in updated
+    updated = next(line for line in table if "customer.updated" in line and a in line)
+    assert "name: Alpha -> Alpha Two" in updated
+    # A changed list: what was added and removed, not two lists cut off at 40 characters.
+    aliases = next(line for line in table if c in line)
+    assert aliases.endswith("ingest_aliases: added new@gamma.example.com; removed old@gamma.example.com")
 
     bad = cli(config, "events", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "--since" in bad.stderr
@@ -219,8 +227,59 @@ def test_demo_shows_events_within_seconds(tmp_path: Path) -> None:
     event_lines = [line for line in out.splitlines() if line.lstrip().startswith("#")]
     assert len(event_lines) >= 3, out
     assert any("customer." in line for line in event_lines)
+    # Its customers are on plans, and their plans change (end dates, in words) as it runs.
+    assert "memberships of 4 plans recorded" in out
+    assert any("customer.plan_" in line for line in event_lines)
     assert "demo stopped:" in out
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_serves_the_web_view_on_a_local_port_and_prints_its_address(tmp_path: Path) -> None:
+    import re
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            "demo",
+            "--for",
+            "30",
+            "--customers",
+            "50",
+            "--web-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "METRONOME_BEARER_TOKEN": ""},
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        match = re.search(
+            r"web view: (http://127\.0\.0\.1:(\d+))/ +\(user name: anything, password: (\S+)\)",
+            "".join(lines),
+        )
+        assert match, lines
+        url, printed_port, token = match.groups()
+        assert int(printed_port) == port
+        assert f"Authorization: Bearer {token}" in lines[2]
+        assert httpx.get(url + "/").status_code == 401
+        page = httpx.get(url + "/", auth=("me", token))
+        assert page.status_code == 200 and "Recent changes" in page.text
+        assert httpx.get(url + "/api/events", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def test_a_process_killed_mid_cycle_loses_nothing_and_invents_nothing(
@@ -268,3 +327,48 @@ def test_a_process_killed_mid_cycle_loses_nothing_and_invents_nothing(
     outcomes = [o for (o,) in con.execute("SELECT outcome FROM poll_runs ORDER BY id")]
     con.close()
     assert outcomes == ["succeeded", "abandoned", "succeeded"]
+
+
+def test_poll_with_plans_says_what_each_source_did_and_which_one_failed(
+    fake: SimulatedMetronome, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, fake, "\n[plans]\nwatch = true\n")
+    growth = fake.create_plan("Growth")["id"]
+    ids = [fake.create_customer(f"Customer {i}")["id"] for i in range(3)]
+    cpids = [
+        fake.add_to_plan(cid, growth, starting_on="2026-01-01T00:00:00Z")["plan_details"]["customer_plan_id"]
+        for cid in ids
+    ]
+
+    first = cli(config, "poll")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == (
+        "poll 1 ok: 3 active, 0 archived, 2 pages; baseline recorded; "
+        "plans: 3 memberships on 1 plans, 2 pages; baseline recorded"
+    )
+
+    fake.set_plan_end(cpids[0], "2099-12-31T00:00:00Z")
+    second = cli(config, "poll")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip().endswith(
+        "; plans: 3 memberships on 1 plans, 2 pages; 1 customer.plan_updated"
+    )
+    table = cli(config, "events").stdout.splitlines()
+    (row,) = [line for line in table if "customer.plan_updated" in line]
+    assert "plan Growth ends on 2099-12-31; plan.ending_before: null -> 2099-12-31T00:00:00.000Z" in row
+    assert ids[0] in row and "Customer 0" in row
+
+    fake.set_name(ids[1], "Renamed")
+    fake.add_fault(Fault(kind="status", status=503, times=100, path="/v1/planDetails"))
+    third = cli(config, "poll")
+    assert third.returncode == 1
+    assert third.stdout.strip() == "poll 3 customers ok: 3 active, 0 archived, 2 pages; 1 customer.updated"
+    (failed,) = [line for line in third.stderr.splitlines() if line.startswith("poll 3 failed: ")]
+    assert failed.startswith(f"poll 3 failed: plans: GET /v1/planDetails/{growth}/customers (members of plan")
+    assert "HTTP 503" in failed
+    updated = jsonl(cli(config, "events", "--type", "customer.updated", "--format", "jsonl").stdout)
+    assert [e["customer_id"] for e in updated] == [ids[1]], "the customers' news was not held back"
+
+    status = cli(config, "status").stdout.splitlines()
+    assert "(failing: plans)" in status[0]
+    assert status[2] == "plans watched: 1 plans, 3 memberships (0 ended)"

@@ -107,7 +107,9 @@ def test_status_shows_the_failure_streak_the_last_polls_the_backlog_and_the_last
     (crm,) = [row for row in lines if row.startswith("crm ")]
     assert crm.split()[1:4] == ["1", "0", "0"]
     assert "backing off" in crm
-    assert lines[-2] == f"last poll error (#4, {lines[-2].split(', ')[1]}, failed):"
+    with Store(config.store.path) as store:
+        (last,) = store.last_polls(1)
+    assert lines[-2] == f"last poll error (#4, {last.started_at[:19]}Z, failed):"
     assert "HTTP 503: maintenance window" in lines[-1]
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 from watcher.cli import main
 from watcher.config import load_config, parse_config, parse_duration
+from watcher.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,6 +73,28 @@ BAD = {
         "store.url: environment variable NO_SUCH_PG_PASSWORD is not set",
     ),
     "lease too short": ("[ha]\nlease = '0.5s'\n", "ha.lease: must be at least 1s"),
+    "web without a token": (
+        "[health]\nport = 8080\n[web]\nenabled = true\n",
+        'web.token: required when web.enabled is true: token = "${WATCHER_WEB_TOKEN}"',
+    ),
+    "web token too short": (
+        "[health]\nport = 8080\n[web]\nenabled = true\ntoken = 'hunter2'\n",
+        "web.token: must be at least 16 characters",
+    ),
+    "web without the health port": (
+        "[web]\nenabled = true\ntoken = '0123456789abcdef0123'\n",
+        "web.enabled: the web view is served on the health port: set health.port",
+    ),
+    "unknown web key": ("[web]\nport = 8081\n", "web.port: unknown key"),
+    "typo in plans": ("[plans]\nwach = true\n", "plans.wach: unknown key"),
+    "plans.watch not a boolean": ("[plans]\nwatch = 'yes please'\n", "plans.watch:"),
+    "empty plan_ids": ("[plans]\nwatch = true\nplan_ids = []\n", "plans.plan_ids: is empty"),
+    "blank plan id": ("[plans]\nplan_ids = ['p1', ' ']\n", "plans.plan_ids: ' ' is not a plan id"),
+    "plan id twice": ("[plans]\nplan_ids = ['p1', 'p1']\n", "plans.plan_ids: names 'p1' more than once"),
+    "unknown plan event": (
+        "[[sinks]]\ntype = 'log'\nname = 'x'\nevents = ['customer.plan_renewed']\n",
+        "sinks[0].events: 'customer.plan_renewed' matches no event type",
+    ),
 }
 
 
@@ -145,6 +169,19 @@ def test_every_documented_example_config_is_valid(example: Path) -> None:
     assert config.metronome.base_url.startswith("https://")
 
 
+def test_the_web_view_is_off_by_default_and_its_token_never_shows() -> None:
+    assert parse_config({}, env={}).web.enabled is False
+    config = parse_config(
+        {"health": {"port": 8080}, "web": {"enabled": True, "token": "${WATCHER_WEB_TOKEN}"}},
+        env={"WATCHER_WEB_TOKEN": "tok-0123456789abcdef"},
+    )
+    assert config.web.enabled and config.web.page_size == 50
+    assert "tok-0123456789abcdef" not in repr(config)
+    with pytest.raises(ConfigError) as short:
+        parse_config({"health": {"port": 1}, "web": {"enabled": True, "token": "tok-short"}}, env={})
+    assert "tok-short" not in str(short.value)
+
+
 def test_secrets_are_not_in_the_parsed_config_repr() -> None:
     config = parse_config(
         {"sinks": [{"type": "http", "name": "h", "url": "https://h.example", "secret": "${S}"}]},
@@ -200,3 +237,105 @@ def test_a_postgres_store_without_the_driver_says_how_to_install_it(tmp_path: Pa
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr
+
+
+# -- the apprise extra -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def python_without_apprise(tmp_path: Path) -> Path:
+    """A real interpreter whose import path holds every package this one has except Apprise.
+
+    A venv without pip, whose one ``.pth`` file names a folder of links to this interpreter's
+    packages (Apprise's left out) and the source tree: as if ``pip install metronome-watcher`` had
+    run without the extra. Nothing is patched; ``import apprise`` fails there for real.
+    """
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    for entry in purelib.iterdir():
+        if not entry.name.lower().startswith("apprise"):
+            (packages / entry.name).symlink_to(entry)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(site, "_watcher_without_apprise.pth").write_text(f"{packages}\n{REPO}\n")
+    return python
+
+
+@pytest.mark.slow
+def test_an_apprise_sink_without_apprise_installed_is_refused_at_start_up_saying_what_to_install(
+    python_without_apprise: Path, tmp_path: Path
+) -> None:
+    def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [python_without_apprise, "-m", "watcher", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "METRONOME_BEARER_TOKEN": "mtr_test_token",
+                "TEAMS_URL": "json://h/x",
+            },
+        )
+
+    missing = subprocess.run([python_without_apprise, "-c", "import apprise"], capture_output=True, text=True)
+    assert "No module named 'apprise'" in missing.stderr  # the premise: no Apprise there
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f"[store]\npath = '{tmp_path / 'w.db'}'\n[[sinks]]\ntype = 'log'\nname = 'audit'\n")
+    assert run(plain, "check-config").returncode == 0  # everything else works without it
+
+    config = tmp_path / "apprise.toml"
+    config.write_text(
+        f"[store]\npath = '{tmp_path / 'w.db'}'\n"
+        "[[sinks]]\ntype = 'log'\nname = 'audit'\n"
+        "[[sinks]]\ntype = 'apprise'\nname = 'ops'\nurls = ['${TEAMS_URL}']\n"
+    )
+    for command in ("check-config", "run", "poll"):
+        proc = run(config, command)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr == (
+            f"metronome-watcher: config error: {config}: sinks[1]: the apprise sink needs the Apprise "
+            "library, which is not installed: pip install 'metronome-watcher[apprise]'\n"
+        )
+        assert not (tmp_path / "w.db").exists()  # refused before anything started
+
+
+def test_plans_are_off_unless_asked_and_their_events_are_types_like_any_other(tmp_path: Path) -> None:
+    assert parse_config({}).plans.watch is False
+    config = parse_config(
+        {
+            "plans": {"watch": True, "plan_ids": ["p1", "p2"]},
+            "sinks": [
+                {"type": "log", "name": "all", "events": ["customer.plan_*"]},
+                {"type": "log", "name": "churn", "events": ["customer.plan_ended", "customer.plan_updated"]},
+                {"type": "log", "name": "ends", "fields": ["plan.ending_before"]},
+            ],
+        }
+    )
+    assert config.plans.watch and config.plans.plan_ids == ("p1", "p2")
+    from watcher.routing import Router, routes_from_config
+
+    route = Router(routes_from_config(config))
+    assert route("customer.plan_ended", []) == ["all", "churn"]
+    assert route("customer.plan_added", []) == ["all"]
+    assert route("customer.plan_updated", ["plan.ending_before"]) == ["all", "churn", "ends"]
+    assert route("customer.plan_updated", ["plan.plan_name"]) == ["all", "churn"]
+    assert route("customer.archived", ["archived_at"]) == []
+
+
+def test_check_config_says_which_plans_are_watched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text("[plans]\nwatch = true\n")
+    assert main(["--config", str(path), "check-config"]) == 0
+    assert "; plans: every plan GET /v1/plans lists;" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +34,7 @@ from watcher.simulator import Fault, SimulatedMetronome
 ROOT = Path(__file__).resolve().parents[1]
 #: Looks like a real token so that a leak would be unmistakable.
 TOKEN = "mtr_test_daemon_SECRETtoken_7Hq2"
+WEB_TOKEN = "web_test_daemon_SECRET_0123456789"
 #: Every wait in this file is bounded by a deadline; none is a fixed sleep.
 DEADLINE = 20.0
 
@@ -264,7 +266,10 @@ def test_metrics_parse_and_their_counters_move_with_polls_and_events(
         m = daemon.metrics()
         archived = sample(m, "watcher_events_total", type="customer.archived")
         delivered = sample(m, "watcher_deliveries_total", sink="audit", outcome="delivered")
-        return m if archived == 1 and delivered == 2 else None
+        # The gauges are read from the database before the counters are rendered: a delivery that
+        # commits in between shows in the counter at once and in the backlog on the next scrape.
+        backlog = sample(m, "watcher_outbox_backlog", sink="audit")
+        return m if archived == 1 and delivered == 2 and backlog == 0 else None
 
     after = wait_until(
         counted_and_delivered,
@@ -329,6 +334,41 @@ def test_sigterm_during_a_slow_poll_exits_in_time_with_code_0_and_commits_nothin
     assert snapshot(db) == committed
     (record,) = db_rows(db, "SELECT record FROM customers WHERE id = ?", ids[0])
     assert "Renamed During The Slow Poll" not in record[0]
+
+
+def test_the_web_view_is_served_on_the_health_port_and_sigterm_still_exits_in_time(
+    fake: SimulatedMetronome, tmp_path: Path, start_daemon: Callable[[str], DaemonProcess]
+) -> None:
+    ids = fake.seed(20, archived_fraction=0.0)
+    web = '[web]\nenabled = true\ntoken = "${WATCHER_WEB_TOKEN}"\n'
+    config = tmp_path / "watcher.toml"
+    config.write_text(config_text(fake, tmp_path / "w.db", extra=web))
+    daemon = DaemonProcess(
+        [sys.executable, "-m", "watcher", "run", "--config", str(config)],
+        env=base_env(WATCHER_WEB_TOKEN=WEB_TOKEN),
+        cwd=tmp_path,
+    )
+    try:
+        daemon.wait_status("/readyz", 200)  # health stays open, on the same port
+        fake.archive(ids[0])
+        with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", auth=("ops", WEB_TOKEN)) as browser:
+            assert browser.get("/", auth=None).status_code == 401
+            page = wait_until(
+                lambda: (
+                    (r := browser.get("/?type=customer.archived")).status_code == 200
+                    and f"/customers/{ids[0]}" in r.text
+                    and r
+                ),
+                "the archive to show on the web view",
+                context=daemon.tail,
+            )
+            assert "archived" in page.text
+            # A browser keeps its connection open; SIGTERM must not wait for it.
+            rc, elapsed = daemon.terminate(timeout=15)
+        assert rc == 0 and elapsed < 10
+        assert WEB_TOKEN not in json.dumps(daemon.lines)  # never logged
+    finally:
+        daemon.kill()
 
 
 def test_failing_and_recovered_notices_are_sent_once_each(
@@ -588,9 +628,10 @@ def test_the_wheel_installed_as_the_dockerfile_does_starts_and_answers_healthz(
                 'host = "0.0.0.0"': 'host = "127.0.0.1"',
             },
         )
+        + '\n[web]\nenabled = true\ntoken = "${WATCHER_WEB_TOKEN}"\n'
     )
     fake.seed(5)
-    env = base_env(WATCHER_CONFIG=str(config))  # as the image's ENV, no --config
+    env = base_env(WATCHER_CONFIG=str(config), WATCHER_WEB_TOKEN=WEB_TOKEN)  # as the image's ENV
     script = venv / "bin" / "metronome-watcher"
 
     checked = subprocess.run(
@@ -613,6 +654,10 @@ def test_the_wheel_installed_as_the_dockerfile_does_starts_and_answers_healthz(
             timeout=30,
         )
         assert probe.returncode == 0, probe.stderr
+        # The templates and the stylesheet came with the wheel.
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/status", auth=("ops", WEB_TOKEN)).text.count("<svg") == 1
+        assert httpx.get(f"{base}/static/style.css", auth=("ops", WEB_TOKEN)).status_code == 200
         assert daemon.terminate()[0] == 0
     finally:
         daemon.kill()

@@ -1,4 +1,5 @@
-"""Unit tests for watcher.health: the three endpoints over real HTTP, on a real SQLite store."""
+"""Unit tests for watcher.health: the three endpoints over real HTTP (served by ``watcher.web``),
+on a real SQLite store, and the container probe."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
 
 from watcher._time import format_ts
-from watcher.health import HealthServer, check, main
+from watcher.health import Health, check, main
 from watcher.notices import record_notice
 from watcher.routing import Route
 from watcher.store import CustomerState, PollRun, Store
+from watcher.web import WebServer
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -53,19 +55,18 @@ def add_customer(store: Store, cid: str, status: str) -> None:
 
 
 class Server:
-    """A started HealthServer whose liveness the test can flip."""
+    """A started server (health only: no ``[web]``) whose liveness the test can flip."""
 
     def __init__(self, store: Store) -> None:
         self.problem: str | None = None
-        self.health = HealthServer(
+        checks = Health(
             store,
-            port=0,
-            host="127.0.0.1",
             max_age=timedelta(minutes=3),
             alive=lambda: self.problem,
             sinks=["audit"],
             clock=lambda: NOW,
-        ).start()
+        )
+        self.health = WebServer(checks, port=0, host="127.0.0.1").start()
 
     def get(self, path: str) -> tuple[int, bytes, str]:
         try:
@@ -186,8 +187,10 @@ def test_metrics_is_prometheus_text_with_gauges_refreshed_from_the_store(
     )
 
 
-def test_unknown_paths_are_404(server: Server) -> None:
-    assert server.get("/nope")[0] == 404
+def test_unknown_paths_are_404_and_the_web_view_is_not_served_without_web(server: Server) -> None:
+    assert server.json("/nope") == (404, {"error": "no such endpoint: /nope"})
+    for path in ("/", "/status", "/api/events"):
+        assert server.get(path)[0] == 404
 
 
 def test_head_answers_without_a_body(server: Server) -> None:
@@ -197,11 +200,12 @@ def test_head_answers_without_a_body(server: Server) -> None:
 
 
 def test_stop_releases_the_port(store: Store) -> None:
-    first = HealthServer(store, port=0, host="127.0.0.1", max_age=timedelta(minutes=1)).start()
+    checks = Health(store, max_age=timedelta(minutes=1))
+    first = WebServer(checks, port=0, host="127.0.0.1").start()
     port = first.port
     first.stop()
 
-    again = HealthServer(store, port=port, host="127.0.0.1", max_age=timedelta(minutes=1)).start()
+    again = WebServer(checks, port=port, host="127.0.0.1").start()
 
     assert again.port == port
     again.stop()
@@ -230,3 +234,16 @@ def test_probe_finds_the_port_in_watcher_config(
 
     config.write_text("[health]\n")
     assert main([]) == 2
+
+
+def test_the_probe_loads_no_web_framework() -> None:
+    # The HEALTHCHECK runs every 30 s: it must stay as light as it was.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, watcher.health; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'starlette', 'uvicorn', 'jinja2'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

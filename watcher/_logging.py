@@ -1,9 +1,13 @@
 """Operational logging: structlog, JSON in a container, readable on a TTY, secrets redacted
 (``watcher._secrets``).
 
-Standard-library loggers (httpx, apscheduler) are routed through the same processors, so every
-line the process writes has one shape and passes the same redactor. Operational logs go to
-stderr; stdout is left to the ``log`` sink's event stream.
+Standard-library loggers (httpx, apscheduler, Apprise and the urllib3 under it) are routed through
+the same processors, so every line the process writes has one shape and passes the same redactor.
+Operational logs go to stderr; stdout is left to the ``log`` sink's event stream.
+
+Those libraries' own chatter stays below warning at every level of ours, debug included: it is
+per request, and Apprise's debug lines hold the URLs and payloads it sends (its tokens among them).
+Their warnings and errors, where a failure's reason is, always come through.
 """
 
 from __future__ import annotations
@@ -79,5 +83,5 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: IO[str] | 
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Their per-request chatter is below an operator's interest; warnings still come through.
-    for noisy in ("httpx", "httpcore", "apscheduler"):
+    for noisy in ("httpx", "httpcore", "apscheduler", "apprise", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

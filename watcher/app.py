@@ -66,7 +66,14 @@ def build_app(
         routes.extend(Route(name) for name in extra_sinks)
     store = Store(config.store.target)
     poller = Poller(
-        store, client, diff=config.diff, routes=routes, clock=clock, concurrent_listings=m.concurrent_listings
+        store,
+        client,
+        diff=config.diff,
+        routes=routes,
+        clock=clock,
+        concurrent_listings=m.concurrent_listings,
+        plans=config.plans,
+        plan_source=client,
     )
     deliverer = Deliverer(store, sinks, config=config.delivery, clock=clock)
     return App(config, store, client, poller, deliverer, sinks)

@@ -24,13 +24,21 @@ from ._gc import frozen_heap
 from ._logging import configure_logging
 from ._time import format_ts, parse_ts, utcnow
 from .app import build_app
-from .config import Config, expand_env, load_config, parse_duration, parse_postgres_url, resolve_token
+from .config import (
+    Config,
+    expand_env,
+    load_config,
+    parse_postgres_url,
+    parse_when,
+    resolve_token,
+)
 from .daemon import Daemon
-from .delivery import enable_sink, replay
+from .delivery import ReplaySelection, enable_sink, replay
 from .demo import run_demo
 from .errors import ConfigError, PollRefused, StoreError
-from .events import PollOutcome, change_line, customer_name, plain_value
+from .events import PollOutcome, Source, change_line, customer_name, plain_value, plan_headline
 from .notices import failure_streak
+from .poll import PollResult
 from .store import SinkStatus, Store
 from .store.lease import LeaseKeeper
 from .store.transfer import copy_store
@@ -96,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="poll interval")
     s.add_argument("--db", metavar="PATH", help="database file (default: a temporary one)")
     s.add_argument("--seed", type=int, help="random seed for a repeatable demo")
+    s.add_argument(
+        "--web-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve the web view on this local port (default: one the OS chooses; the address is printed)",
+    )
 
     sub.add_parser("check-config", parents=[common], help="validate the config file and exit")
 
@@ -103,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("table", "json"), default="table")
 
     s = sub.add_parser("replay", parents=[common], help="re-queue dead or chosen events for a sink")
-    s.add_argument("--sink", required=True, help="the sink's name")
+    s.add_argument(
+        "--sink", required=True, help="the sink's name, or one delivery target's (an apprise sink's URL)"
+    )
     s.add_argument("--id", action="append", default=[], metavar="EVENT_ID", help="an event id (repeatable)")
     s.add_argument("--from-sequence", type=int, metavar="N")
     s.add_argument("--to-sequence", type=int, metavar="N")
@@ -151,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The config, with logging set up as it says (to stderr: stdout is the command's output)."""
     config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
     return config
@@ -160,13 +178,9 @@ def _when(value: str | None, *, now: datetime, key: str) -> str | None:
     if value is None:
         return None
     try:
-        return format_ts(parse_ts(value))
-    except ValueError:
-        pass
-    try:
-        return format_ts(now - parse_duration(value))
-    except ValueError:
-        raise ConfigError(f"--{key}: {value!r} is neither an RFC 3339 time nor an age such as 24h") from None
+        return format_ts(parse_when(value, now=now))
+    except ValueError as exc:
+        raise ConfigError(f"--{key}: {exc}") from None
 
 
 def _open_store(config: Config) -> Store:
@@ -180,11 +194,21 @@ def _open_store(config: Config) -> Store:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    names = ", ".join(f"{s.name} ({s.type})" for s in config.sinks) or "none"
+    names = (
+        ", ".join(
+            f"{s.name} ({s.type}" + (f": {', '.join(s.targets)})" if s.targets != (s.name,) else ")")
+            for s in config.sinks
+        )
+        or "none"
+    )
     sched = config.schedule
     when = f"cron {sched.cron!r}" if sched.cron else f"every {sched.interval.total_seconds():g}s"
+    plans = ""
+    if config.plans.watch:
+        ids = config.plans.plan_ids
+        plans = f"; plans: {len(ids)} plan(s)" if ids else "; plans: every plan GET /v1/plans lists"
     store = config.store.describe()
-    print(f"config OK: polls {config.metronome.base_url} {when}; store {store}; sinks: {names}")
+    print(f"config OK: polls {config.metronome.base_url} {when}; store {store}{plans}; sinks: {names}")
     try:
         resolve_token()
     except ConfigError as exc:
@@ -212,6 +236,8 @@ def cmd_poll(args: argparse.Namespace) -> int:
                 app.deliverer.deliver_due()
     finally:
         app.close()
+    if result.plans is not None:
+        return _print_poll_of_both(result)
     if result.ok:
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(result.events_by_type.items())) or "no changes"
         label = "baseline recorded" if result.baseline else kinds
@@ -220,6 +246,37 @@ def cmd_poll(args: argparse.Namespace) -> int:
             f"{result.pages} pages; {label}"
         )
         return 0
+    print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)
+    return 1
+
+
+def _print_poll_of_both(result: PollResult) -> int:
+    """A poll of customers and plans: what each source committed, then (exit 1) which one failed."""
+    plans = result.plans
+    assert plans is not None
+
+    def label(baseline: bool, by_type: dict[str, int]) -> str:
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()) if n) or "no changes"
+        return "baseline recorded" if baseline else kinds
+
+    parts = []
+    if result.customers_ok:
+        customer_events = {t: n - plans.events_by_type.get(t, 0) for t, n in result.events_by_type.items()}
+        parts.append(
+            f"{result.active} active, {result.archived} archived, {result.pages} pages; "
+            f"{label(result.baseline, customer_events)}"
+        )
+    if plans.ok:
+        parts.append(
+            f"plans: {plans.memberships} memberships on {plans.plans} plans, {plans.pages} pages; "
+            f"{label(plans.baseline, dict(plans.events_by_type))}"
+        )
+    if result.ok:
+        print(f"poll {result.poll_id} ok: {'; '.join(parts)}")
+        return 0
+    if parts:
+        which = Source.CUSTOMERS if result.customers_ok else Source.PLANS
+        print(f"poll {result.poll_id} {which} ok: {'; '.join(parts)}")
     print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)
     return 1
 
@@ -254,6 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             db=Path(args.db) if args.db else None,
             seed=args.seed,
             stop=stop,
+            web_port=args.web_port,
         )
 
 
@@ -261,7 +319,11 @@ _EVENT_COLUMNS = ("sequence", "detected_at", "type", "customer_id", "name", "cha
 
 
 def _summary(event: dict[str, Any]) -> str:
-    return "; ".join(change_line(c, value=_short) for c in event.get("changes") or [])
+    """The changes column: each change as ``field: before -> after``; a plan event says what it
+    means first (``plan Growth ends on 2026-12-31``)."""
+    lines = [change_line(c, value=_short) for c in event.get("changes") or []]
+    headline = plan_headline(event)
+    return "; ".join([headline, *lines] if headline else lines)
 
 
 def _short(value: Any) -> str:
@@ -270,7 +332,7 @@ def _short(value: Any) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _config(args)
     now = utcnow()
     since = _when(args.since, now=now, key="since")
     until = _when(args.until, now=now, key="until")
@@ -335,10 +397,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _config(args)
     store = _open_store(config)
     try:
-        statuses = store.delivery_status(utcnow(), sinks=[s.name for s in config.sinks])
+        statuses = store.delivery_status(utcnow(), sinks=config.targets)
     finally:
         store.close()
     if args.format == "json":
@@ -367,37 +429,41 @@ def _deliveries_table(statuses: Sequence[SinkStatus], *, error_width: int | None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if args.sink not in {s.name for s in config.sinks}:
+    config = _config(args)
+    # A sink with several delivery targets (an apprise sink's URLs) stands for all of them.
+    targets = config.targets_of(args.sink)
+    if not targets:
         raise ConfigError(f"--sink: no sink named {args.sink!r} in the config")
     now = utcnow()
+    selection = ReplaySelection(
+        event_ids=args.id,
+        sequence_from=args.from_sequence,
+        sequence_to=args.to_sequence,
+        since=_when(args.since, now=now, key="since"),
+        until=_when(args.until, now=now, key="until"),
+        dead_only=args.dead,
+    )
     store = _open_store(config)
     try:
-        n = replay(
-            store,
-            args.sink,
-            now=now,
-            event_ids=args.id,
-            sequence_from=args.from_sequence,
-            sequence_to=args.to_sequence,
-            since=_when(args.since, now=now, key="since"),
-            until=_when(args.until, now=now, key="until"),
-            dead_only=args.dead,
-        )
+        counts = {target: replay(store, target, now=now, selection=selection) for target in targets}
     finally:
         store.close()
-    print(f"re-queued {n} event(s) for {args.sink}; they go out on the next delivery")
+    for target, n in counts.items():
+        print(f"re-queued {n} event(s) for {target}; they go out on the next delivery")
     return 0
 
 
 def cmd_enable_sink(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _config(args)
     store = _open_store(config)
     try:
-        changed = enable_sink(store, args.sink)
+        changed = {
+            target: enable_sink(store, target) for target in config.targets_of(args.sink) or [args.sink]
+        }
     finally:
         store.close()
-    print(f"{args.sink}: {'enabled' if changed else 'was not disabled'}")
+    for target, done in changed.items():
+        print(f"{target}: {'enabled' if done else 'was not disabled'}")
     return 0
 
 
@@ -414,7 +480,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 return f"{seconds / size:.1f}{unit} ago"
         return f"{seconds:.0f}s ago"
 
-    config = load_config(args.config)
+    config = _config(args)
     store = _open_store(config)
     now = utcnow()
     try:
@@ -422,7 +488,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         last_ok = store.last_successful_poll()
         streak = failure_streak(store)
         counts = store.customer_counts()
-        deliveries = store.delivery_status(now, sinks=[s.name for s in config.sinks])
+        plans, memberships, ended = store.plan_counts()
+        deliveries = store.delivery_status(now, sinks=config.targets)
     finally:
         store.close()
     out = sys.stdout
@@ -439,10 +506,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         polling += (
             f"; FAILING: {streak.failures} consecutive failed poll(s) since {(streak.since or '')[:19]}Z"
         )
+        if streak.failed_sources:
+            polling += f" (failing: {', '.join(streak.failed_sources)})"
         if streak.failing_notice_outstanding:
             polling += " (watcher.poll_failing sent)"
     tracked = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet"
-    out.write(f"polling: {polling}\ncustomers tracked: {tracked}\n\nlast polls:\n")
+    out.write(f"polling: {polling}\ncustomers tracked: {tracked}\n")
+    if config.plans.watch or plans or memberships:
+        out.write(f"plans watched: {plans} plans, {memberships} memberships ({ended} ended)\n")
+    out.write("\nlast polls:\n")
     if not polls:
         out.write("(no polls yet)\n")
     else:

@@ -28,14 +28,16 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from . import _apprise
 from ._secrets import register
-from ._time import utcnow
+from ._time import parse_ts, utcnow
 from .errors import ConfigError
 from .events import EventType
 from .schedule import cron_trigger, poll_period
@@ -45,6 +47,8 @@ __all__ = [
     "DEFAULT_APP_URL",
     "SINK_TYPES",
     "TOKEN_ENV",
+    "WEB_TOKEN_ENV",
+    "AppriseSinkConfig",
     "Config",
     "DeliveryConfig",
     "DiffConfig",
@@ -54,20 +58,25 @@ __all__ = [
     "LogSinkConfig",
     "LoggingConfig",
     "MetronomeConfig",
+    "PlansConfig",
     "ScheduleConfig",
     "SinkConfig",
     "SlackSinkConfig",
     "StoreConfig",
+    "WebConfig",
     "expand_env",
     "is_postgres_url",
     "load_config",
     "parse_config",
     "parse_duration",
     "parse_postgres_url",
+    "parse_when",
     "resolve_token",
 ]
 
 TOKEN_ENV = "METRONOME_BEARER_TOKEN"
+#: The variable the example config names for ``[web] token``.
+WEB_TOKEN_ENV = "WATCHER_WEB_TOKEN"
 CONFIG_ENV = "WATCHER_CONFIG"
 #: Where links to a customer point (``{app_url}/customers/{id}``) unless ``[metronome] app_url`` says.
 DEFAULT_APP_URL = "https://app.metronome.com"
@@ -89,6 +98,19 @@ def parse_duration(value: object) -> timedelta:
     else:
         raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
     return timedelta(seconds=seconds)
+
+
+def parse_when(value: str, *, now: datetime) -> datetime:
+    """A moment as people write one: RFC 3339 (``2026-11-22T03:04:05Z``, a date alone, or a time
+    without an offset, read as UTC), or an age before ``now`` such as ``24h`` or ``7d``."""
+    try:
+        return parse_ts(value)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither an RFC 3339 time nor an age such as 24h") from None
 
 
 def _positive_duration(value: object) -> timedelta:
@@ -237,6 +259,31 @@ class DiffConfig(_Model):
     max_vanished_count: int = Field(default=10, ge=0)
 
 
+class PlansConfig(_Model):
+    """The plans source: who is on which plan (``GET /v1/planDetails/{plan_id}/customers``)."""
+
+    #: Read every watched plan's members each cycle, and report memberships added, changed, ended
+    #: and removed (``customer.plan_*``).
+    watch: bool = False
+    #: The plans to watch; unset: every plan ``GET /v1/plans`` lists, read each cycle.
+    plan_ids: tuple[str, ...] | None = None
+
+    @field_validator("plan_ids")
+    @classmethod
+    def _plan_ids(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("is empty; leave it out to watch every plan GET /v1/plans lists")
+        for plan_id in v:
+            if not plan_id.strip() or plan_id in (".", "..") or plan_id != plan_id.strip():
+                raise ValueError(f"{plan_id!r} is not a plan id")
+        duplicates = sorted({p for p in v if v.count(p) > 1})
+        if duplicates:
+            raise ValueError(f"names {duplicates[0]!r} more than once")
+        return v
+
+
 class DeliveryConfig(_Model):
     #: Give up on an event (mark it dead) after this long.
     max_age: Duration = timedelta(hours=72)
@@ -255,6 +302,36 @@ class HealthConfig(_Model):
     failing_after: int = Field(default=3, ge=1)
 
 
+#: The shortest ``[web] token`` accepted: it is the only thing between the network and the audit log.
+WEB_TOKEN_MIN_LENGTH = 16
+
+
+class WebConfig(_Model):
+    """The web view (``/``, ``/customers/{id}``, ``/status``) and the change feed (``/api/events``),
+    served on the health port and behind ``token``; off unless ``enabled``."""
+
+    enabled: bool = False
+    #: Browsers send it as the password of HTTP Basic auth, the feed as ``Authorization: Bearer``.
+    token: SecretStr | None = Field(default=None, validate_default=True)
+    #: Events per page of the list and of a customer's history.
+    page_size: int = Field(default=50, ge=10, le=500)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if v is None:
+            if info.data.get("enabled"):
+                raise ValueError(f'required when web.enabled is true: token = "${{{WEB_TOKEN_ENV}}}"')
+            return v
+        if len(v.get_secret_value().strip()) < WEB_TOKEN_MIN_LENGTH:
+            # Never echo the token, not even a short one.
+            raise ValueError(
+                f"must be at least {WEB_TOKEN_MIN_LENGTH} characters "
+                "(e.g. the output of `openssl rand -hex 32`)"
+            )
+        return v
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -268,6 +345,13 @@ class _SinkBase(_Model):
     #: under them). ``created`` and ``deleted`` carry no field changes and so do not pass; ``watcher.*``
     #: notices are not affected.
     fields: tuple[str, ...] | None = None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The delivery targets this sink is: each has its own outbox rows, back-off and state, and is
+        what ``deliveries``, ``replay --sink`` and ``enable-sink`` name. One, named like the sink,
+        except for ``apprise``: one per URL."""
+        return (self.name,)
 
     @field_validator("events")
     @classmethod
@@ -329,7 +413,75 @@ class HttpSinkConfig(_SinkBase):
         return v
 
 
-SinkConfig = Annotated[LogSinkConfig | SlackSinkConfig | HttpSinkConfig, Field(discriminator="type")]
+def _apprise_url(v: SecretStr) -> SecretStr:
+    """Apprise must be able to read the URL; the error names its scheme, never the URL."""
+    url = v.get_secret_value()
+    if _apprise.scheme_of(url) is None:
+        raise ValueError("not an Apprise URL (expected scheme://..., e.g. msteams://, mailto://)")
+    _apprise.open_service(url)  # registers its secrets first; ValueError says what is wrong
+    return v
+
+
+AppriseUrl = Annotated[SecretStr, AfterValidator(_apprise_url)]
+_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class AppriseSinkConfig(_SinkBase):
+    """Every channel Apprise speaks to (Teams, email, PagerDuty, ...), one URL each.
+
+    Each URL is a delivery target of its own, ``{name}.{label}``, with its own outbox rows,
+    back-off and state: one URL that fails holds back and re-sends to no other. ``urls`` is a list
+    (each label is the URL's scheme, ``-2``, ``-3`` ... for a scheme used again) or a table of
+    ``label = URL`` when the operator wants the names to stay put whatever the URLs become. A
+    service's own ``https://`` URL that Apprise reads (a Teams workflow's) is labelled with the
+    service's scheme (``workflow``), not ``https``.
+    """
+
+    type: Literal["apprise"]
+    urls: dict[str, AppriseUrl]
+    #: Above this many events in one delivery round, send a digest instead of one message each.
+    digest_threshold: int = Field(default=5, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_apprise(cls, data: Any) -> Any:
+        if not _apprise.installed():
+            raise ValueError(_apprise.MISSING)
+        return data
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _labelled(cls, v: Any) -> Any:
+        if not isinstance(v, Mapping | list | tuple):
+            raise ValueError("must be a list of Apprise URLs, or a table of label = URL")
+        if not v:
+            raise ValueError("needs at least one Apprise URL")
+        if isinstance(v, Mapping):
+            for label in v:
+                if not _LABEL.match(str(label)):
+                    raise ValueError(f".{label}: a label is 1 to 32 letters, digits, '-' or '_'")
+            return v
+        labelled: dict[str, Any] = {}
+        for i, url in enumerate(v):
+            scheme = _apprise.service_scheme(url) if isinstance(url, str) else None
+            if scheme is None:
+                raise ValueError(f"[{i}]: not an Apprise URL (expected scheme://..., e.g. msteams://)")
+            base = re.sub(r"[^a-z0-9_-]", "-", scheme)
+            label, n = base, 1
+            while label in labelled:
+                n += 1
+                label = f"{base}-{n}"
+            labelled[label] = url
+        return labelled
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}.{label}" for label in self.urls)
+
+
+SinkConfig = Annotated[
+    LogSinkConfig | SlackSinkConfig | HttpSinkConfig | AppriseSinkConfig, Field(discriminator="type")
+]
 #: Every sink ``type`` a config may name, in the order the messages list them.
 SINK_TYPES: tuple[str, ...] = tuple(
     get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(SinkConfig)[0])
@@ -341,8 +493,10 @@ class Config(_Model):
     store: StoreConfig = StoreConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     diff: DiffConfig = DiffConfig()
+    plans: PlansConfig = PlansConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     health: HealthConfig = HealthConfig()
+    web: WebConfig = WebConfig()
     ha: HaConfig = HaConfig()
     logging: LoggingConfig = LoggingConfig()
     sinks: tuple[SinkConfig, ...] = ()
@@ -357,6 +511,24 @@ class Config(_Model):
         )
         return period * self.health.ready_intervals
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every delivery target, in the config's order (see ``_SinkBase.targets``)."""
+        return tuple(t for sink in self.sinks for t in sink.targets)
+
+    def targets_of(self, name: str) -> tuple[str, ...]:
+        """The targets ``name`` stands for: itself when it is one, else every target of the sink of
+        that name (an ``apprise`` sink's URLs), else none."""
+        if name in self.targets:
+            return (name,)
+        return next((s.targets for s in self.sinks if s.name == name), ())
+
+    @model_validator(mode="after")
+    def _web_on_the_health_port(self) -> Config:
+        if self.web.enabled and self.health.port is None:
+            raise ValueError("web.enabled: the web view is served on the health port: set health.port")
+        return self
+
     @model_validator(mode="after")
     def _unique_sink_names(self) -> Config:
         seen: set[str] = set()
@@ -364,6 +536,15 @@ class Config(_Model):
             if sink.name in seen:
                 raise ValueError(f"sinks[{i}].name: duplicate sink name {sink.name!r}")
             seen.add(sink.name)
+        taken: dict[str, str] = {}
+        for i, sink in enumerate(self.sinks):
+            for name in {sink.name, *sink.targets}:
+                if taken.setdefault(name, sink.name) != sink.name:
+                    key = "name" if name == sink.name else "urls"
+                    raise ValueError(
+                        f"sinks[{i}].{key}: {name!r} is already sink {taken[name]!r} or one of its "
+                        "delivery targets"
+                    )
         return self
 
 
@@ -431,6 +612,8 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
         desc = _describe(err)
         if not loc:  # model-level checks put the key's path in their own message
             raise ConfigError(desc) from None
+        if desc.startswith(("[", ".")):  # a check that names the item under its key: urls[2]
+            raise ConfigError(f"{loc}{desc}") from None
         raise ConfigError(f"{loc}: {desc}") from None
 
 

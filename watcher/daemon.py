@@ -59,12 +59,13 @@ from .app import App
 from .config import Config
 from .errors import ConfigError
 from .events import EventType, PollOutcome
-from .health import HealthServer
+from .health import Health
 from .notices import announce
 from .poll import PollResult
 from .schedule import poll_trigger
 from .store import queries
 from .store.lease import LeaseKeeper
+from .web import WebServer
 
 __all__ = ["Daemon"]
 
@@ -110,7 +111,8 @@ class Daemon:
         #: Set once, by :meth:`stop`: the whole daemon is shutting down.
         self.cancel = threading.Event()
         self.last_result: PollResult | None = None
-        self.health: HealthServer | None = None
+        #: The one HTTP server (health, and the web view when ``[web]`` is on); None without a port.
+        self.health: WebServer | None = None
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_listener(self._on_job_error, EVENT_JOB_ERROR)
         # Held from the start of a poll until its cycle has ended (released by the poll thread), so
@@ -366,15 +368,14 @@ class Daemon:
         cfg = self.config
         sched = cfg.schedule
         if cfg.health.port is not None:
-            self.health = HealthServer(
+            checks = Health(
                 self.app.store,
-                port=cfg.health.port,
-                host=cfg.health.host,
                 max_age=cfg.ready_max_age(),
                 alive=self.liveness_problem,
                 sinks=list(self.app.deliverer.sinks),
                 ha=self.ha_state if self.lease is not None else None,
             )
+            self.health = WebServer(checks, port=cfg.health.port, host=cfg.health.host, web=cfg.web)
             try:
                 self.health.start()
             except OSError as exc:

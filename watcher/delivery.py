@@ -42,8 +42,9 @@ from .errors import NotLeader
 from .events import DeliveryState, OutcomeKind
 from .sinks import Outcome, Sink
 from .store import SinkState, Store, queries
+from .store.queries import ReplaySelection
 
-__all__ = ["Deliverer", "DrainReport", "enable_sink", "replay"]
+__all__ = ["Deliverer", "DrainReport", "ReplaySelection", "enable_sink", "replay"]
 
 log = structlog.get_logger("watcher.delivery")
 
@@ -242,35 +243,14 @@ class Deliverer:
             metrics.OUTBOX_OLDEST_PENDING_AGE.labels(name).set(status.oldest_pending_age or 0)
 
 
-def replay(
-    store: Store,
-    sink: str,
-    *,
-    now: datetime,
-    event_ids: Sequence[str] = (),
-    sequence_from: int | None = None,
-    sequence_to: int | None = None,
-    since: str | None = None,
-    until: str | None = None,
-    dead_only: bool = False,
-) -> int:
-    """Queue events for ``sink`` again, with their original ids. With no selector, every dead row.
+def replay(store: Store, sink: str, *, now: datetime, selection: ReplaySelection | None = None) -> int:
+    """Queue events for ``sink`` again, with their original ids; with no selector, every dead row.
 
     Events that were never routed to the sink get a new outbox row; rows already pending are left
     alone. Returns how many rows were (re)queued.
     """
     with store.write() as conn:
-        n = queries.replay(
-            conn,
-            sink,
-            now=format_ts(now),
-            event_ids=event_ids,
-            sequence_from=sequence_from,
-            sequence_to=sequence_to,
-            since=since,
-            until=until,
-            dead_only=dead_only,
-        )
+        n = queries.replay(conn, sink, selection or ReplaySelection(), now=format_ts(now))
     log.info("delivery.replayed", sink=sink, rows=n)
     return n
 

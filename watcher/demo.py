@@ -1,8 +1,11 @@
 """``metronome-watcher demo``: the whole daemon against the built-in simulated Metronome.
 
-The simulated Metronome (the same one the tests use) is seeded with a few hundred customers, and a churn
-generator creates, renames, re-tags and archives them while the real daemon polls on a short
-interval. Events are printed as they are delivered, through an ordinary sink.
+The simulated Metronome (the same one the tests use) is seeded with a few hundred customers, each on
+one of a few plans, and a churn generator creates, renames, re-tags and archives them, and sets end
+dates on their plans (a few seconds ahead, so the plan's end follows a little later), while the real
+daemon polls both sources on a short interval. Events are printed as they are delivered, through an
+ordinary sink, and the web view is served on a local port (``web_port``; 0 lets the OS choose) behind
+a token made up for the run: its address and the token are printed first.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import IO, Any
 from .app import build_app
 from .config import parse_config
 from .daemon import Daemon
-from .events import change_line, customer_name
+from .events import change_line, customer_name, plan_headline
 from .poll import PollResult
 from .simulator import SimulatedMetronome
 from .sinks import Outcome
@@ -42,7 +45,7 @@ class ConsoleSink:
     def deliver(self, events: Sequence[Mapping[str, Any]]) -> Sequence[Outcome]:
         for e in events:
             who = f"{customer_name(e) or '?'} ({str(e.get('customer_id', ''))[:8]})"
-            changes = "; ".join(
+            changes = plan_headline(e) or "; ".join(
                 change_line(c, value=_fmt) for c in e.get("changes", []) if c["field"] != "archived_at"
             )
             self.out.write(
@@ -73,19 +76,27 @@ def run_demo(
     stop: threading.Event | None = None,
     out: IO[str] | None = None,
     churn_every: float = 0.25,
+    web_port: int = 0,
+    plans: int = 4,
 ) -> int:
     out = out or sys.stdout
     stop = stop or threading.Event()
     rng = random.Random(seed)
     token = secrets.token_urlsafe(24)
+    web_token = secrets.token_urlsafe(18)
     with tempfile.TemporaryDirectory(prefix="watcher-demo-") as tmp, SimulatedMetronome(token=token) as fake:
         fake.seed(customers, rng=rng)
+        if plans:
+            fake.seed_plans(plans, rng=rng)
         db_path = db or Path(tmp) / "demo.db"
         config = parse_config(
             {
                 "metronome": {"base_url": fake.url, "max_retry_wait": "10s"},
                 "store": {"path": str(db_path)},
                 "schedule": {"interval": interval, "delivery_interval": 1},
+                "health": {"port": web_port, "host": "127.0.0.1"},
+                "web": {"enabled": True, "token": web_token},
+                "plans": {"watch": plans > 0},
             },
             env={},
         )
@@ -94,27 +105,35 @@ def run_demo(
 
         def on_poll(result: PollResult) -> None:
             if result.baseline and result.ok:
+                on_plans = ""
+                if result.plans is not None:
+                    on_plans = f", {result.plans.memberships} memberships of {result.plans.plans} plans"
                 out.write(
-                    f"baseline: {result.active} active and {result.archived} archived customers recorded "
-                    f"(no events for what already existed)\n"
+                    f"baseline: {result.active} active and {result.archived} archived customers{on_plans} "
+                    f"recorded (no events for what already existed)\n"
                 )
             elif not result.ok:
                 out.write(f"poll {result.poll_id} {result.outcome}: {result.error}\n")
             out.flush()
 
         daemon = Daemon(app, on_poll=on_poll)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        daemon.start()
+        assert daemon.health is not None
+        web = daemon.health.url
         out.write(
             f"metronome-watcher demo: simulated Metronome at {fake.url} with {customers} customers, "
             f"polling every {interval:g}s, database {db_path}\n"
-            f"Customers are created, renamed, re-tagged and archived as you watch. "
+            f"web view: {web}/  (user name: anything, password: {web_token})\n"
+            f"  change feed: curl -H 'Authorization: Bearer {web_token}' "
+            f"'{web}/api/events?after_sequence=0'\n"
+            f"Customers are created, renamed, re-tagged and archived, and their plans end, as you watch. "
             f"{f'Stops after {seconds:g}s' if seconds else 'Ctrl-C to stop'}.\n"
         )
         out.flush()
         churn = threading.Thread(
             target=_churn, args=(fake, rng, stop, churn_every), daemon=True, name="churn"
         )
-        deadline = None if seconds is None else time.monotonic() + seconds
-        daemon.start()
         churn.start()
         try:
             while not stop.wait(0.2):

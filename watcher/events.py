@@ -7,7 +7,9 @@
 - :func:`new_event`: the v1 payload, key for key (DESIGN's event contract).
 - :class:`EventWriter`: numbers a cycle's events, routes each one to the sinks that want it, and
   hands the rows over to be written in the cycle's one transaction (:mod:`watcher.store` writes them).
-- :func:`change_line`: ``field: before -> after``, the one way every channel writes a change.
+- :func:`change_line`: ``field: before -> after``, the one way every channel writes a change; a
+  changed list (``ingest_aliases``) as the items added and removed (:func:`list_change`);
+  :func:`plan_headline`: what a plan event means, in words (``plan Growth ends on 2026-12-31``).
 """
 
 from __future__ import annotations
@@ -19,22 +21,32 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ._time import parse_ts
+
 __all__ = [
     "CustomerStatus",
     "DeliveryState",
     "EventRow",
     "EventType",
     "EventWriter",
+    "ListChange",
     "Listing",
     "OutboxEntry",
     "OutcomeKind",
     "PollOutcome",
     "Router",
+    "Source",
     "change_line",
     "customer_name",
     "customer_record",
+    "is_customer_event",
+    "is_plan_event",
+    "list_change",
+    "membership",
     "new_event",
     "plain_value",
+    "plan_headline",
+    "readable_time",
 ]
 
 
@@ -46,13 +58,32 @@ class EventType(StrEnum):
     CUSTOMER_ARCHIVED = "customer.archived"
     CUSTOMER_UNARCHIVED = "customer.unarchived"
     CUSTOMER_DELETED = "customer.deleted"
+    #: Plan memberships (the plans source): a customer put on a plan, its dates or plan name changed,
+    #: its end date passed, or the membership gone.
+    CUSTOMER_PLAN_ADDED = "customer.plan_added"
+    CUSTOMER_PLAN_UPDATED = "customer.plan_updated"
+    CUSTOMER_PLAN_ENDED = "customer.plan_ended"
+    CUSTOMER_PLAN_REMOVED = "customer.plan_removed"
     #: Notices: the watcher talking about itself, not a customer change.
     POLL_FAILING = "watcher.poll_failing"
     POLL_RECOVERED = "watcher.poll_recovered"
 
-    @property
-    def is_customer(self) -> bool:
-        return self.value.startswith("customer.")
+
+def is_customer_event(event_type: str) -> bool:
+    """A change to a customer (``customer.*``, plans included), not a notice (``watcher.*``)."""
+    return event_type.startswith("customer.")
+
+
+def is_plan_event(event_type: str) -> bool:
+    """A change to a customer's plan memberships (``customer.plan_*``)."""
+    return event_type.startswith("customer.plan_")
+
+
+class Source(StrEnum):
+    """The sources a poll reads, each a complete picture of its own (``poll_sources.source``)."""
+
+    CUSTOMERS = "customers"
+    PLANS = "plans"
 
 
 class Listing(IntEnum):
@@ -232,6 +263,34 @@ def plain_value(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
+class ListChange(NamedTuple):
+    """What changed in a list: the items only in the new one, and those only in the old one."""
+
+    added: tuple[Any, ...]
+    removed: tuple[Any, ...]
+
+
+def list_change(change: Mapping[str, Any]) -> ListChange | None:
+    """The items added and removed when ``before`` and ``after`` are lists (a missing list counts
+    as empty); None for any other change, and for a list that was only reordered."""
+    before, after = change.get("before"), change.get("after")
+    if not (isinstance(before, list) or isinstance(after, list)):
+        return None
+    if not (isinstance(before, list | None) and isinstance(after, list | None)):
+        return None  # a list on one side only: a change of kind, shown as before -> after
+
+    def keyed(items: list[Any] | None) -> dict[bytes, Any]:
+        # Items compared as canonical JSON, so that dicts in a list compare too.
+        return {orjson.dumps(i, option=orjson.OPT_SORT_KEYS): i for i in items or []}
+
+    old, new = keyed(before), keyed(after)
+    delta = ListChange(
+        added=tuple(v for k, v in new.items() if k not in old),
+        removed=tuple(v for k, v in old.items() if k not in new),
+    )
+    return delta if delta.added or delta.removed else None
+
+
 def change_line(
     change: Mapping[str, Any],
     *,
@@ -239,8 +298,84 @@ def change_line(
     field: Callable[[str], str] = str,
     arrow: str = "->",
 ) -> str:
-    """``field: before -> after``; each channel passes how it writes a value, a field and the arrow."""
-    return (
-        f"{field(str(change.get('field', '?')))}: "
-        f"{value(change.get('before'))} {arrow} {value(change.get('after'))}"
-    )
+    """``field: before -> after``, or for a list ``field: added x, y; removed z``; each channel
+    passes how it writes a value (or a list's item), a field and the arrow."""
+    name = field(str(change.get("field", "?")))
+    delta = list_change(change)
+    if delta is not None:
+        parts = [
+            f"{word} {', '.join(value(v) for v in items)}"
+            for word, items in (("added", delta.added), ("removed", delta.removed))
+            if items
+        ]
+        return f"{name}: {'; '.join(parts)}"
+    return f"{name}: {value(change.get('before'))} {arrow} {value(change.get('after'))}"
+
+
+def membership(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A plan event's membership: ``plan`` (as now), else ``previous_plan``; empty for other events."""
+    for key in ("plan", "previous_plan"):
+        value = event.get(key)
+        if isinstance(value, Mapping):
+            return value
+    return {}
+
+
+def readable_time(value: Any) -> str:
+    """A timestamp as a person reads it: ``2026-12-31`` at midnight UTC, else ``2026-12-31 15:30 UTC``.
+
+    Anything that is not an RFC 3339 timestamp is shown as it is.
+    """
+    if not isinstance(value, str):
+        return plain_value(value)
+    try:
+        moment = parse_ts(value)
+    except ValueError:
+        return value
+    if (moment.hour, moment.minute, moment.second, moment.microsecond) == (0, 0, 0, 0):
+        return moment.strftime("%Y-%m-%d")
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def plan_headline(event: Mapping[str, Any]) -> str:
+    """What a ``customer.plan_*`` event means, in words; "" for any other event.
+
+    ``added to plan Growth from 2026-01-01``, ``plan Growth ends on 2026-12-31`` (an end date that
+    appears: the early churn notice), ``plan Growth ended on 2026-12-31``, ``removed from plan
+    Growth``. The channels that show events to people (the CLI, Slack, the demo) all say it this way.
+    """
+    etype = str(event.get("type", ""))
+    if not is_plan_event(etype):
+        return ""
+    plan = membership(event)
+    name = str(plan.get("plan_name") or plan.get("plan_id") or "?")
+    starts, ends = plan.get("starting_on"), plan.get("ending_before")
+    if etype == EventType.CUSTOMER_PLAN_ADDED:
+        text = f"added to plan {name}"
+        if starts:
+            text += f" from {readable_time(starts)}"
+        return text + (f", ends on {readable_time(ends)}" if ends else "")
+    if etype == EventType.CUSTOMER_PLAN_ENDED:
+        return f"plan {name} ended on {readable_time(ends)}" if ends else f"plan {name} ended"
+    if etype == EventType.CUSTOMER_PLAN_REMOVED:
+        return f"removed from plan {name}"
+    if etype != EventType.CUSTOMER_PLAN_UPDATED:
+        return f"plan {name}: {etype}"
+    changes = {str(c.get("field")): c for c in event.get("changes") or [] if isinstance(c, Mapping)}
+    parts: list[str] = []
+    if (c := changes.get("plan.plan_name")) is not None:
+        parts.append(f"plan {plain_value(c.get('before'))} renamed to {plain_value(c.get('after'))}")
+    if (c := changes.get("plan.ending_before")) is not None:
+        before, after = c.get("before"), c.get("after")
+        if before is None:
+            parts.append(f"plan {name} ends on {readable_time(after)}")
+        elif after is None:
+            parts.append(f"plan {name} no longer ends (it was to end on {readable_time(before)})")
+        else:
+            parts.append(f"plan {name} now ends on {readable_time(after)} (was {readable_time(before)})")
+    if (c := changes.get("plan.starting_on")) is not None:
+        parts.append(
+            f"plan {name} now starts on {readable_time(c.get('after'))} "
+            f"(was {readable_time(c.get('before'))})"
+        )
+    return "; ".join(parts) or f"plan {name} changed"

@@ -1,20 +1,21 @@
-"""Health and metrics on one small HTTP port: ``/healthz``, ``/readyz`` and ``/metrics``.
+"""Health and metrics: what ``/healthz``, ``/readyz`` and ``/metrics`` answer, and the container probe.
 
 * ``/healthz`` is liveness: the process answers and the scheduler is running (and no poll is stuck
   past its timeout). It never touches the database, so a slow disk cannot make an orchestrator
   kill a process that is merely busy.
-* ``/readyz`` is "is the watcher doing its job": the last successful poll, as recorded in the
-  database, is younger than ``ready_intervals`` x the poll interval. Reading it from the database
-  rather than from memory means a restarted process is ready at once when its data is fresh, and
-  reports the truth even when polls run from another process (``metronome-watcher poll``). A
-  standby replica (a PostgreSQL store) is ready as such (``"role": "standby"``): standing by is
+* ``/readyz`` is "is the watcher doing its job": the last successful poll (every source it read
+  succeeded), as recorded in the database, is younger than ``ready_intervals`` x the poll interval;
+  with plans watched, ``failed_sources`` names the sources the latest poll failed on. Reading it from
+  the database rather than from memory means a restarted process is ready at once when its data is
+  fresh, and reports the truth even when polls run from another process (``metronome-watcher poll``).
+  A standby replica (a PostgreSQL store) is ready as such (``"role": "standby"``): standing by is
   its job, and a rolling update must be able to proceed.
 * ``/metrics`` is Prometheus text. Gauges that are cheap to compute from the database (customers
   by status, outbox backlog, time of the last successful poll) are refreshed on each scrape, so they
   are right after a restart and never drift from what ``status`` shows.
 
-The server is the standard library's, in a daemon thread (``watcher._httpserver``): three tiny
-endpoints do not justify a web framework, and a daemon thread never holds up the process's exit.
+:class:`Health` holds the checks; the one HTTP server (:mod:`watcher.web`) serves them, always
+without a token (they show no customer data), next to the web view when ``[web]`` is on.
 
 ``python -m watcher.health [URL]`` is a dependency-light probe for a container ``HEALTHCHECK``
 (``python:3.11-slim`` has no curl): it exits 0 when the URL answers 200. Without a URL it reads
@@ -30,45 +31,42 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import metrics
-from ._httpserver import BackgroundServer
 from ._time import Clock, format_ts, parse_ts, utcnow
 from .events import CustomerStatus, PollOutcome
 from .store import Store
 
-__all__ = ["HealthServer", "Probe", "check", "main"]
+__all__ = ["METRICS_CONTENT_TYPE", "Health", "Probe", "check", "main"]
 
 log = structlog.get_logger("watcher.health")
 
 #: Returns None when alive, else why not (e.g. "scheduler is not running").
 Probe = Callable[[], str | None]
+#: The ``Content-Type`` of ``/metrics``.
+METRICS_CONTENT_TYPE: str = CONTENT_TYPE_LATEST
 
 
 def _alive() -> str | None:
     return None
 
 
-class HealthServer:
-    """Serves the three endpoints for one store until :meth:`stop`.
+class Health:
+    """The three checks for one store, as plain methods (so they are testable without HTTP).
 
     ``max_age`` is how old the last successful poll may be before ``/readyz`` fails;
     ``alive`` is the liveness probe (the daemon's); ``sinks`` names the sinks whose outbox
-    gauges ``/metrics`` refreshes. ``port=0`` binds an ephemeral port (see :attr:`port`).
+    gauges ``/metrics`` refreshes (and that ``/status`` shows).
     """
 
     def __init__(
         self,
         store: Store,
         *,
-        port: int,
-        host: str = "0.0.0.0",
         max_age: timedelta,
         alive: Probe = _alive,
         sinks: Sequence[str] = (),
@@ -78,42 +76,10 @@ class HealthServer:
         self.store = store
         #: Leadership among replicas (``role``: leader or standby), when the store has replicas.
         self.ha = ha
-        self.host = host
         self.max_age = max_age
         self.alive = alive
         self.sinks = tuple(sinks)
         self.clock = clock
-        self._server = BackgroundServer(
-            _Handler, self, host=host, port=port, name="health", poll_interval=0.1
-        )
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The bound port (the real one when 0 was asked for)."""
-        return self._server.port
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    def start(self) -> HealthServer:
-        """Bind (raises :class:`OSError` when the port is taken) and serve in a daemon thread."""
-        self._server.start()
-        log.info("health.listening", host=self.host, port=self.port)
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> HealthServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- the checks (plain methods, so they are testable without HTTP) --------------------------
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         try:
@@ -139,12 +105,15 @@ class HealthServer:
             # Two: the latest may be the poll in progress, which has no outcome yet; the one before
             # it then says how the last attempt went (one poll runs at a time per database).
             latest = [p for p in self.store.last_polls(2) if p.outcome != PollOutcome.RUNNING][:1]
+            failed = self.store.failed_sources(latest[0].id) if latest and latest[0].id is not None else ()
         except Exception as exc:  # the database is part of the job: unreadable means not ready
             return False, {"ready": False, "reason": f"cannot read the database: {exc}"}
         last_error = next((p.error for p in latest if p.outcome != PollOutcome.SUCCEEDED and p.error), None)
         body: dict[str, Any] = {"ready": False, "max_age_seconds": max_age}
         if last_error:
             body["last_error"] = last_error
+        if failed:
+            body["failed_sources"] = list(failed)
         if last is None:
             body["reason"] = "no successful poll yet"
             return False, body
@@ -178,51 +147,6 @@ class HealthServer:
         last = self.store.last_successful_poll()
         if last is not None:
             metrics.LAST_SUCCESSFUL_POLL.set(parse_ts(last.finished_at or last.started_at).timestamp())
-
-
-class _Handler(BaseHTTPRequestHandler):
-    #: A client that connects and says nothing must not hold a thread forever.
-    timeout = 10
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        self._serve(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._serve(send_body=False)
-
-    def _serve(self, *, send_body: bool) -> None:
-        health: HealthServer = self.server.owner  # type: ignore[attr-defined]
-        path = self.path.split("?", 1)[0]
-        try:
-            if path == "/healthz":
-                ok, body = health.liveness()
-                self._reply(200 if ok else 503, orjson.dumps(body), "application/json", send_body)
-            elif path == "/readyz":
-                ok, body = health.readiness()
-                self._reply(200 if ok else 503, orjson.dumps(body), "application/json", send_body)
-            elif path == "/metrics":
-                self._reply(200, health.metrics(), CONTENT_TYPE_LATEST, send_body)
-            else:
-                self._reply(
-                    404, orjson.dumps({"error": f"no such endpoint: {path}"}), "application/json", send_body
-                )
-        except Exception as exc:
-            log.exception("health.error", path=path, error=repr(exc))
-            self._reply(500, orjson.dumps({"error": "internal error"}), "application/json", send_body)
-
-    def _reply(self, status: int, body: bytes, content_type: str, send_body: bool) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Probes every few seconds would drown the operational log; errors are logged above.
-        pass
 
 
 # -- the container probe ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Repeated failure is news: ``watcher.poll_failing`` and ``watcher.poll_recovered`` notices.
 
-After ``health.failing_after`` consecutive failed polls one ``watcher.poll_failing`` notice is
+A poll fails when any source it reads fails (with plans watched, its ``detail.failed_sources`` says
+which). After ``health.failing_after`` consecutive failed polls one ``watcher.poll_failing`` notice is
 recorded in the audit log (and routed to the sinks whose ``events`` ask for ``watcher.*``), and one
 ``watcher.poll_recovered`` after the next success. The state is derived from the database every
 time, never kept in memory, so it survives restarts: a restart in the middle of a failure streak
@@ -38,6 +39,8 @@ class FailureStreak:
     notice: str | None
     #: The poll the last notice was about (``detail.poll_id``).
     notice_poll_id: int | None
+    #: The sources that failed in the last failed poll, when it read more than one (plans watched).
+    failed_sources: tuple[str, ...] = ()
 
     @property
     def failing_notice_outstanding(self) -> bool:
@@ -72,6 +75,7 @@ def failure_streak(store: Store) -> FailureStreak:
         last_success_id=counts.last_success_id,
         notice=notice,
         notice_poll_id=notice_poll_id,
+        failed_sources=counts.failed_sources,
     )
 
 
@@ -118,5 +122,7 @@ def announce(
             "since": streak.since,
             "last_error": streak.last_error,
         }
+        if streak.failed_sources:
+            detail["failed_sources"] = list(streak.failed_sources)
         sent.append(record_notice(store, EventType.POLL_FAILING, routes, now=now, detail=detail))
     return sent

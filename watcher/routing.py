@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .config import Config
+from .events import is_customer_event
 
 __all__ = ["Route", "Router", "routes_from_config"]
 
@@ -27,7 +28,7 @@ class Route:
     def accepts(self, event_type: str, changed_fields: Iterable[str] = ()) -> bool:
         if not any(fnmatch.fnmatchcase(event_type, p) for p in self.events):
             return False
-        if self.fields is None or not event_type.startswith("customer."):
+        if self.fields is None or not is_customer_event(event_type):
             return True
         return any(
             changed == f or changed.startswith(f + ".") for changed in changed_fields for f in self.fields
@@ -45,6 +46,9 @@ class Router:
 
 
 def routes_from_config(config: Config) -> tuple[Route, ...]:
+    """One route per delivery target: every URL of an ``apprise`` sink gets its own outbox rows."""
     return tuple(
-        Route(s.name, tuple(s.events), None if s.fields is None else tuple(s.fields)) for s in config.sinks
+        Route(target, tuple(s.events), None if s.fields is None else tuple(s.fields))
+        for s in config.sinks
+        for target in s.targets
     )

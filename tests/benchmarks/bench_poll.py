@@ -7,6 +7,7 @@ Run from the repository root, with the package installed (it is not collected by
     python -m tests.benchmarks.bench_poll --customers 10000 --latency-ms 0   # quick look: 10k only
     python -m tests.benchmarks.bench_poll --profile /tmp/prof       # + a pyinstrument profile per cycle
     python -m tests.benchmarks.bench_poll --store-url postgresql://user:pw@host:5432/db   # on PostgreSQL
+    python -m tests.benchmarks.bench_poll --plans-only --repeat 3   # only the plans case, at 10k and 100k
 
 It prints one JSON document on stdout (progress goes to stderr; ``--out FILE`` keeps a copy).
 What it measures, per account size:
@@ -46,6 +47,13 @@ With ``--store-url``, every store is a fresh schema of that PostgreSQL database 
 file (dropped at the end), and the targets are PostgreSQL's: a cycle without changes at most 1.5x
 the floor, 1% changed 2x, the baseline 3x. The database's size is reported, not held to a target
 (PostgreSQL keeps per-row and per-page overheads of its own); ``checkpoint_wait_seconds`` is 0.
+
+The plans case (``plans``; ``--plans 0`` skips it, ``--plans-only`` runs nothing else): the same account
+with every customer on one of ``--plans`` (20) plans, polled with ``[plans] watch = true``. Its floor
+(``floor_plans``) is a plain client reading both listings and, beside them, ``GET /v1/plans`` and every
+plan's members (``status=all``), all three at once as the poll reads them; every page parsed with
+``orjson``. Its cycles: the baseline of both sources, one without changes (target 1.25x), and one after 1%
+of the memberships got an end date (half of them in the past).
 
 The latency run (``--latency-ms``, default 50; 0 skips it) makes the fake hold every answer until
 that long after its request arrived (its own work on the answer happens within the wait, and the
@@ -92,12 +100,15 @@ def _cpu_seconds() -> float:
 # -- child: the fake Metronome, driven over stdin/stdout ---------------------------------------------
 
 
-def serve(customers: int, seed: int) -> None:
-    """Seed and serve a fake Metronome; answer one JSON command per stdin line."""
+def serve(customers: int, seed: int, plans: int = 0) -> None:
+    """Seed and serve a fake Metronome (every customer on one of ``plans`` plans, if any); answer one
+    JSON command per stdin line."""
     from watcher.simulator import SimulatedMetronome
 
     fake = SimulatedMetronome(token=TOKEN, default_limit=PAGE_LIMIT)
     fake.seed(customers, rng=random.Random(seed))
+    if plans:
+        fake.seed_plans(plans, rng=random.Random(seed + 2))
     rng = random.Random(seed + 1)
     fake.start()
     out = sys.stdout
@@ -117,6 +128,8 @@ def serve(customers: int, seed: int) -> None:
             reply({"ok": True})
         elif op == "mutate":
             reply(_mutate(fake, cmd["fraction"], rng))
+        elif op == "end_plans":
+            reply(_end_plans(fake, cmd["fraction"], rng))
         elif op == "raw":
             # The customers' raw JSON as the API serves it (compact), without decoding a million dicts.
             blobs = [e.json() for e in fake._by_seq.values()]
@@ -153,10 +166,35 @@ def _mutate(fake: Any, fraction: float, rng: random.Random) -> dict[str, Any]:
     return {"changed": k, "by_kind": done}
 
 
+def _end_plans(fake: Any, fraction: float, rng: random.Random) -> dict[str, Any]:
+    """Give ``fraction`` of the memberships without an end an end date: half of them in the past
+    (``customer.plan_ended``), half ahead (``customer.plan_updated``)."""
+    from datetime import timedelta
+
+    open_ended = [
+        m["plan_details"]["customer_plan_id"]
+        for plan in fake.plans()
+        for m in fake.plan_members(plan["id"])
+        if "ending_before" not in m["plan_details"]
+    ]
+    k = max(1, round(fraction * len(open_ended)))
+    now = fake._clock()
+    done = {"past": 0, "ahead": 0}
+    for i, cpid in enumerate(rng.sample(open_ended, k)):
+        if i % 2:
+            fake.set_plan_end(cpid, now + timedelta(days=30))
+            done["ahead"] += 1
+        else:
+            # Just now: after the membership's start, which is at most two years ago.
+            fake.set_plan_end(cpid, now - timedelta(seconds=1))
+            done["past"] += 1
+    return {"changed": k, "by_kind": done}
+
+
 # -- child: the floor ---------------------------------------------------------------------------------
 
 
-def floor(url: str, concurrent: bool) -> dict[str, Any]:
+def floor(url: str, concurrent: bool, with_plans: bool = False) -> dict[str, Any]:
     import httpx
     import orjson
 
@@ -175,10 +213,41 @@ def floor(url: str, concurrent: bool) -> dict[str, Any]:
                 return
             params["next_page"] = body["next_page"]
 
+    plan_counts = [0, 0, 0]  # plans, pages of members, memberships
+
+    def plans(client: httpx.Client) -> None:
+        ids: list[str] = []
+        params: dict[str, Any] = {"limit": PAGE_LIMIT}
+        while True:
+            body = orjson.loads(client.get(url + "/v1/plans", params=params).content)
+            ids += [p["id"] for p in body["data"]]
+            if body["next_page"] is None:
+                break
+            params["next_page"] = body["next_page"]
+        plan_counts[0] = len(ids)
+        for plan_id in ids:
+            params = {"limit": PAGE_LIMIT, "status": "all"}
+            while True:
+                body = orjson.loads(
+                    client.get(f"{url}/v1/planDetails/{plan_id}/customers", params=params).content
+                )
+                plan_counts[1] += 1
+                plan_counts[2] += len(body["data"])
+                if body["next_page"] is None:
+                    break
+                params["next_page"] = body["next_page"]
+
     with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
         cpu0 = _cpu_seconds()
         t0 = time.perf_counter()
-        if concurrent:
+        if with_plans:
+            threads = [threading.Thread(target=listing, args=(client, a)) for a in (False, True)]
+            threads.append(threading.Thread(target=plans, args=(client,)))
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        elif concurrent:
             threads = [threading.Thread(target=listing, args=(client, a)) for a in (False, True)]
             for t in threads:
                 t.start()
@@ -195,6 +264,9 @@ def floor(url: str, concurrent: bool) -> dict[str, Any]:
         "pages_active": counts[False][0],
         "pages_archived": counts[True][0],
         "records": counts[False][1] + counts[True][1],
+        "plans": plan_counts[0],
+        "pages_members": plan_counts[1],
+        "memberships": plan_counts[2],
         "peak_rss_mb": _peak_rss_mb(),
         "rss_before_mb": rss_start,
     }
@@ -242,8 +314,11 @@ def wake_up(url: str, gap: float) -> dict[str, Any]:
 # -- child: one poll cycle ----------------------------------------------------------------------------
 
 
-def poll(url: str, db: str, concurrent: bool, profile: str | None) -> dict[str, Any]:
+def poll(
+    url: str, db: str, concurrent: bool, profile: str | None, with_plans: bool = False
+) -> dict[str, Any]:
     from watcher._logging import configure_logging
+    from watcher.config import PlansConfig
     from watcher.metronome import MetronomeClient
     from watcher.poll import Poller
     from watcher.routing import Route
@@ -252,7 +327,14 @@ def poll(url: str, db: str, concurrent: bool, profile: str | None) -> dict[str, 
     configure_logging("info", "json")  # as in production; stderr is captured by the parent
     store = Store(db)
     client = MetronomeClient(url, TOKEN, page_limit=PAGE_LIMIT)
-    poller = Poller(store, client, routes=[Route("log")], concurrent_listings=concurrent)
+    poller = Poller(
+        store,
+        client,
+        routes=[Route("log")],
+        concurrent_listings=concurrent,
+        plans=PlansConfig(watch=with_plans),
+        plan_source=client,
+    )
     rss_before = _peak_rss_mb()
     profiler: Any = None
     if profile:
@@ -276,7 +358,17 @@ def poll(url: str, db: str, concurrent: bool, profile: str | None) -> dict[str, 
     checkpoint_wait = time.perf_counter() - t1
     if not result.ok:
         raise SystemExit(f"poll failed: {result.error}")
+    plans = result.plans
     return {
+        "plans": None
+        if plans is None
+        else {
+            "baseline": plans.baseline,
+            "plans": plans.plans,
+            "memberships": plans.memberships,
+            "pages": plans.pages,
+            "events": plans.events,
+        },
         "seconds": seconds,
         "cpu_seconds": cpu,
         "baseline": result.baseline,
@@ -343,9 +435,17 @@ def _cli_config(workdir: Path, url: str, db: StoreTarget) -> Path:
 
 
 class Server:
-    def __init__(self, customers: int, seed: int) -> None:
+    def __init__(self, customers: int, seed: int, plans: int = 0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.benchmarks.bench_poll", "_serve", str(customers), str(seed)],
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.bench_poll",
+                "_serve",
+                str(customers),
+                str(seed),
+                str(plans),
+            ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -474,7 +574,9 @@ class _Bench:
         self.db = db
         self.profile_dir = profile_dir
         self.tag = tag
-        self.floors: dict[str, list[dict[str, Any]]] = {"seq": [], "conc": []}
+        self.floors: dict[str, list[dict[str, Any]]] = {"seq": [], "conc": [], "plans": []}
+        #: Plans are watched: every cycle reads them, and is paired with the plans floor.
+        self.plans = False
         self.server_cpu = 0.0
         self.server_pages = 0
 
@@ -498,7 +600,7 @@ class _Bench:
         return {"floor_seconds": floor, "seconds": _cli_poll(config)}
 
     def poll(self, scenario: str, concurrent: bool = True, *, fresh: bool = False) -> dict[str, Any]:
-        mode = "conc" if concurrent else "seq"
+        mode = "plans" if self.plans else ("conc" if concurrent else "seq")
         floor = self.floor(mode)
         if fresh:
             self.fresh_db()
@@ -617,6 +719,59 @@ def bench_size(
     }
 
 
+def bench_plans(
+    n: int,
+    plans: int,
+    repeat: int,
+    seed: int,
+    workdir: Path,
+    profile_dir: Path | None,
+    store_url: str | None = None,
+) -> dict[str, Any]:
+    """The plans case: every customer on one of ``plans`` plans, both sources polled."""
+    _log(f"plans case: {n} customers on {plans} plans: seeding the fake server")
+    server = Server(n, seed, plans)
+    db = StoreTarget(workdir, f"bench-plans-{n}", store_url)
+    bench = _Bench(server, db, profile_dir, f"{n}-plans")
+    bench.plans = True
+    try:
+        _child("_floor", server.url, "plans")  # warm-up
+        baseline = _median_run([bench.poll("plans_baseline", fresh=True) for _ in range(repeat)])
+        _log(f"{n} plans: baseline {baseline['seconds']:.3f}s ({baseline['ratio_to_floor']:.2f}x)")
+        no_change = _median_run([bench.poll("plans_no_change") for _ in range(repeat)])
+        _log(f"{n} plans: no change {no_change['seconds']:.3f}s ({no_change['ratio_to_floor']:.2f}x)")
+        changed_runs, mutations = [], []
+        for _ in range(repeat):
+            mutations.append(server.call("end_plans", fraction=0.01))
+            changed_runs.append(bench.poll("plans_ended_1pct"))
+        changed = _median_run(changed_runs)
+        _log(f"{n} plans: 1% ended {changed['seconds']:.3f}s ({changed['ratio_to_floor']:.2f}x)")
+    finally:
+        server.close()
+        db.drop()
+    floor = _median_run(bench.floors["plans"])
+    scenarios = {
+        "floor_plans": floor,
+        "baseline": baseline,
+        "no_change": no_change,
+        "ended_1pct": changed,
+    }
+    return {
+        "customers": n,
+        "store": "postgresql" if db.postgres else "sqlite",
+        "plans": plans,
+        "pages": floor["pages_active"] + floor["pages_archived"] + floor["pages_members"],
+        "memberships": floor["memberships"],
+        "scenarios": {k: _rounded(v) for k, v in scenarios.items()},
+        "mutations_per_1pct_run": mutations,
+        "peak_rss_mb": max(s["peak_rss_mb"] for k, s in scenarios.items() if k != "floor_plans"),
+        # PostgreSQL's target for a cycle without changes is 1.5x, as for the customers alone.
+        "targets": {"no_change_le_1.5x_floor_plans": no_change["ratio_to_floor"] <= 1.5}
+        if db.postgres
+        else {"no_change_le_1.25x_floor_plans": no_change["ratio_to_floor"] <= 1.25},
+    }
+
+
 def bench_latency(
     n: int, latency: float, repeat: int, seed: int, workdir: Path, store_url: str | None = None
 ) -> dict[str, Any]:
@@ -701,16 +856,17 @@ def bench_latency(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_serve":
-        serve(int(argv[1]), int(argv[2]))
+        serve(int(argv[1]), int(argv[2]), int(argv[3]) if len(argv) > 3 else 0)
         return 0
     if argv and argv[0] == "_floor":
-        print(json.dumps(floor(argv[1], argv[2] == "conc")))
+        print(json.dumps(floor(argv[1], argv[2] != "seq", with_plans=argv[2] == "plans")))
         return 0
     if argv and argv[0] == "_wake_up":
         print(json.dumps(wake_up(argv[1], float(argv[2]))))
         return 0
     if argv and argv[0] == "_poll":
-        print(json.dumps(poll(argv[1], argv[2], argv[3] == "conc", argv[4] if len(argv) > 4 else None)))
+        profile = argv[4] if len(argv) > 4 else None
+        print(json.dumps(poll(argv[1], argv[2], argv[3] != "seq", profile, with_plans=argv[3] == "plans")))
         return 0
 
     parser = argparse.ArgumentParser(
@@ -724,6 +880,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-customers", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is kept")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--plans", type=int, default=20, metavar="N", help="plans in the plans case (default 20; 0 skips it)"
+    )
+    parser.add_argument(
+        "--plans-only", action="store_true", help="run only the plans case (no latency run either)"
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -763,10 +925,17 @@ def main(argv: list[str] | None = None) -> int:
             "page_limit": PAGE_LIMIT,
             "repeat": args.repeat,
             "store": "postgresql" if args.store_url else "sqlite",
-            "sizes": [
+            "sizes": []
+            if args.plans_only
+            else [
                 bench_size(n, args.repeat, args.seed, workdir, args.profile, args.store_url) for n in sizes
             ],
         }
+        if args.plans:
+            results["plans"] = [
+                bench_plans(n, args.plans, args.repeat, args.seed, workdir, args.profile, args.store_url)
+                for n in sizes
+            ]
         by_n = {s["customers"]: s for s in results["sizes"]}
         if 10_000 in by_n and 100_000 in by_n:
             growth = {
@@ -793,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
                 "targets_met": all(marginal[k] <= limit for k, limit in limits.items()),
                 "note": "(cycle process at 100k - at 10k) / (floor process at 100k - at 10k), medians",
             }
-        if args.latency_ms > 0:
+        if args.latency_ms > 0 and not args.plans_only:
             results["latency"] = bench_latency(
                 args.latency_customers,
                 args.latency_ms / 1000,

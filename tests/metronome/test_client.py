@@ -774,3 +774,103 @@ def test_full_page_of_100_records_is_yielded_in_order(make_client: Any) -> None:
     body = orjson.dumps({"data": [customer(i) for i in ids], "next_page": None})
     client, _ = make_client(raw(200, body))
     assert [c["id"] for p in client.iter_pages(archived=False) for c in p] == ids
+
+
+# -- the plans source ----------------------------------------------------------------------------------
+
+
+def membership(cid: str, cpid: str, plan_id: str = "p 1/x", **details: Any) -> dict[str, Any]:
+    return {
+        "customer_details": customer(cid),
+        "plan_details": {
+            "id": plan_id,
+            "name": "Growth",
+            "custom_fields": {},
+            "customer_plan_id": cpid,
+            "starting_on": "2026-01-01T00:00:00Z",
+            **details,
+        },
+    }
+
+
+def members_page(items: list[dict[str, Any]], next_page: str | None) -> httpx.Response:
+    return httpx.Response(200, json={"data": items, "next_page": next_page})
+
+
+def test_member_pages_read_every_status_of_one_plan_page_by_page(make_client: Any) -> None:
+    client, rec = make_client(
+        members_page([membership("a", "m1"), membership("b", "m2", ending_before=None)], "cur-1"),
+        members_page([membership("c", "m3", ending_before="2026-12-31T00:00:00.000Z")], None),
+        page_limit=2,
+    )
+    before = counter("watcher_api_pages_total", listing="plan_members")
+
+    pages = [body.parse() for body in client.member_pages("p 1/x")]
+
+    assert [[m["plan_details"]["customer_plan_id"] for m in p] for p in pages] == [["m1", "m2"], ["m3"]]
+    assert [r.url.raw_path.split(b"?")[0] for r in rec.requests] == [
+        b"/v1/planDetails/p%201%2Fx/customers"
+    ] * 2
+    assert [dict(r.url.params) for r in rec.requests] == [
+        {"limit": "2", "status": "all"},
+        {"limit": "2", "status": "all", "next_page": "cur-1"},
+    ]
+    assert counter("watcher_api_pages_total", listing="plan_members") == before + 2
+
+
+def test_plan_pages_list_the_plans(make_client: Any) -> None:
+    plans = [{"id": "p1", "name": "Growth", "description": "", "custom_fields": {}}]
+    client, rec = make_client(httpx.Response(200, json={"data": plans, "next_page": None}))
+    assert [body.parse() for body in client.plan_pages()] == [plans]
+    assert rec.requests[0].url.path == "/v1/plans"
+
+
+def test_member_pages_refuse_ids_that_would_address_another_resource(make_client: Any) -> None:
+    client, rec = make_client()
+    for bad in ("", ".", ".."):
+        with pytest.raises(ValueError, match="not a usable plan id"):
+            list(client.member_pages(bad))
+    assert rec.requests == []
+
+
+def test_a_plan_that_is_gone_is_a_status_error_naming_it(make_client: Any) -> None:
+    client, _ = make_client(error(404, "Plan not found"))
+    with pytest.raises(
+        APIStatusError, match=r"^GET /v1/planDetails/p1/customers \(members of plan p1, page 1\)"
+    ):
+        list(client.member_pages("p1"))
+
+
+@pytest.mark.parametrize(
+    ("item", "problem"),
+    [
+        ({"plan_details": {}}, r"data\[0\].customer_details is null, not an object"),
+        (
+            {**membership("a", "m1"), "customer_details": {"name": "x"}},
+            r"data\[0\].customer_details.id is not",
+        ),
+        ({"customer_details": customer("a")}, r"data\[0\].plan_details is null, not an object"),
+        (membership("a", ""), r"data\[0\].plan_details.customer_plan_id is not a non-empty string"),
+        (
+            membership("a", "m1", plan_id="another"),
+            r"data\[0\].plan_details.id is 'another', not the plan asked",
+        ),
+        (membership("a", "m1", starting_on="soon"), r"data\[0\].plan_details.starting_on is not an RFC 3339"),
+        (membership("a", "m1", ending_before=7), r"data\[0\].plan_details.ending_before is not an RFC 3339"),
+    ],
+)
+def test_bad_memberships_raise_data_error(make_client: Any, item: dict[str, Any], problem: str) -> None:
+    client, _ = make_client(members_page([item], None))
+    with pytest.raises(APIDataError, match=problem) as info:
+        for body in client.member_pages("p 1/x"):
+            body.parse()
+    assert info.value.reason.startswith(
+        "GET /v1/planDetails/p%201%2Fx/customers (members of plan p 1/x, page 1): "
+    )
+
+
+def test_unknown_membership_fields_are_data(make_client: Any) -> None:
+    item = membership("a", "m1", trial_info={"ends": "soon"})
+    item["extra"] = 1
+    client, _ = make_client(members_page([item], None))
+    assert [body.parse() for body in client.member_pages("p 1/x")] == [[item]]

@@ -1,13 +1,19 @@
-"""One contract for every sink type: the delivery rules (DESIGN rule 6) hold for log, slack and http.
+"""One contract for every sink type: the delivery rules (DESIGN rule 6) hold for log, slack, http
+and apprise.
 
 Each test runs the real :class:`watcher.delivery.Deliverer` over a real :class:`watcher.store.Store`
 (on each engine: a SQLite file in ``tmp_path``, a schema in PostgreSQL) whose events come from real
-poll cycles, and each sink talks to a real receiver: a local HTTP server for ``slack`` and
-``http``, a stream that can fail like a full disk for ``log``. Time never passes by itself: the
-Deliverer's clock and the Slack pacer's clock are moved by hand.
+poll cycles, and each sink talks to a real receiver: a local HTTP server for ``slack``, ``http``
+and ``apprise`` (through Apprise's ``json://``, which posts to any HTTP endpoint), a stream that
+can fail like a full disk for ``log``. Time never passes by itself: the Deliverer's clock and the
+Slack pacer's clock are moved by hand.
 
-Two rules need a receiver that can answer: a *permanent* refusal (dead at once) and
-``Retry-After``. A local stream can do neither, so those tests run for ``slack`` and ``http`` only.
+Some rules need a receiver that answers. That the *latest* error is the one reported holds for
+every sink whose receiver answers (``ANSWERING``). A *permanent* refusal being dead at once, and
+``Retry-After`` being honoured, hold for the sinks that can tell them (``TELLING``: ``slack`` and
+``http``); Apprise answers a send with true or false only, so the ``apprise`` sink retries every
+failure (``tests/sinks/test_apprise.py`` shows a refusal retried, reported and then delivered), and
+a local stream can answer nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from watcher.metronome import ListingPage
 from watcher.poll import Poller
 from watcher.routing import Route
 from watcher.sinks import LogSink, Outcome, Sink
+from watcher.sinks.apprise import AppriseSink
 from watcher.sinks.http import HttpSink
 from watcher.sinks.slack import SlackSink
 from watcher.store import Store
@@ -39,6 +46,8 @@ SINK = "contract"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 N = 5
 _EVENT_ID = re.compile(r"event `([0-9a-f-]{36})`")
+#: The last line of an Apprise message, in Markdown or in plain text.
+_APPRISE_EVENT_ID = re.compile(r"event `?([0-9a-f-]{36})")
 
 
 class ProcessKilled(BaseException):
@@ -82,6 +91,8 @@ def record_events(store: Store, clock: FakeClock, n: int = N) -> list[str]:
 
 class Rig:
     kind: str
+    #: Whether the sink tells a permanent refusal (dead at once) from a passing one (a retry).
+    tells_permanent = True
 
     def new_sink(self) -> Sink:
         raise NotImplementedError
@@ -211,6 +222,27 @@ class SlackRig(ReceiverRig):
         self.receiver.script(Reply(429, "rate_limited", {"Retry-After": str(seconds)}))
 
 
+class AppriseRig(ReceiverRig):
+    kind = "apprise"
+    tells_permanent = False
+
+    def new_sink(self) -> Sink:
+        # json:// posts {"title", "message", ...} to any HTTP endpoint; one message per event.
+        return AppriseSink(SINK, "json://" + self.receiver.url.removeprefix("http://"), digest_threshold=50)
+
+    def event_id(self, body: bytes) -> str:
+        message = orjson.loads(body)["message"]
+        m = _APPRISE_EVENT_ID.search(message)
+        assert m, message
+        return m.group(1)
+
+    def refuse_next(self) -> None:
+        self.receiver.script(Reply(400, b'{"error": "bad request"}'))
+
+    def throttle_next(self, seconds: int) -> None:
+        self.receiver.script(Reply(429, b"slow down", {"Retry-After": str(seconds)}))
+
+
 @pytest.fixture
 def rig(request: pytest.FixtureRequest, make_receiver: Callable[..., Receiver], fake_time: FakeTime) -> Rig:
     kind = request.param
@@ -218,11 +250,15 @@ def rig(request: pytest.FixtureRequest, make_receiver: Callable[..., Receiver], 
         return LogRig()
     if kind == "http":
         return HttpRig(make_receiver(Reply(204, b"")))
+    if kind == "apprise":
+        pytest.importorskip("apprise", reason="the apprise extra is not installed")
+        return AppriseRig(make_receiver(Reply(200, b"ok")))
     return SlackRig(make_receiver(Reply(200, "ok"), path=f"/services/T0/B0/{uuid.uuid4().hex}"), fake_time)
 
 
-ALL = pytest.mark.parametrize("rig", ["log", "slack", "http"], indirect=True)
-ANSWERING = pytest.mark.parametrize("rig", ["slack", "http"], indirect=True)
+ALL = pytest.mark.parametrize("rig", ["log", "slack", "http", "apprise"], indirect=True)
+ANSWERING = pytest.mark.parametrize("rig", ["slack", "http", "apprise"], indirect=True)
+TELLING = pytest.mark.parametrize("rig", ["slack", "http"], indirect=True)
 
 
 class World:
@@ -304,7 +340,7 @@ def test_receiver_down_then_up_delivers_everything_with_the_same_ids(world: Worl
     assert world.status().pending == 0
 
 
-@ANSWERING
+@TELLING
 def test_retry_after_is_respected(world: World, rig: Rig) -> None:
     rig.throttle_next(120)
     report = world.drain()
@@ -321,7 +357,7 @@ def test_retry_after_is_respected(world: World, rig: Rig) -> None:
     assert rig.accepted_ids() == world.ids
 
 
-@ANSWERING
+@TELLING
 def test_permanent_failure_is_dead_at_once_reported_and_replayed_with_the_same_id(
     world: World, rig: Rig
 ) -> None:
@@ -430,7 +466,8 @@ def test_deliveries_reports_the_latest_error_not_an_older_one(world: World, rig:
     assert "429" in str(world.status().last_error)
 
     world.clock.advance(5)
-    assert world.drain().dead == 1
+    report = world.drain()
+    assert (report.dead, report.retried) == ((1, 0) if rig.tells_permanent else (0, 1))
     last_error = str(world.status().last_error)
     assert "400" in last_error and "429" not in last_error  # the refusal, not the older throttle
 

@@ -115,6 +115,27 @@ def test_a_small_round_is_one_readable_message_per_event(
     assert "`archived_at`: _none_ -&gt; `2026-01-05T08:59:00.000Z`" in sections(second)[1]
 
 
+def test_a_changed_list_says_which_items_were_added_and_removed(
+    slack: Receiver, make_sink: Callable[..., SlackSink]
+) -> None:
+    long = "billing-department-of-a-very-long-company-name@example.com"
+    aliases = customer_event(1, changes=[
+        {"field": "ingest_aliases", "before": [long, "old@acme.example.com"],
+         "after": [long, "new@acme.example.com", "more@acme.example.com"]}])  # fmt: skip
+
+    assert make_sink().deliver([aliases]) == [Outcome.ok()]
+
+    (message,) = slack.bodies()
+    assert (
+        "• `ingest_aliases`: added `new@acme.example.com`, `more@acme.example.com`; "
+        "removed `old@acme.example.com`"
+    ) in sections(message)[1]
+    assert long not in all_text(message)  # unchanged items are not repeated
+    assert message["text"].endswith(
+        "ingest_aliases: added new@acme.example.com, more@acme.example.com; removed old@acme.example.com"
+    )
+
+
 @pytest.mark.parametrize(
     ("etype", "header", "says"),
     [
@@ -152,6 +173,84 @@ def test_customer_data_is_escaped_for_mrkdwn_and_long_values_are_cut(
     assert "`'rm -rf' &lt;b&gt;`" in mrkdwn  # a backtick cannot break out of the code span
     assert max(len(line) for line in sections(message)[1].splitlines()) < 500
     assert "…" in sections(message)[1]
+
+
+# -- plan events -----------------------------------------------------------------------------------
+
+
+def plan_event(seq: int, etype: str, changes: list[dict[str, Any]], **plan: Any) -> dict[str, Any]:
+    event = customer_event(seq, etype, name="Acme", changes=changes)
+    membership = {
+        "plan_id": "plan-1", "plan_name": "Growth", "customer_plan_id": f"cp-{seq}",
+        "starting_on": "2026-01-01T00:00:00.000Z", "ending_before": None, "custom_fields": {}, **plan,
+    }  # fmt: skip
+    return {
+        **event,
+        "previous": None,
+        "plan": membership,
+        "previous_plan": {**membership, "ending_before": None},
+    }
+
+
+def test_an_end_date_that_appears_says_so_in_words(
+    slack: Receiver, make_sink: Callable[..., SlackSink]
+) -> None:
+    ends = "2026-12-31T00:00:00.000Z"
+    event = plan_event(
+        1,
+        "customer.plan_updated",
+        [{"field": "plan.ending_before", "before": None, "after": ends}],
+        ending_before=ends,
+    )
+
+    make_sink().deliver([event])
+
+    (message,) = slack.bodies()
+    assert_within_slack_limits(message)
+    assert message["blocks"][0]["text"]["text"] == ":calendar: Customer's plan changed: Acme"
+    assert sections(message)[1] == "*Plan Growth ends on 2026-12-31*"
+    assert f"• `plan.ending_before`: _none_ -&gt; `{ends}`" in sections(message)[2]
+    assert message["text"] == "Customer's plan changed: Acme (cus-0001): plan Growth ends on 2026-12-31"
+
+
+@pytest.mark.parametrize(
+    ("etype", "header", "words"),
+    [
+        (
+            "customer.plan_added",
+            ":inbox_tray: Customer added to a plan: Acme",
+            "*Added to plan Growth from 2026-01-01*",
+        ),
+        ("customer.plan_ended", ":door: Customer's plan ended: Acme", "*Plan Growth ended on 2026-06-30*"),
+        (
+            "customer.plan_removed",
+            ":outbox_tray: Customer removed from a plan: Acme",
+            "*Removed from plan Growth*",
+        ),
+    ],
+)
+def test_every_plan_event_says_what_happened_to_whom(
+    slack: Receiver, make_sink: Callable[..., SlackSink], etype: str, header: str, words: str
+) -> None:
+    ends = "2026-06-30T00:00:00.000Z" if etype == "customer.plan_ended" else None
+    make_sink().deliver([plan_event(1, etype, [], ending_before=ends)])
+    (message,) = slack.bodies()
+    assert message["blocks"][0]["text"]["text"] == header
+    assert words in sections(message)
+
+
+def test_a_digest_shows_plan_events_in_words(slack: Receiver, make_sink: Callable[..., SlackSink]) -> None:
+    ends = "2026-12-31T00:00:00.000Z"
+    events = [
+        plan_event(i, "customer.plan_ended", [], ending_before=ends) if i % 2 else customer_event(i)
+        for i in range(1, 9)
+    ]
+
+    make_sink(digest_threshold=5).deliver(events)
+
+    (digest,) = slack.bodies()
+    assert digest["text"] == "8 customer changes: 4 updated, 4 plan ended"
+    assert f"• :door: <{APP}/customers/cus-0001|Acme>: plan Growth ended on 2026-12-31" in all_text(digest)
 
 
 # -- digests ---------------------------------------------------------------------------------------

@@ -2,25 +2,35 @@
 
 The source is the version 3 store of ``tests/fixtures/upgrade_v3`` (a baseline, a round of
 changes, a notice, and three deliveries still pending for a sink whose receiver was down), so the
-move is proven on a store with history, not on an empty one.
+move is proven on a store with history, not on an empty one; the first test has it watch plans
+for a poll first, so that the plans' tables and the sources' outcomes move too.
 """
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.conftest import TOKEN, postgres_only, rows
-from tests.store.test_upgrade import FIXTURE, v3_copy
+from tests.conftest import TOKEN, Harness, postgres_only, rows
+from tests.store.test_upgrade import FIXTURE
 from watcher.cli import main
+from watcher.config import PlansConfig
 from watcher.metronome import MetronomeClient
 from watcher.poll import Poller
 from watcher.routing import Route
 from watcher.simulator import SimulatedMetronome
 from watcher.store import Store
+from watcher.store.transfer import TABLES
+
+
+def v3_copy(tmp_path: Path) -> Path:
+    db = tmp_path / "watcher.db"
+    shutil.copy(FIXTURE / "watcher.db", db)
+    return db
 
 
 def config(tmp_path: Path, store: str, name: str = "watcher.toml") -> Path:
@@ -38,6 +48,15 @@ def test_migrate_copies_everything_and_the_watcher_carries_on_in_postgres(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     db = v3_copy(tmp_path)
+    # One poll with plans watched on SQLite first: the plans' baseline, and each source's outcome.
+    fake.load(orjson.loads((FIXTURE / "customers.json").read_bytes()))
+    fake.seed_plans(2)
+    on_sqlite = Harness(fake, db, plans=PlansConfig(watch=True))
+    try:
+        polled = on_sqlite.poll()
+    finally:
+        on_sqlite.close()
+    assert polled.ok and polled.events == 0 and polled.plans is not None and polled.plans.baseline
     sqlite_config = config(tmp_path, f'path = "{db}"')
     # The password travels as ${VAR}, as an operator would pass it; it is never printed.
     password = store_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
@@ -47,28 +66,47 @@ def test_migrate_copies_everything_and_the_watcher_carries_on_in_postgres(
     assert main(["--config", str(sqlite_config), "store", "migrate", "--to", target]) == 0
     out, err = capsys.readouterr()
     assert "7 events" in out and "last sequence 7" in out and "verified" in out
+    assert f"2 plans, {polled.plans.memberships} plan_members, 2 plan_page_memo" in out
     assert password not in out + err
 
     pg = Store(store_url)
     sqlite = Store(db)
     try:
-        tables = ("customers", "poll_runs", "events", "outbox", "sink_state", "page_memo")
-        for table in tables:
-            query = f"SELECT * FROM {table} ORDER BY 1"
-            assert rows(pg, query) == rows(sqlite, query), table
+        assert {t.name for t in TABLES} == {
+            "customers",
+            "poll_runs",
+            "poll_sources",
+            "events",
+            "outbox",
+            "sink_state",
+            "page_memo",
+            "plans",
+            "plan_members",
+            "plan_page_memo",
+        }
+        for table in TABLES:
+            query = f"SELECT * FROM {table.name} ORDER BY 1, 2"
+            copied = rows(pg, query)
+            assert copied == rows(sqlite, query), table.name
+            assert copied or table.name == "sink_state", f"{table.name}: the test copies no rows of it"
         expected = [orjson.loads(line) for line in (FIXTURE / "events.jsonl").read_text().splitlines()]
         assert pg.query_events() == expected
+        assert pg.plan_counts() == sqlite.plan_counts()
         (crm,) = pg.delivery_status(datetime(2026, 11, 30, 12, 10, tzinfo=UTC), sinks=["crm"])
         assert (crm.pending, crm.next_attempt_at) == (3, "2026-11-30T12:06:01.035642Z")
 
-        # The next cycle on PostgreSQL sees the same account: no change, and new events carry on the
-        # sequence and the poll ids where SQLite left them.
-        fake.load(orjson.loads((FIXTURE / "customers.json").read_bytes()))
+        # The next cycle on PostgreSQL sees the same account and the same plans: no change (the
+        # page memos hold), and new events carry on the sequence and the poll ids where SQLite
+        # left them.
         with MetronomeClient(fake.url, TOKEN) as client:
-            poller = Poller(pg, client, routes=[Route("audit")])
+            poller = Poller(
+                pg, client, routes=[Route("audit")], plans=PlansConfig(watch=True), plan_source=client
+            )
             first = poller.run()
             last_poll = max(r[0] for r in rows(sqlite, "SELECT id FROM poll_runs"))
             assert first.ok and first.events == 0 and first.poll_id == last_poll + 1
+            assert first.plans is not None and not first.plans.baseline
+            assert first.plans.memberships == polled.plans.memberships
             fake.set_name(fake.customers(archived=False)[0]["id"], "Moved Along Inc.")
             assert poller.run().events == 1
         (event,) = pg.query_events(after_sequence=7)

@@ -1,9 +1,11 @@
-"""The Metronome API client: the two read endpoints the watcher needs, and nothing else.
+"""The Metronome API client: the read endpoints the watcher needs, and nothing else.
 
 - ``GET /v1/customers`` (active, or ``only_archived=true``), followed page by page through the opaque
   ``next_page`` cursor until it is ``null``: :meth:`MetronomeClient.pages` (unparsed pages, for the
   poll cycle) or :meth:`MetronomeClient.iter_pages` (each page parsed before the next is requested).
 - ``GET /v1/customers/{customer_id}``: :meth:`MetronomeClient.get_customer` (``None`` on 404).
+- ``GET /v1/plans`` (:meth:`MetronomeClient.plan_pages`) and ``GET /v1/planDetails/{plan_id}/customers``
+  with ``status=all`` (:meth:`MetronomeClient.member_pages`): the plans source, paged the same way.
 
 Everything that can go wrong surfaces as one of the :mod:`watcher.errors` ``APIError`` subclasses, so the
 poll cycle can refuse to diff an incomplete picture without knowing anything about httpx:
@@ -40,7 +42,7 @@ from .._secrets import redact, register
 from ..errors import APIDataError, APIStatusError, APITransportError
 from ..events import Listing
 from ..metrics import API_PAGES, API_REQUESTS, API_RETRIES
-from .pages import ListingPage, PageBody, parse_customer
+from .pages import ListingPage, PageBody, PageParser, parse_customer, parse_members
 
 __all__ = ["DEFAULT_TIMEOUT", "MetronomeClient", "RetryPolicy"]
 
@@ -50,11 +52,13 @@ log = structlog.get_logger("watcher.client")
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 _LISTING_PATH = "/v1/customers"
+_PLANS_PATH = "/v1/plans"
+_MEMBERS_PATH = "/v1/planDetails/{}/customers"
 _MAX_PAGE_LIMIT = 100  # the API's documented maximum for ``limit``
 _USER_AGENT = "metronome-watcher"
 _MESSAGE_MAX_CHARS = 500  # Metronome's error messages are short; a huge one is not worth carrying around
 
-_Endpoint = Literal["list_active", "list_archived", "get_customer"]
+_Endpoint = Literal["list_active", "list_archived", "get_customer", "list_plans", "list_plan_customers"]
 
 # Transport failures that a later attempt can plausibly cure. UnsupportedProtocol and LocalProtocolError
 # are left out on purpose: they mean our URL or our request is wrong, and retrying only delays the news.
@@ -246,29 +250,75 @@ class MetronomeClient:
         it: handed over earlier, that thread would take the GIL while the request is still being built.
         """
         endpoint: _Endpoint = "list_archived" if listing else "list_active"
-        url = self._base_url + _LISTING_PATH
         params: dict[str, str | int] = {"limit": self._page_limit}
         if listing:
             params["only_archived"] = "true"
+        return self._paged(
+            _LISTING_PATH,
+            params,
+            endpoint=endpoint,
+            name=f"{listing.label} listing",
+            label=listing.label,
+            sent=sent,
+        )
+
+    def plan_pages(self, *, sent: Callable[[], None] | None = None) -> Iterator[PageBody]:
+        """Every page of ``GET /v1/plans`` (plans, each with an ``id``), unparsed, as :meth:`pages`."""
+        params: dict[str, str | int] = {"limit": self._page_limit}
+        return self._paged(
+            _PLANS_PATH, params, endpoint="list_plans", name="plans listing", label="plans", sent=sent
+        )
+
+    def member_pages(self, plan_id: str, *, sent: Callable[[], None] | None = None) -> Iterator[PageBody]:
+        """Every page of one plan's memberships, past, current and upcoming (``status=all``), unparsed.
+
+        Each item is ``{customer_details, plan_details}``, checked by
+        :func:`~watcher.metronome.pages.parse_members` when the page is parsed; see :meth:`pages`.
+        """
+        if plan_id in ("", ".", ".."):
+            raise ValueError(f"not a usable plan id: {plan_id!r}")
+        path = _MEMBERS_PATH.format(urllib.parse.quote(plan_id, safe=""))
+        params: dict[str, str | int] = {"limit": self._page_limit, "status": "all"}
+        parser = functools.partial(parse_members, plan_id=plan_id)
+        return self._paged(
+            path,
+            params,
+            endpoint="list_plan_customers",
+            name=f"members of plan {plan_id}",
+            label="plan_members",
+            sent=sent,
+            parser=parser,
+        )
+
+    def _paged(
+        self,
+        path: str,
+        params: dict[str, str | int],
+        *,
+        endpoint: _Endpoint,
+        name: str,
+        label: str,
+        sent: Callable[[], None] | None,
+        parser: PageParser | None = None,
+    ) -> Iterator[PageBody]:
+        """The pages of one listing at ``path``, following ``next_page`` (see :meth:`pages`)."""
+        url = self._base_url + path
         # Cursor -> page number that returned it. A server that hands back a cursor we have already
         # followed would otherwise keep us paging forever (and double-count customers).
         seen_cursors: dict[str, int] = {}
         page = 0
         while True:
             page += 1
-            what = f"GET {_LISTING_PATH} ({listing.label} listing, page {page})"
+            what = f"GET {path} ({name}, page {page})"
             if page > self._max_pages:
                 raise APIDataError(
-                    redact(
-                        f"{what}: the {listing.label} listing did not end within "
-                        f"max_pages={self._max_pages} pages"
-                    )
+                    redact(f"{what}: the {name} did not end within max_pages={self._max_pages} pages")
                 )
             response = self._send(url, params=params, endpoint=endpoint, what=what, sent=sent)
             if response.status_code != httpx.codes.OK:
                 raise self._status_error(response, what=what)
-            body = PageBody(response.content, status=response.status_code, what=what)
-            API_PAGES.labels(listing.label).inc()
+            body = PageBody(response.content, status=response.status_code, what=what, parser=parser)
+            API_PAGES.labels(label).inc()
             yield body
             next_page = body.next_page
             if next_page is None:

@@ -1,5 +1,9 @@
 """Listing pages as they come off the wire: bodies, shape checks, cursors and digests.
 
+Three listings share the body ``{"data": [...], "next_page": ...}``: the customers
+(:func:`parse_listing`, records with an ``id``), the plans (the same), and a plan's members
+(:func:`parse_members`, one ``{customer_details, plan_details}`` membership per item).
+
 Bodies are parsed with orjson and checked with a few ``isinstance`` passes only: 100k customers is
 2,000 pages per listing, and per-record model validation would dominate a cycle. Unknown fields are
 kept untouched; they are data to diff, never an error. Every problem is an
@@ -10,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable
+from datetime import datetime
 from itertools import repeat
 from typing import Any, cast
 
@@ -17,9 +23,13 @@ import orjson
 import xxhash
 
 from .._secrets import redact
+from .._time import parse_ts
 from ..errors import APIDataError
 
-__all__ = ["ListingPage", "PageBody", "parse_customer", "parse_listing"]
+__all__ = ["ListingPage", "PageBody", "PageParser", "parse_customer", "parse_listing", "parse_members"]
+
+#: ``parser(content, what=..., status=...) -> (records, next_page)``: how a page body is checked.
+PageParser = Callable[..., tuple[list[dict[str, Any]], str | None]]
 
 
 class ListingPage(list[dict[str, Any]]):
@@ -71,10 +81,11 @@ class PageBody:
     has seen a digest on a page that parsed can therefore skip parsing a page with that digest.
     """
 
-    __slots__ = ("_content", "_page", "_status", "_what", "digest", "next_page")
+    __slots__ = ("_content", "_page", "_parser", "_status", "_what", "digest", "next_page")
 
-    def __init__(self, content: bytes, *, status: int, what: str) -> None:
+    def __init__(self, content: bytes, *, status: int, what: str, parser: PageParser | None = None) -> None:
         self._content, self._status, self._what = content, status, what
+        self._parser = parser or parse_listing
         self._page: ListingPage | None = None
         self.next_page: str | None = _UNPARSED
         self.digest: bytes | None = None
@@ -94,7 +105,7 @@ class PageBody:
     def parse(self) -> ListingPage:
         """The page's records; raises :class:`~watcher.errors.APIDataError` for a bad body."""
         if self._page is None:
-            data, next_page = parse_listing(self._content, what=self._what, status=self._status)
+            data, next_page = self._parser(self._content, what=self._what, status=self._status)
             if self.next_page is _UNPARSED:
                 self.next_page = next_page
                 self.digest = xxhash.xxh3_128_digest(self._content)
@@ -154,6 +165,10 @@ def parse_listing(content: bytes, *, what: str, status: int) -> tuple[list[dict[
     if not (all(map(isinstance, ids, repeat(str))) and all(ids)):
         index = next(i for i, v in enumerate(ids) if not isinstance(v, str) or not v)
         raise _bad(what, f"data[{index}] has no non-empty string 'id'", status)
+    return cast("list[dict[str, Any]]", data), _next_page(body, what=what, status=status)
+
+
+def _next_page(body: dict[str, Any], *, what: str, status: int) -> str | None:
     if "next_page" not in body:
         raise _bad(what, "body has no 'next_page' key", status)
     next_page = body["next_page"]
@@ -163,7 +178,76 @@ def parse_listing(content: bytes, *, what: str, status: int) -> tuple[list[dict[
         # Neither "last page" (that is null) nor a usable cursor: sending it back would most likely
         # restart the listing. Refuse rather than guess.
         raise _bad(what, "'next_page' is an empty string", status)
-    return cast("list[dict[str, Any]]", data), next_page
+    return next_page  # type: ignore[no-any-return]
+
+
+def _values(objects: list[Any], key: str) -> list[Any]:
+    """``key`` of each object (None where it is missing), in one C-level pass."""
+    return list(map(dict.get, objects, repeat(key)))
+
+
+def _objects(values: list[Any], *, where: str, what: str, status: int) -> None:
+    if not all(map(isinstance, values, repeat(dict))):
+        index, value = next((i, v) for i, v in enumerate(values) if not isinstance(v, dict))
+        raise _bad(what, f"data[{index}]{where} is {_json_type(value)}, not an object", status)
+
+
+def _texts(values: list[Any], *, where: str, what: str, status: int) -> None:
+    if not (all(map(isinstance, values, repeat(str))) and all(values)):
+        index = next(i for i, v in enumerate(values) if not isinstance(v, str) or not v)
+        raise _bad(what, f"data[{index}]{where} is not a non-empty string", status)
+
+
+def _timestamps(values: list[Any], *, where: str, optional: bool, what: str, status: int) -> None:
+    present = [v for v in values if v is not None] if optional else values
+    with contextlib.suppress(TypeError, ValueError):  # one C-level pass; the loop names the culprit
+        if all(map(isinstance, present, repeat(str))):
+            list(map(datetime.fromisoformat, present))
+            return
+    for index, value in enumerate(values):
+        if value is None and optional:
+            continue
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            parse_ts(value)
+        except ValueError:
+            raise _bad(
+                what, f"data[{index}]{where} is not an RFC 3339 timestamp: {value!r}", status
+            ) from None
+
+
+def parse_members(
+    content: bytes, *, what: str, status: int, plan_id: str
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The memberships and the ``next_page`` cursor of a plan's members body (``GET
+    /v1/planDetails/{plan_id}/customers``), checked for the shape the seed page documents.
+
+    Each item is ``{"customer_details": <a customer record>, "plan_details": {"id", "name",
+    "custom_fields", "customer_plan_id", "starting_on", "ending_before"}}``; ``ending_before`` may be
+    absent or null. A membership of another plan than the one asked for is refused: filed under
+    this plan it would corrupt the stored picture.
+    """
+    body, data = _data(content, what=what, status=status)
+    if not isinstance(data, list):
+        raise _bad(what, f"'data' is {_json_type(data)}, not an array", status)
+    w, st = what, status
+    _objects(data, where="", what=w, status=st)
+    customers = _values(data, "customer_details")
+    _objects(customers, where=".customer_details", what=w, status=st)
+    _texts(_values(customers, "id"), where=".customer_details.id", what=w, status=st)
+    plans = _values(data, "plan_details")
+    _objects(plans, where=".plan_details", what=w, status=st)
+    _texts(_values(plans, "customer_plan_id"), where=".plan_details.customer_plan_id", what=w, status=st)
+    plan_ids = _values(plans, "id")
+    if plan_ids.count(plan_id) != len(plan_ids):
+        index, other = next((i, p) for i, p in enumerate(plan_ids) if p != plan_id)
+        raise _bad(w, f"data[{index}].plan_details.id is {other!r}, not the plan asked for", st)
+    starts = _values(plans, "starting_on")
+    _timestamps(starts, where=".plan_details.starting_on", optional=False, what=w, status=st)
+    ends = _values(plans, "ending_before")
+    _timestamps(ends, where=".plan_details.ending_before", optional=True, what=w, status=st)
+    return cast("list[dict[str, Any]]", data), _next_page(body, what=what, status=status)
 
 
 def parse_customer(content: bytes, *, customer_id: str, what: str, status: int) -> dict[str, Any]:

@@ -19,6 +19,10 @@ A silent baseline into an empty store skips the staging: it has nothing to diff,
 straight into ``customers`` inside the one transaction, opened before the scan.
 
 Any failure before the commit leaves nothing but the failed poll-run row (rule 1).
+
+With ``[plans] watch`` on, :class:`Poller` reads the plans source (:mod:`watcher.poll.plans`) in a
+thread of its own meanwhile; it commits in its own transaction once this cycle has ended, however
+this cycle ended, and settles the poll's outcome from both.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ import structlog
 
 from .. import metrics
 from .._time import Clock, format_ts, utcnow
-from ..config import DiffConfig
+from ..config import DiffConfig, PlansConfig
 from ..diff import diff_records
 from ..errors import APIError, NotLeader, PollCancelled, PollRefused, WatcherError
-from ..events import CustomerStatus, EventType, EventWriter, Listing, PollOutcome
+from ..events import CustomerStatus, EventType, EventWriter, Listing, PollOutcome, Source
 from ..fingerprint import canonical, record_hash
 from ..routing import Route, Router
 from ..store import Store, queries
@@ -49,8 +53,9 @@ from ..store.cycle import BaselineWriter, CycleSession, Sighting
 from ..store.lease import LeaseKeeper
 from .lock import PollLock
 from .memo import Memo
+from .plans import PlanRead, PlansResult
 from .scan import Scan, SeenPage
-from .source import CustomerSource
+from .source import CustomerSource, PlanSource
 
 __all__ = ["PollResult", "Poller"]
 
@@ -85,10 +90,21 @@ class PollResult:
     error: str | None = None
     #: Customers that vanished but whose lookup by id failed: no conclusion this cycle.
     unresolved: int = 0
+    #: The plans source's result; None when plans are not watched. ``outcome`` and ``error`` are then
+    #: the poll's as settled from both sources (``error`` names each source that failed), and
+    #: ``events_by_type`` counts both sources' events.
+    plans: PlansResult | None = None
+    #: The sources that did not succeed, when the poll read more than one.
+    failed_sources: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.outcome is PollOutcome.SUCCEEDED
+
+    @property
+    def customers_ok(self) -> bool:
+        """Whether the customers were read and committed (whatever became of the plans)."""
+        return self.ok or (self.plans is not None and Source.CUSTOMERS not in self.failed_sources)
 
     @property
     def events(self) -> int:
@@ -109,6 +125,8 @@ class Poller:
         routes: Sequence[Route] = (),
         clock: Clock = utcnow,
         concurrent_listings: bool = True,
+        plans: PlansConfig | None = None,
+        plan_source: PlanSource | None = None,
     ) -> None:
         self.store = store
         self.source = source
@@ -116,6 +134,11 @@ class Poller:
         self.routes = tuple(routes)
         self.clock = clock
         self.concurrent_listings = concurrent_listings
+        #: The plans source, when ``plans.watch`` is on (``plan_source`` reads it).
+        self.plans = plans if plans is not None and plans.watch else None
+        if self.plans is not None and plan_source is None:
+            raise ValueError("plans are watched, but no plan_source was given")
+        self.plan_source = plan_source
 
     def run(self, *, cancel: threading.Event | None = None) -> PollResult:
         """Run one cycle. Never raises for API trouble: the outcome says what happened."""
@@ -129,6 +152,8 @@ class Poller:
                     guard.enter_context(LeaseKeeper(self.store, ttl=_LEASE_SECONDS).hold())
             except PollRefused as exc:
                 return self._refused_by_lock(str(exc))
+            if self.plans is not None:
+                return self._run_both(cancel, t0)
             cycle = _Cycle(self, cancel)
             try:
                 result = cycle.run()
@@ -160,10 +185,109 @@ class Poller:
         )
         return result
 
+    def _run_both(self, cancel: threading.Event, t0: float) -> PollResult:
+        """A poll of both sources: the plans read beside the customers' cycle, each committing on its
+        own, the plans last (they settle the poll's outcome)."""
+        assert self.plans is not None and self.plan_source is not None
+        plans = PlanRead(
+            self.store,
+            self.plan_source,
+            config=self.plans,
+            diff=self.diff,
+            routes=self.routes,
+            clock=self.clock,
+            cancel=cancel,
+        ).start()
+        cycle = _Cycle(self, cancel, settle=False)
+        try:
+            try:
+                customers = cycle.run()
+            except NotLeader as exc:
+                plans.abandon(None)  # nothing more may be written: the new leader ends the poll run
+                return self._not_leader(cycle, exc, time.perf_counter() - t0)
+            except BaseException as exc:
+                if cycle.poll_id is None:
+                    raise
+                customers = self._failed(cycle, exc, cancel, time.perf_counter() - t0, settle=False)
+        except BaseException:
+            plans.abandon(cycle.poll_id)
+            raise
+        try:
+            plans_result, settled = plans.finish(customers.poll_id)
+        except NotLeader as exc:  # the plans' commit (or the record of their failure) was refused
+            return self._not_leader(cycle, exc, time.perf_counter() - t0)
+        assert settled is not None
+        with self.store.read() as conn:
+            poll = queries.get_poll(conn, customers.poll_id)
+            failed = queries.failed_sources_of(conn, customers.poll_id)
+        assert poll is not None
+        by_type = Counter(customers.events_by_type)
+        by_type.update(plans_result.events_by_type)
+        result = replace(
+            customers,
+            outcome=settled,
+            error=poll.error,
+            events_by_type=dict(by_type),
+            duration=time.perf_counter() - t0,
+            plans=plans_result,
+            failed_sources=failed,
+        )
+        metrics.POLLS.labels(settled).inc()
+        metrics.POLL_DURATION.observe(result.duration)
+        for t, n in by_type.items():
+            metrics.EVENTS.labels(t).inc(n)
+        if result.customers_ok:
+            metrics.CUSTOMERS.labels(CustomerStatus.ACTIVE).set(result.active)
+            metrics.CUSTOMERS.labels(CustomerStatus.ARCHIVED).set(result.archived)
+        plans_summary = {
+            "outcome": plans_result.outcome,
+            "baseline": plans_result.baseline,
+            "plans": plans_result.plans,
+            "memberships": plans_result.memberships,
+            "pages": plans_result.pages,
+        }
+        if result.ok:
+            metrics.LAST_SUCCESSFUL_POLL.set(self.clock().timestamp())
+            log.info(
+                "poll.completed",
+                poll_id=result.poll_id,
+                outcome=PollOutcome.SUCCEEDED,
+                baseline=result.baseline,
+                duration_ms=round(result.duration * 1000),
+                pages=result.pages,
+                active=result.active,
+                archived=result.archived,
+                events=dict(result.events_by_type),
+                unresolved=result.unresolved,
+                plans=plans_summary,
+            )
+        elif settled is not PollOutcome.ABANDONED:
+            log.error(
+                "poll.failed",
+                poll_id=result.poll_id,
+                outcome=settled,
+                error=result.error,
+                failed_sources=list(failed),
+                duration_ms=round(result.duration * 1000),
+                events=dict(result.events_by_type),
+                plans=plans_summary,
+            )
+        return result
+
     def _failed(
-        self, cycle: _Cycle, exc: BaseException, cancel: threading.Event, duration: float
+        self,
+        cycle: _Cycle,
+        exc: BaseException,
+        cancel: threading.Event,
+        duration: float,
+        *,
+        settle: bool = True,
     ) -> PollResult:
-        """Record a cycle that ended without committing, and say why; bugs are raised again."""
+        """Record a cycle that ended without committing, and say why; bugs are raised again.
+
+        Without ``settle`` another source is still reading: the customers' failure is recorded as
+        theirs, and the poll's own outcome is left to the source that finishes last.
+        """
         assert cycle.poll_id is not None
         if isinstance(exc, PollCancelled) or cancel.is_set():
             outcome, reason = PollOutcome.ABANDONED, "poll abandoned: shutting down"
@@ -173,13 +297,38 @@ class Poller:
             outcome = PollOutcome.FAILED
             reason = str(exc) if isinstance(exc, WatcherError) else f"internal error: {exc!r}"
         # Nothing staged survives: the staging table went away with the cycle's connection.
+        finished_at = format_ts(self.clock())
         try:
             with self.store.write() as conn:
-                queries.fail_poll(
-                    conn, cycle.poll_id, outcome=outcome, finished_at=format_ts(self.clock()), error=reason
+                queries.record_source(
+                    conn,
+                    cycle.poll_id,
+                    Source.CUSTOMERS,
+                    outcome=outcome,
+                    finished_at=finished_at,
+                    error=reason,
                 )
+                if settle:
+                    queries.fail_poll(
+                        conn, cycle.poll_id, outcome=outcome, finished_at=finished_at, error=reason
+                    )
         except NotLeader as lost:  # the new leader records the run as abandoned
             log.warning("poll.not_leader", poll_id=cycle.poll_id, error=str(lost))
+        if not settle:
+            if outcome is PollOutcome.ABANDONED:
+                log.info("poll.source_abandoned", poll_id=cycle.poll_id, source=Source.CUSTOMERS)
+            else:
+                log.error(
+                    "poll.source_failed",
+                    poll_id=cycle.poll_id,
+                    source=Source.CUSTOMERS,
+                    outcome=outcome,
+                    error=reason,
+                    pages=cycle.pages,
+                )
+                if not isinstance(exc, WatcherError):
+                    raise exc
+            return PollResult(cycle.poll_id, outcome, pages=cycle.pages, duration=duration, error=reason)
         metrics.POLLS.labels(outcome).inc()
         metrics.POLL_DURATION.observe(duration)
         if outcome is PollOutcome.ABANDONED:
@@ -221,10 +370,11 @@ class Poller:
 
 
 class _Cycle:
-    """The state of one cycle in progress."""
+    """The state of one cycle in progress; ``settle``: no other source reads in the same poll."""
 
-    def __init__(self, poller: Poller, cancel: threading.Event) -> None:
+    def __init__(self, poller: Poller, cancel: threading.Event, *, settle: bool = True) -> None:
         self.p = poller
+        self.settle = settle
         #: The poll run's id, once it is recorded (the first thing the cycle writes).
         self.poll_id: int | None = None
         self.cancel = cancel
@@ -505,6 +655,7 @@ class _Cycle:
             active=self.counts[Listing.ACTIVE],
             archived=self.counts[Listing.ARCHIVED],
             events_by_type=dict(counts),
+            settle=self.settle,
         )
 
     def _apply_staged(self, writer: EventWriter, emit: bool, detected_at: str, counts: Counter[str]) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from ..events import Listing
 from ..store.cycle import CycleSession
 
-__all__ = ["Memo", "fingerprints_of", "pack", "unpack"]
+__all__ = ["Memo", "fingerprints_of", "pack", "pack_fingerprints", "unpack"]
 
 _DIGEST = 16  # bytes of an XXH3-128 digest
 _HEADER = _DIGEST + 4  # digest, then the number of records as 4 bytes, little-endian
@@ -41,7 +41,8 @@ def _ints(packed: bytes) -> array[int]:
     return values
 
 
-def _packed(values: Sequence[int]) -> bytes:
+def pack_fingerprints(values: Sequence[int]) -> bytes:
+    """One page's fingerprints, packed as :func:`unpack` leaves them."""
     packed = array("q", values)
     if sys.byteorder == "big":
         packed.byteswap()
@@ -130,7 +131,7 @@ class Memo:
         if not lazy:
             # Fingerprinted here: what the memo should hold. It differs from what it holds only if
             # the memo was damaged; then this corrects it.
-            computed = _packed(fingerprints)
+            computed = pack_fingerprints(fingerprints)
             if computed != packed:
                 packed = self._pages[digest] = computed
                 self._new[listing] = True

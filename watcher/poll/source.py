@@ -1,4 +1,4 @@
-"""What the poll cycle needs from a source of customers (``watcher.metronome.MetronomeClient``).
+"""What the poll cycle needs from its sources, customers and plans (``watcher.metronome.MetronomeClient``).
 
 A protocol, so that tests and benchmarks can hand the cycle any source: an in-memory one, or the
 real client wrapped to record or reorder what it serves.
@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from ..events import Listing
 
-__all__ = ["CustomerSource", "Page"]
+__all__ = ["CustomerSource", "Page", "PlanSource"]
 
 
 class Page(Protocol):
@@ -42,4 +42,17 @@ class CustomerSource(Protocol):
 
     def get_customer(self, customer_id: str) -> dict[str, Any] | None:
         """One customer by id, archived ones included; None when it does not exist."""
+        ...
+
+
+class PlanSource(Protocol):
+    """The plans source: which plans exist, and who is on each."""
+
+    def plan_pages(self, *, sent: Callable[[], None] | None = None) -> Iterator[Page]:
+        """Every page of the plans listing (``GET /v1/plans``), in order; each plan has an ``id``."""
+        ...
+
+    def member_pages(self, plan_id: str, *, sent: Callable[[], None] | None = None) -> Iterator[Page]:
+        """Every page of one plan's memberships, past, current and upcoming, in order; each item is
+        ``{customer_details, plan_details}``. Raises ``watcher.errors.APIError`` when it cannot."""
         ...

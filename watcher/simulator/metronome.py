@@ -1,17 +1,19 @@
-"""The simulated Metronome: the customers API, served over real HTTP on a local port.
+"""The simulated Metronome: the customers and plans APIs, served over real HTTP on a local port.
 
 The demo, the tests and the benchmarks all need a Metronome that they control: one whose customers
 they can create, edit, archive and delete between two polls, whose pages they can break on purpose,
 and which never needs a token from the outside world. :class:`SimulatedMetronome` is that server. It speaks
 the customer endpoints of the official OpenAPI document (``shared/metronome-customers-openapi.json``)
-closely enough that the real API client runs against it unchanged. It is not product code: nothing
-of the watcher's imports it but the demo.
+closely enough that the real API client runs against it unchanged, and the plans endpoints as seed
+page 004 and the plans issue describe them (``_plans``). It is not product code: nothing of the
+watcher's imports it but the demo.
 
 Three choices shape it:
 
-* **Keyset pagination.** Every customer gets an insertion sequence number and a listing cursor says
-  "after sequence *n*", so a scan stays exact while customers are created, archived or deleted
-  between two page requests, as they are on the real service. Pages are located with :mod:`bisect`.
+* **Keyset pagination.** Every customer (plan, membership) gets an insertion sequence number and a
+  listing cursor says "after sequence *n*", so a scan stays exact while customers are created,
+  archived or deleted between two page requests, as they are on the real service. Pages are located
+  with :mod:`bisect`.
 * **Cached JSON.** Each record's serialized bytes are kept until the record changes, and a page is
   the concatenation of those bytes, so that pulling a million customers measures the client, not us.
 * **Fault injection.** :class:`Fault` and :meth:`SimulatedMetronome.on_page` let a test make a page fail,
@@ -26,7 +28,6 @@ Standard library only (plus :mod:`orjson`), so that it can run anywhere the pack
 from __future__ import annotations
 
 import argparse
-import base64
 import bisect
 import functools
 import gc
@@ -47,12 +48,13 @@ from urllib.parse import parse_qs
 import orjson
 
 from .._httpserver import BackgroundServer
+from ._common import BadRequest, NotFound, decode_cursor, dumps, encode_cursor, parse_limit, timestamp, uuid4
+from ._plans import MembersQuery, PlanBook, PlansQuery, normalize_time
 
 __all__ = ["Fault", "RecordedRequest", "SimulatedMetronome", "main"]
 
 _NAME_LIMIT = 160  # the real API truncates longer names
 _CUSTOM_FIELD_LIMIT = 200  # the real API refuses longer custom field values
-_MAX_LIMIT = 100
 _MAX_FILTER_IDS = 100
 _BILLABLE_STATUSES = ("billable", "unbillable")
 _MALFORMED_BODY = b'{"data": [ <html><body>502 Bad Gateway</body></html>'
@@ -78,11 +80,11 @@ class Fault:
       the first record on it (or the customer, from get-by-id) has no ``id``.
 
     A request matches when its path starts with ``path`` (``"/v1/customers"`` matches the listing,
-    get-by-id and the customer POSTs); ``page`` and ``archived`` restrict the fault to the listing
-    (``GET /v1/customers``): ``page`` is 1-based (page 1 is the request without ``next_page``) and
-    ``archived`` picks the archived (True) or active (False) listing. At most one fault fires per
-    request: the oldest that matches. Faults fire before authentication, as they would in a proxy
-    or load balancer in front of Metronome.
+    get-by-id and the customer POSTs); ``page`` restricts the fault to paged listings (the customers,
+    the plans, a plan's members; pick one with ``path``), 1-based (page 1 is the request without
+    ``next_page``), and ``archived`` to the customer listing, archived (True) or active (False). At
+    most one fault fires per request: the oldest that matches. Faults fire before authentication, as
+    they would in a proxy or load balancer in front of Metronome.
     """
 
     kind: _FaultKind
@@ -116,22 +118,6 @@ class RecordedRequest:
     authorized: bool
 
 
-class _NotFound(KeyError):
-    """No customer with that id; a 404 over HTTP."""
-
-
-class _BadRequest(ValueError):
-    """The request (or the operation) is invalid; a 400 over HTTP."""
-
-
-def _dumps(value: object) -> bytes:
-    """``orjson.dumps`` trimmed to size, for JSON that is kept rather than sent once.
-
-    orjson returns bytes with ~4 KiB of spare capacity; a million of them would cost ~4 GB.
-    """
-    return bytes(memoryview(orjson.dumps(value)))
-
-
 class _Entry:
     """One customer: its place in the listings, and its record as a dict, as JSON, or both.
 
@@ -159,7 +145,7 @@ class _Entry:
     def json(self) -> bytes:
         """The record's JSON, serialized once per change rather than once per request."""
         if self._blob is None:
-            self._blob = _dumps(self._record)
+            self._blob = dumps(self._record)
         return self._blob
 
     def edit(self) -> dict[str, Any]:
@@ -180,15 +166,29 @@ class _PageHook:
     page: int
     archived: bool | None
     callback: Callable[[SimulatedMetronome], object]
+    path: str = "/v1/customers"
+
+
+@dataclass(frozen=True)
+class _Paged:
+    """Where a paged request is: its path, its 1-based page, and (customer listing only) its listing."""
+
+    path: str
+    page: int
+    archived: bool | None = None
 
 
 def _without_first_id(body: bytes) -> bytes:
-    """A JSON answer with the ``id`` of its first record removed, members otherwise in order."""
+    """A JSON answer with the ``id`` of its first record (a membership's ``customer_plan_id``)
+    removed, members otherwise in order."""
     answer = orjson.loads(body)
     data = answer.get("data")
     record = data[0] if isinstance(data, list) and data else data
     if isinstance(record, dict):
-        record.pop("id", None)
+        details = record.get("plan_details")
+        (details if isinstance(details, dict) else record).pop(
+            "customer_plan_id" if isinstance(details, dict) else "id", None
+        )
     return orjson.dumps(answer)
 
 
@@ -208,6 +208,12 @@ class _Reply:
         if self.retry_after is not None:
             head += f"Retry-After: {self.retry_after}\r\n"
         return (head + "\r\n").encode("latin-1") + self.body
+
+
+def _page_reply(blobs: list[bytes], cursor: str | None) -> _Reply:
+    """A listing page, written the way Metronome writes one (its cursor last, without spaces)."""
+    next_page = b'"' + cursor.encode() + b'"' if cursor else b"null"
+    return _Reply(200, b'{"data":[' + b",".join(blobs) + b'],"next_page":' + next_page + b"}")
 
 
 def _error(status: int, message: str, retry_after: str | None = None) -> _Reply:
@@ -232,22 +238,17 @@ class _ListQuery:
 
     @classmethod
     def parse(cls, params: dict[str, list[str]], default_limit: int) -> _ListQuery:
-        limit = default_limit
-        if "limit" in params:
-            raw = params["limit"][-1]
-            if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= _MAX_LIMIT):
-                raise _BadRequest(f"limit must be an integer between 1 and {_MAX_LIMIT}")
-            limit = int(raw)
+        limit = parse_limit(params, default_limit)
         archived = _parse_bool(params, "only_archived")
         after, page = 0, 1
         if "next_page" in params:
             after, page = _decode_cursor(params["next_page"][-1], archived)
         customer_ids = params.get("customer_ids")
         if customer_ids is not None and len(customer_ids) > _MAX_FILTER_IDS:
-            raise _BadRequest(f"customer_ids accepts at most {_MAX_FILTER_IDS} ids")
+            raise BadRequest(f"customer_ids accepts at most {_MAX_FILTER_IDS} ids")
         salesforce_ids = params.get("salesforce_account_ids")
         if salesforce_ids is not None and len(salesforce_ids) > _MAX_FILTER_IDS:
-            raise _BadRequest(f"salesforce_account_ids accepts at most {_MAX_FILTER_IDS} ids")
+            raise BadRequest(f"salesforce_account_ids accepts at most {_MAX_FILTER_IDS} ids")
         alias = params.get("ingest_alias")
         return cls(
             limit=limit,
@@ -271,53 +272,33 @@ class _ListQuery:
         )
 
 
-def _fault_matches(fault: Fault, path: str, query: _ListQuery | None) -> bool:
-    """Whether ``fault`` applies to a request; ``query`` is None unless it is a valid listing request."""
+def _fault_matches(fault: Fault, path: str, paged: _Paged | None) -> bool:
+    """Whether ``fault`` applies to a request; ``paged`` is None unless it is a valid listing request."""
     if fault.path is not None and not path.startswith(fault.path):
         return False
     if fault.page is None and fault.archived is None:
         return True
     return (
-        query is not None
-        and (fault.page is None or fault.page == query.page)
-        and (fault.archived is None or fault.archived == query.archived)
+        paged is not None
+        and (fault.page is None or fault.page == paged.page)
+        and (fault.archived is None or fault.archived == paged.archived)
     )
+
+
+def _encode_cursor(archived: bool, after: int, page: int) -> str:
+    return encode_cursor({"archived": archived, "after": after, "page": page})
+
+
+def _decode_cursor(cursor: str, archived: bool) -> tuple[int, int]:
+    """Return (last sequence served, page number) or refuse a cursor we did not issue for this listing."""
+    return decode_cursor(cursor, {"archived": archived})
 
 
 def _parse_bool(params: dict[str, list[str]], key: str) -> bool:
     raw = params.get(key, ["false"])[-1].lower()
     if raw not in ("true", "false"):
-        raise _BadRequest(f"{key} must be true or false")
+        raise BadRequest(f"{key} must be true or false")
     return raw == "true"
-
-
-def _encode_cursor(archived: bool, after: int, page: int) -> str:
-    raw = orjson.dumps({"archived": archived, "after": after, "page": page})
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _decode_cursor(cursor: str, archived: bool) -> tuple[int, int]:
-    """Return (last sequence served, page number) or refuse a cursor we did not issue for this listing."""
-    try:
-        state = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except ValueError:  # binascii.Error and orjson.JSONDecodeError are both ValueErrors
-        raise _BadRequest("invalid next_page") from None
-    if not isinstance(state, dict) or state.get("archived") is not archived:
-        raise _BadRequest("invalid next_page")
-    after, page = state.get("after"), state.get("page")
-    if type(after) is not int or type(page) is not int or after < 0 or page < 2:
-        raise _BadRequest("invalid next_page")
-    return after, page
-
-
-def _timestamp(moment: datetime) -> str:
-    """RFC 3339 UTC with milliseconds, as Metronome writes them: ``2024-01-01T00:00:00.000Z``.
-
-    A naive ``moment`` is taken to be UTC already.
-    """
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment.isoformat(timespec="milliseconds") + "Z"
 
 
 def _default_clock() -> datetime:
@@ -341,7 +322,9 @@ _NAME_SUFFIXES = ("", "", ", Inc.", " Inc.", " LLC", " Ltd", " GmbH", " Co.", " 
 _TIERS = ("free", "starter", "growth", "enterprise")
 _REGIONS = ("us-east", "us-west", "eu-central", "eu-west", "apac")
 _PLANS = ("monthly", "annual", "usage")
-_SEED_SPAN = timedelta(days=3 * 365)  # seeded customers were created over the last three years
+_SEED_SPAN = timedelta(days=3 * 365)
+#: The share of :meth:`SimulatedMetronome.churn` changes made to plans, once there are plans.
+_PLAN_CHURN = 0.3  # seeded customers were created over the last three years
 
 
 @functools.cache
@@ -358,13 +341,6 @@ def _companies() -> tuple[tuple[str, str], ...]:
 def _salesforce_id(rng: random.Random) -> str:
     """An 18-character id shaped like a Salesforce account id."""
     return f"0015500001{rng.getrandbits(32):08X}"
-
-
-def _uuid4(rng: random.Random) -> str:
-    """A version-4 UUID drawn from ``rng``, so seeded data is reproducible (and cheaper than uuid.UUID)."""
-    bits = rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
-    h = f"{bits:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class SimulatedMetronome:
@@ -408,6 +384,7 @@ class SimulatedMetronome:
         self._last_seq = 0
         self._faults: list[_ArmedFault] = []
         self._page_hooks: list[_PageHook] = []
+        self._plans = PlanBook(lambda customer_id: self._entry(customer_id).json())
         # poll_interval bounds how long stop() waits; idle cost is negligible
         self._server = BackgroundServer(
             _Handler, self, host=host, port=port, name="metronome", poll_interval=0.01
@@ -463,8 +440,8 @@ class SimulatedMetronome:
         with self._lock:
             cid = customer_id or str(uuid.uuid4())
             if cid in self._by_id:
-                raise _BadRequest(f"a customer with id {cid} already exists")
-            now = _timestamp(self._clock())
+                raise BadRequest(f"a customer with id {cid} already exists")
+            now = timestamp(self._clock())
             record: dict[str, Any] = {
                 "id": cid,
                 "external_id": external_id or (aliases[0] if aliases else cid),
@@ -485,7 +462,7 @@ class SimulatedMetronome:
         with self._lock:
             entry = self._entry(customer_id)
             if entry.archived:
-                raise _BadRequest(f"customer {customer_id} is already archived")
+                raise BadRequest(f"customer {customer_id} is already archived")
             self._move(entry)
             record = self._edit(customer_id)
             record["archived_at"] = record["updated_at"]
@@ -495,17 +472,19 @@ class SimulatedMetronome:
         with self._lock:
             entry = self._entry(customer_id)
             if not entry.archived:
-                raise _BadRequest(f"customer {customer_id} is not archived")
+                raise BadRequest(f"customer {customer_id} is not archived")
             self._move(entry)
             self._edit(customer_id)["archived_at"] = None
 
     def delete(self, customer_id: str) -> None:
-        """Remove a customer entirely: gone from both listings and a 404 by id (for tests)."""
+        """Remove a customer entirely: gone from both listings, from every plan, and a 404 by id (for
+        tests)."""
         with self._lock:
             entry = self._entry(customer_id)
             seqs = self._seqs[entry.archived]
             del seqs[bisect.bisect_left(seqs, entry.seq)]
             del self._by_id[customer_id], self._by_seq[entry.seq]
+            self._plans.drop_customer(customer_id)
 
     def set_name(self, customer_id: str, name: str) -> None:
         """Rename a customer; like the real API, names are truncated to 160 characters."""
@@ -576,8 +555,8 @@ class SimulatedMetronome:
         rand = rng.random
         companies = _companies()
         now = self._clock()
-        now_text = _timestamp(now)
-        start = datetime.fromisoformat(now_text[:-1]) - _SEED_SPAN  # naive UTC, so _timestamp is cheap
+        now_text = timestamp(now)
+        start = datetime.fromisoformat(now_text[:-1]) - _SEED_SPAN  # naive UTC, so timestamp is cheap
         step = _SEED_SPAN / max(n, 1)
         ids: list[str] = []
         gc_was_enabled = gc.isenabled()
@@ -586,11 +565,11 @@ class SimulatedMetronome:
             with self._lock:
                 for i in range(n):
                     number = self._last_seq + 1
-                    cid = _uuid4(rng)
+                    cid = uuid4(rng)
                     if cid in self._by_id:  # only when the same seeded rng is replayed into one fake
                         raise ValueError(f"seed would duplicate customer {cid}; pass a fresh rng")
                     name, slug = companies[int(rand() * len(companies))]
-                    created = _timestamp(start + step * i)
+                    created = timestamp(start + step * i)
                     aliases = [f"billing@{slug}-{number}.example.com"]
                     if rand() < 0.3:
                         aliases.append(f"acct_{number:08d}")
@@ -617,7 +596,7 @@ class SimulatedMetronome:
                     if rand() < 0.2:
                         status = "billable" if rand() < 0.8 else "unbillable"
                         record["current_billable_status"] = {"value": status, "effective_at": created}
-                    self._insert(cid, archived, blob=_dumps(record))  # see _Entry: JSON only
+                    self._insert(cid, archived, blob=dumps(record))  # see _Entry: JSON only
                     ids.append(cid)
         finally:
             if gc_was_enabled:
@@ -635,13 +614,114 @@ class SimulatedMetronome:
             for record in records:
                 cid = record["id"]
                 if cid in self._by_id:
-                    raise _BadRequest(f"a customer with id {cid} already exists")
-                self._insert(cid, record.get("archived_at") is not None, blob=_dumps(record))
+                    raise BadRequest(f"a customer with id {cid} already exists")
+                self._insert(cid, record.get("archived_at") is not None, blob=dumps(record))
+
+    # -- plans -------------------------------------------------------------------------------------
+
+    def create_plan(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        custom_fields: dict[str, str] | None = None,
+        plan_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a plan (listed by ``GET /v1/plans``, with no customers yet); returns its record."""
+        with self._lock:
+            return self._plans.create_plan(
+                name,
+                description=description,
+                custom_fields=custom_fields,
+                plan_id=plan_id or str(uuid.uuid4()),
+            )
+
+    def rename_plan(self, plan_id: str, name: str) -> None:
+        """Rename a plan: every membership of it is listed with the new name."""
+        with self._lock:
+            self._plans.rename_plan(plan_id, name)
+
+    def delete_plan(self, plan_id: str) -> None:
+        """Remove a plan and its memberships: gone from ``GET /v1/plans``, its members a 404 (for tests)."""
+        with self._lock:
+            self._plans.delete_plan(plan_id)
+
+    def plans(self) -> list[dict[str, Any]]:
+        """Copies of every plan's record, in creation order."""
+        with self._lock:
+            return self._plans.plans()
+
+    def add_to_plan(
+        self,
+        customer_id: str,
+        plan_id: str,
+        *,
+        starting_on: str | datetime | None = None,
+        ending_before: str | datetime | None = None,
+        customer_plan_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Put a customer on a plan, from ``starting_on`` (default: now) until ``ending_before`` (default:
+        no end); returns the membership as the plan's members listing shows it."""
+        with self._lock:
+            self._entry(customer_id)
+            starts = normalize_time(starting_on) if starting_on is not None else timestamp(self._clock())
+            ends = normalize_time(ending_before) if ending_before is not None else None
+            member = self._plans.add(
+                customer_id,
+                plan_id,
+                starting_on=starts,
+                ending_before=ends,
+                customer_plan_id=customer_plan_id or str(uuid.uuid4()),
+            )
+            return self._plans.membership(member.cpid)
+
+    def set_plan_end(self, customer_plan_id: str, ending_before: str | datetime | None) -> None:
+        """Set a membership's end (``ending_before``, exclusive; in the past ends it at once), or clear
+        it with None."""
+        with self._lock:
+            ends = normalize_time(ending_before) if ending_before is not None else None
+            self._plans.set_end(customer_plan_id, ends)
+
+    def set_plan_start(self, customer_plan_id: str, starting_on: str | datetime) -> None:
+        with self._lock:
+            self._plans.set_start(customer_plan_id, normalize_time(starting_on))
+
+    def remove_from_plan(self, customer_plan_id: str) -> None:
+        """Remove a membership outright: it is in no status of its plan's members listing any more."""
+        with self._lock:
+            self._plans.remove(customer_plan_id)
+
+    def membership(self, customer_plan_id: str) -> dict[str, Any]:
+        """A copy of one membership, ``{customer_details, plan_details}``; KeyError when unknown."""
+        with self._lock:
+            return self._plans.membership(customer_plan_id)
+
+    def customer_plans(self, customer_id: str) -> list[dict[str, Any]]:
+        """Copies of a customer's memberships, in the order they were made."""
+        with self._lock:
+            return [self._plans.membership(cpid) for cpid in self._plans.customer_plan_ids(customer_id)]
+
+    def plan_members(self, plan_id: str, status: str = "all") -> list[dict[str, Any]]:
+        """Copies of a plan's memberships of one status (``all``, ``active``, ``ended``, ``upcoming``),
+        as its members listing shows them, at the fake's clock."""
+        with self._lock:
+            statuses = None if status == "all" else [status]
+            return self._plans.members(plan_id, statuses, timestamp(self._clock()))
+
+    def seed_plans(self, n: int, *, rng: random.Random | None = None) -> list[str]:
+        """Add ``n`` plans and put every customer on one of them (started within the last two years, no
+        end set); returns the plans' ids. Pass a seeded ``rng`` for reproducible data."""
+        rng = rng or random.Random()
+        with self._lock:
+            return self._plans.seed(list(self._by_id), n, now=self._clock(), rng=rng)
 
     def churn(self, rng: random.Random) -> str:
         """Apply one random, realistic change and describe it in one line (the demo's activity feed)."""
         with self._lock:  # held throughout so the chosen customer cannot vanish mid-change
             active = self._seqs[False]
+            # Plans only take part once there are plans, so that a churn without them stays as it was.
+            if self._plans and active and rng.random() < _PLAN_CHURN:
+                return self._plan_churn(rng)
             kind = rng.choices(
                 ("create", "rename", "tier", "archive", "aliases", "billable", "salesforce", "touch"),
                 weights=(20, 15, 20, 10, 10, 10, 10, 5),
@@ -673,7 +753,7 @@ class SimulatedMetronome:
                 return f"added ingest alias {alias} to {cid} {name!r}"
             if kind == "billable":
                 status = rng.choice(_BILLABLE_STATUSES)
-                self.set_billable_status(cid, status, _timestamp(self._clock()))
+                self.set_billable_status(cid, status, timestamp(self._clock()))
                 return f"set billable status {status} on {cid} {name!r}"
             if kind == "salesforce":
                 sfid = _salesforce_id(rng)
@@ -681,6 +761,36 @@ class SimulatedMetronome:
                 return f"set salesforce account {sfid} on {cid} {name!r}"
             self.touch(cid)
             return f"touched {cid} {name!r} (updated_at only)"
+
+    def _plan_churn(self, rng: random.Random) -> str:
+        """One change of who is on which plan: most often an end date (soon, or straight in the past),
+        else a customer put on another plan, an end date lifted, or a membership removed."""
+        record = self._by_seq[rng.choice(self._seqs[False])].record
+        cid, name = record["id"], record["name"]
+        current = [m for m in self.customer_plans(cid) if "ending_before" not in m["plan_details"]]
+        kind = rng.choices(("end", "add", "unend", "remove"), weights=(50, 30, 10, 10))[0]
+        if kind == "add" or not current:
+            plan = rng.choice(self.plans())
+            self.add_to_plan(cid, plan["id"])
+            return f"put {cid} {name!r} on plan {plan['name']!r}"
+        details = rng.choice(current)["plan_details"]
+        cpid, plan_name = details["customer_plan_id"], details["name"]
+        if kind == "end":
+            # Soon, so that the end date is seen first and its passing a little later; sometimes
+            # straight in the past, as when a plan is ended "as of yesterday".
+            ends = self._clock() + timedelta(seconds=rng.choice((-86400, 5, 10, 20, 40)))
+            if ends <= datetime.fromisoformat(details["starting_on"][:-1] + "+00:00"):
+                ends = self._clock() + timedelta(seconds=5)
+            self.set_plan_end(cpid, ends)
+            return f"set plan {plan_name!r} of {cid} {name!r} to end {timestamp(ends)}"
+        if kind == "unend":
+            ended = [m for m in self.customer_plans(cid) if "ending_before" in m["plan_details"]]
+            if ended:
+                details = ended[0]["plan_details"]
+                self.set_plan_end(details["customer_plan_id"], None)
+                return f"lifted the end date of plan {details['name']!r} of {cid} {name!r}"
+        self.remove_from_plan(cpid)
+        return f"removed {cid} {name!r} from plan {plan_name!r}"
 
     # -- fault injection ---------------------------------------------------------------------------
 
@@ -696,22 +806,29 @@ class SimulatedMetronome:
             self._page_hooks.clear()
 
     def on_page(
-        self, page: int, callback: Callable[[SimulatedMetronome], object], *, archived: bool | None = None
+        self,
+        page: int,
+        callback: Callable[[SimulatedMetronome], object],
+        *,
+        archived: bool | None = None,
+        path: str = "/v1/customers",
     ) -> None:
         """Run ``callback(self)`` once, just before serving ``page`` (1-based) of a listing.
 
-        ``archived`` picks the listing (None: whichever asks for that page first). This is how a
-        test archives, creates or deletes a customer between two page requests.
+        ``path`` picks the listing: the customers (the default), ``/v1/plans``, or a plan's members
+        (``/v1/planDetails/{plan_id}/customers``); for the customers, ``archived`` picks the active or
+        archived one (None: whichever asks for that page first). This is how a test archives, creates
+        or deletes a customer, or ends a plan, between two page requests.
         """
         with self._lock:
-            self._page_hooks.append(_PageHook(page, archived, callback))
+            self._page_hooks.append(_PageHook(page, archived, callback, path))
 
     # -- internals: the store ----------------------------------------------------------------------
 
     def _entry(self, customer_id: str) -> _Entry:
         entry = self._by_id.get(customer_id)
         if entry is None:
-            raise _NotFound(customer_id)
+            raise NotFound(customer_id)
         return entry
 
     def _insert(
@@ -732,7 +849,7 @@ class SimulatedMetronome:
     def _edit(self, customer_id: str) -> dict[str, Any]:
         """The record of a customer about to change, with ``updated_at`` already stamped."""
         record = self._entry(customer_id).edit()
-        record["updated_at"] = _timestamp(self._clock())
+        record["updated_at"] = timestamp(self._clock())
         return record
 
     def _move(self, entry: _Entry) -> None:
@@ -784,14 +901,23 @@ class SimulatedMetronome:
         self, method: str, path: str, params: dict[str, list[str]], authorized: bool, body: bytes
     ) -> _Reply | None:
         parts = path.strip("/").split("/")
-        query: _ListQuery | None = None
-        invalid: _BadRequest | None = None
-        if method == "GET" and parts == ["v1", "customers"]:
+        query: _ListQuery | PlansQuery | MembersQuery | None = None
+        invalid: BadRequest | None = None
+        if method == "GET":
             try:
-                query = _ListQuery.parse(params, self.default_limit)
-            except _BadRequest as exc:
+                match parts:
+                    case ["v1", "customers"]:
+                        query = _ListQuery.parse(params, self.default_limit)
+                    case ["v1", "plans"]:
+                        query = PlansQuery.parse(params, self.default_limit)
+                    case ["v1", "planDetails", plan_id, "customers"]:
+                        query = MembersQuery.parse(plan_id, params, self.default_limit)
+            except BadRequest as exc:
                 invalid = exc
-        fault = self._take_fault(path, query)
+        paged = None
+        if query is not None:
+            paged = _Paged(path, query.page, query.archived if isinstance(query, _ListQuery) else None)
+        fault = self._take_fault(path, paged)
         if fault is not None:
             if fault.kind == "drop":
                 return None
@@ -806,20 +932,33 @@ class SimulatedMetronome:
         try:
             if invalid is not None:
                 raise invalid
-            reply = self._list(query) if query is not None else self._route(method, parts, body)
-        except _NotFound:
-            return _error(404, "Customer not found")
-        except _BadRequest as exc:
+            if paged is not None:
+                self._run_hooks(paged)
+            if isinstance(query, _ListQuery):
+                reply = self._list(query)
+            elif isinstance(query, PlansQuery):
+                with self._lock:
+                    blobs, cursor = self._plans.plans_page(query)
+                reply = _page_reply(blobs, cursor)
+            elif isinstance(query, MembersQuery):
+                with self._lock:
+                    blobs, cursor = self._plans.members_page(query, timestamp(self._clock()))
+                reply = _page_reply(blobs, cursor)
+            else:
+                reply = self._route(method, parts, body)
+        except NotFound as exc:
+            return _error(404, f"{exc.what} not found")
+        except BadRequest as exc:
             return _error(400, str(exc))
         if fault is not None and fault.kind == "bad_record" and reply.status == 200:
             return _Reply(200, _without_first_id(reply.body))
         return reply
 
-    def _take_fault(self, path: str, query: _ListQuery | None) -> Fault | None:
+    def _take_fault(self, path: str, paged: _Paged | None) -> Fault | None:
         with self._lock:
             for armed in self._faults:
                 fault = armed.fault
-                if not _fault_matches(fault, path, query):
+                if not _fault_matches(fault, path, paged):
                     continue
                 armed.remaining -= 1
                 if armed.remaining <= 0:
@@ -827,21 +966,24 @@ class SimulatedMetronome:
                 return fault
         return None
 
-    def _list(self, query: _ListQuery) -> _Reply:
+    def _run_hooks(self, paged: _Paged) -> None:
         with self._lock:
             hooks = [
                 hook
                 for hook in self._page_hooks
-                if hook.page == query.page and hook.archived in (None, query.archived)
+                if hook.page == paged.page
+                and hook.path.rstrip("/") == paged.path.rstrip("/")
+                and hook.archived in (None, paged.archived)
             ]
             for hook in hooks:
                 self._page_hooks.remove(hook)
         for hook in hooks:  # outside the lock: a callback may do anything, including HTTP calls
             hook.callback(self)
+
+    def _list(self, query: _ListQuery) -> _Reply:
         blobs, last, more = self._page(query)
         cursor = _encode_cursor(query.archived, last, query.page + 1) if more else None
-        next_page = b'"' + cursor.encode() + b'"' if cursor else b"null"
-        return _Reply(200, b'{"data":[' + b",".join(blobs) + b'],"next_page":' + next_page + b"}")
+        return _page_reply(blobs, cursor)
 
     def _route(self, method: str, parts: list[str], body: bytes) -> _Reply:
         if method == "GET":
@@ -904,9 +1046,9 @@ def _json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise _BadRequest("request body is not valid JSON") from None
+        raise BadRequest("request body is not valid JSON") from None
     if not isinstance(payload, dict):
-        raise _BadRequest("request body must be a JSON object")
+        raise BadRequest("request body must be a JSON object")
     return payload
 
 
@@ -915,7 +1057,7 @@ def _text(payload: dict[str, Any], key: str, *, required: bool = True) -> Any:
     if value is None and not required:
         return None
     if not isinstance(value, str):
-        raise _BadRequest(f"{key} is required and must be a string")
+        raise BadRequest(f"{key} is required and must be a string")
     return value
 
 
@@ -924,7 +1066,7 @@ def _texts(payload: dict[str, Any], key: str, *, required: bool = False) -> Any:
     if value is None and not required:
         return None
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise _BadRequest(f"{key} must be a list of strings")
+        raise BadRequest(f"{key} must be a list of strings")
     return value
 
 
@@ -933,25 +1075,25 @@ def _text_map(payload: dict[str, Any], key: str, *, required: bool = False) -> A
     if value is None and not required:
         return None
     if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
-        raise _BadRequest(f"{key} must be an object of strings")
+        raise BadRequest(f"{key} must be an object of strings")
     return value
 
 
 def _customer_entity(payload: dict[str, Any]) -> str:
     if payload.get("entity") != "customer":
-        raise _BadRequest("this fake only supports entity 'customer'")
+        raise BadRequest("this fake only supports entity 'customer'")
     return _text(payload, "entity_id")  # type: ignore[no-any-return]
 
 
 def _check_custom_fields(fields: dict[str, str]) -> None:
     for key, value in fields.items():
         if len(value) > _CUSTOM_FIELD_LIMIT:
-            raise _BadRequest(f"custom field {key} is longer than {_CUSTOM_FIELD_LIMIT} characters")
+            raise BadRequest(f"custom field {key} is longer than {_CUSTOM_FIELD_LIMIT} characters")
 
 
 def _check_billable_status(value: str) -> None:
     if value not in _BILLABLE_STATUSES:
-        raise _BadRequest("billable_status must be 'billable' or 'unbillable'")
+        raise BadRequest("billable_status must be 'billable' or 'unbillable'")
 
 
 # -- the HTTP server ---------------------------------------------------------------------------------
@@ -1030,9 +1172,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run a fake Metronome until Ctrl-C, printing its base URL on stdout."""
     parser = argparse.ArgumentParser(
         prog="python -m watcher.simulator",
-        description="Serve a simulated Metronome customers API with seeded customers.",
+        description="Serve a simulated Metronome customers (and plans) API with seeded customers.",
     )
     parser.add_argument("--customers", type=int, default=100, help="customers to seed (default 100)")
+    parser.add_argument(
+        "--plans", type=int, default=0, metavar="N", help="N plans, every customer on one of them (default 0)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     parser.add_argument("--token", default="test-token", help="the bearer token to accept")
@@ -1044,9 +1189,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     fake = SimulatedMetronome(token=args.token, host=args.host, port=args.port)
     fake.seed(args.customers, rng=rng)
+    if args.plans:
+        fake.seed_plans(args.plans, rng=rng)
     with fake:
         print(fake.url, flush=True)
-        print(f"simulated Metronome with {args.customers} customers; Ctrl-C stops", file=sys.stderr)
+        plans = f" on {args.plans} plans" if args.plans else ""
+        print(f"simulated Metronome with {args.customers} customers{plans}; Ctrl-C stops", file=sys.stderr)
         try:
             while True:
                 time.sleep(args.churn or 3600)

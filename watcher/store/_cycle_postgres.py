@@ -1,12 +1,15 @@
-"""The poll cycle's session on PostgreSQL, and every statement the cycle runs on it there.
+"""The sources' sessions on PostgreSQL, and every statement the customers' cycle runs on it there.
 
-The same named methods as SQLite's session (:mod:`watcher.store.cycle`), with PostgreSQL's tools:
+The same named methods as SQLite's sessions (:mod:`watcher.store.cycle`), with PostgreSQL's tools
+(the plans' session, :mod:`watcher.store._plans_postgres`, builds on :class:`PostgresSourceSession`
+the same way):
 
-- **One transaction for the cycle.** The staging table is ``TEMP ... ON COMMIT DROP``, created in a
-  transaction that stays open from the scan to the commit: nothing of the cycle lives in the
-  session between transactions, so the cycle works through a transaction-mode pooler (PgBouncer)
-  as well as on a direct connection, and a failed cycle's staging is gone with its rollback. Temp
-  tables are not WAL-logged, and nothing another connection sees is written before the commit.
+- **One transaction for a source's read.** The staging table is ``TEMP ... ON COMMIT DROP``,
+  created in a transaction that stays open from the scan to the commit: nothing of the read lives
+  in the session between transactions, so a source works through a transaction-mode pooler
+  (PgBouncer) as well as on a direct connection, and a failed read's staging is gone with its
+  rollback. Temp tables are not WAL-logged, and nothing another connection sees is written before
+  the commit.
 - **COPY** (binary) fills the staging table, the events and the outbox rows; a silent baseline is
   copied into a staging table of its own while it is fetched and lands in ``customers`` with one
   ``INSERT ... SELECT DISTINCT ON`` (the archived sighting wins, else the latest, as on SQLite).
@@ -27,14 +30,14 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from sqlalchemy import Connection, Engine, RootTransaction, TextClause
 
-from ..events import CustomerStatus, EventRow, Listing, OutboxEntry, PollOutcome
+from ..events import CustomerStatus, EventRow, Listing, OutboxEntry, PollOutcome, Source
 from .cycle import Sighting, StoredState
 from .lease import Fence, check
 
 if TYPE_CHECKING:  # imported by SQLAlchemy's dialect when a PostgreSQL engine is made (an extra)
     import psycopg
 
-__all__ = ["PostgresBaselineWriter", "PostgresCycleSession"]
+__all__ = ["PostgresBaselineWriter", "PostgresCycleSession", "PostgresSourceSession"]
 
 _STAGED_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS poll_staged (seq bigserial, customer_id text NOT NULL, "
@@ -79,10 +82,10 @@ _INSERT_BASELINE = (
 )
 
 
-class PostgresCycleSession:
-    """One poll cycle's connection, from the store's pool and back to it when closed (its temporary
-    tables go with the cycle's transaction, so nothing of the cycle stays on it). Not thread-safe:
-    one thread at a time, as the cycle uses it."""
+class PostgresSourceSession:
+    """A source's connection for one poll, from the store's pool and back to it when closed (its
+    temporary tables go with the read's transaction, so nothing of the read stays on it). Not
+    thread-safe: one thread at a time, as a source uses it."""
 
     def __init__(self, engine: Engine, *, write_lock: TextClause, fence: Fence | None) -> None:
         conn = engine.connect()
@@ -162,6 +165,27 @@ class PostgresCycleSession:
     def set_cache(self, kib: int) -> None:
         pass
 
+    def last_sequence(self) -> int:
+        return int(self._one("SELECT coalesce(max(sequence), 0) FROM events")[0])
+
+    def append_events(self, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
+        with self._cur() as cur:
+            if events:
+                with cur.copy(_COPY_EVENTS) as copy:
+                    copy.set_types(_EVENT_TYPES)
+                    for e in events:
+                        copy.write_row(e)
+            if outbox:
+                with cur.copy(_COPY_OUTBOX) as copy:
+                    copy.set_types(_OUTBOX_TYPES)
+                    for o in outbox:
+                        copy.write_row((o.sequence, o.sink, "pending", 0, o.created_at, o.created_at))
+
+
+class PostgresCycleSession(PostgresSourceSession):
+    """The customers' cycle: its connection (see :class:`PostgresSourceSession`) and every statement
+    it runs."""
+
     # -- the poll run ---------------------------------------------------------------------------
 
     def begin_poll(self, now: str) -> int:
@@ -191,20 +215,40 @@ class PostgresCycleSession:
         active: int,
         archived: int,
         events_by_type: dict[str, int],
+        settle: bool = True,
     ) -> None:
+        """Record the customers as read, inside the transaction that commits them; with ``settle``
+        the poll as succeeded, else its outcome is left to the source that finishes last."""
+        by_type = orjson.dumps(events_by_type).decode()
+        events = sum(events_by_type.values())
         with self._cur() as cur:
             cur.execute(
-                "UPDATE poll_runs SET outcome = %s, finished_at = %s, baseline = %s, pages = %s, "
-                "active = %s, archived = %s, events = %s, events_by_type = %s WHERE id = %s",
+                "INSERT INTO poll_sources (poll_id, source, outcome, finished_at, baseline, pages, items, "
+                "events, events_by_type) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
+                    poll_id,
+                    Source.CUSTOMERS,
                     PollOutcome.SUCCEEDED,
                     finished_at,
                     baseline,
                     pages,
+                    active + archived,
+                    events,
+                    by_type,
+                ),
+            )
+            cur.execute(
+                "UPDATE poll_runs SET outcome = %s, finished_at = %s, baseline = %s, pages = %s, "
+                "active = %s, archived = %s, events = %s, events_by_type = %s WHERE id = %s",
+                (
+                    PollOutcome.SUCCEEDED if settle else PollOutcome.RUNNING,
+                    finished_at if settle else None,
+                    baseline,
+                    pages,
                     active,
                     archived,
-                    sum(events_by_type.values()),
-                    orjson.dumps(events_by_type).decode(),
+                    events,
+                    by_type,
                     poll_id,
                 ),
             )
@@ -213,7 +257,10 @@ class PostgresCycleSession:
 
     def has_baseline(self) -> bool:
         return (
-            self._one("SELECT 1 FROM poll_runs WHERE outcome = %s LIMIT 1", (PollOutcome.SUCCEEDED,))
+            self._one(
+                "SELECT 1 FROM poll_sources WHERE source = %s AND outcome = %s LIMIT 1",
+                (Source.CUSTOMERS, PollOutcome.SUCCEEDED),
+            )
             is not None
         )
 
@@ -298,22 +345,6 @@ class PostgresCycleSession:
                 "UPDATE customers SET status = %s, changed_at = %s, last_poll_id = %s WHERE id = ANY(%s)",
                 (CustomerStatus.DELETED, detected_at, poll_id, list(ids)),
             )
-
-    def last_sequence(self) -> int:
-        return int(self._one("SELECT coalesce(max(sequence), 0) FROM events")[0])
-
-    def append_events(self, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
-        with self._cur() as cur:
-            if events:
-                with cur.copy(_COPY_EVENTS) as copy:
-                    copy.set_types(_EVENT_TYPES)
-                    for e in events:
-                        copy.write_row(e)
-            if outbox:
-                with cur.copy(_COPY_OUTBOX) as copy:
-                    copy.set_types(_OUTBOX_TYPES)
-                    for o in outbox:
-                        copy.write_row((o.sequence, o.sink, "pending", 0, o.created_at, o.created_at))
 
     def baseline_writer(self, *, detected_at: str, poll_id: int) -> PostgresBaselineWriter:
         return PostgresBaselineWriter(self, detected_at=detected_at, poll_id=poll_id)

@@ -1,8 +1,10 @@
-"""The poll cycle's session on SQLite, and every statement the cycle runs on it there.
+"""The sources' sessions on SQLite, and every statement the customers' cycle runs on it there.
 
-A cycle reads and writes on one connection of its own (:class:`CycleSession`), because it owns a
-TEMP staging table, and because its hot path runs on the ``sqlite3`` connection beneath SQLAlchemy:
-multi-row statements and builtins, so that no Python runs per customer where SQLite can do the work.
+A source reads and writes on one connection of its own (:class:`SqliteSourceSession`), because it
+owns a TEMP staging table, and because its hot path runs on the ``sqlite3`` connection beneath
+SQLAlchemy: multi-row statements and builtins, so that no Python runs per customer where SQLite can
+do the work. The customers' session is :class:`SqliteCycleSession`; the plans' is in
+:mod:`watcher.store._plans_sqlite`. What they offer is :mod:`watcher.store.cycle`'s protocols.
 
 Where the cycle stages records: the TEMP table ``poll_staged``. Writing it takes no lock on the
 database file (a long scan never blocks the daemon's other writers), costs no fsync and no WAL
@@ -25,11 +27,11 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine
 
-from ..events import CustomerStatus, EventRow, Listing, OutboxEntry, PollOutcome
+from ..events import CustomerStatus, EventRow, Listing, OutboxEntry, PollOutcome, Source
 from . import queries
 from .cycle import Sighting, StoredState
 
-__all__ = ["SqliteBaselineWriter", "SqliteCycleSession"]
+__all__ = ["STATEMENT_ROWS", "SqliteBaselineWriter", "SqliteCycleSession", "SqliteSourceSession"]
 
 INSERT_EVENT = (
     "INSERT INTO events (sequence, id, type, customer_id, poll_id, detected_at, payload) "
@@ -94,9 +96,13 @@ def _insert_customers_sql(rows: int) -> str:
     )
 
 
-class SqliteCycleSession:
-    """One poll cycle's connection, taken out of the pool so that closing it really closes it (and
-    its temporary file with it). Not thread-safe: one thread at a time, as the cycle uses it."""
+class SqliteSourceSession:
+    """A source's connection for one poll, taken out of the pool so that closing it really closes it
+    (and its temporary file with it). Not thread-safe: one thread at a time, as a source uses it.
+
+    The customers' session is :class:`SqliteCycleSession`; the plans' is
+    ``store._plans_sqlite.SqlitePlanSession``.
+    """
 
     def __init__(self, engine: Engine) -> None:
         conn = engine.connect()
@@ -129,6 +135,23 @@ class SqliteCycleSession:
     def set_cache(self, kib: int) -> None:
         self._db.execute(f"PRAGMA cache_size = -{kib}")
 
+    def last_sequence(self) -> int:
+        return queries.last_sequence(self._conn)
+
+    def append_events(self, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
+        if events:
+            self._db.executemany(INSERT_EVENT, events)
+        if outbox:
+            self._db.executemany(INSERT_OUTBOX, outbox)
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return self._db.execute(sql, params).fetchall()
+
+
+class SqliteCycleSession(SqliteSourceSession):
+    """The customers' cycle: its connection (see :class:`SqliteSourceSession`) and every statement it
+    runs."""
+
     # -- the poll run ---------------------------------------------------------------------------
 
     def begin_poll(self, now: str) -> int:
@@ -157,20 +180,40 @@ class SqliteCycleSession:
         active: int,
         archived: int,
         events_by_type: dict[str, int],
+        settle: bool = True,
     ) -> None:
-        """Record the poll as succeeded, inside the transaction that commits it."""
+        """Record the customers as read, inside the transaction that commits them; with ``settle``
+        (no other source is still reading) the poll as succeeded, else its outcome is left to the
+        source that finishes last (``queries.settle_poll``)."""
+        by_type = orjson.dumps(events_by_type).decode()
+        events = sum(events_by_type.values())
         self._db.execute(
-            "UPDATE poll_runs SET outcome = ?, finished_at = ?, baseline = ?, pages = ?, "
-            "active = ?, archived = ?, events = ?, events_by_type = ? WHERE id = ?",
+            "INSERT INTO poll_sources (poll_id, source, outcome, finished_at, baseline, pages, items, "
+            "events, events_by_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
+                poll_id,
+                Source.CUSTOMERS,
                 PollOutcome.SUCCEEDED,
                 finished_at,
                 baseline,
                 pages,
+                active + archived,
+                events,
+                by_type,
+            ),
+        )
+        self._db.execute(
+            "UPDATE poll_runs SET outcome = ?, finished_at = ?, baseline = ?, pages = ?, "
+            "active = ?, archived = ?, events = ?, events_by_type = ? WHERE id = ?",
+            (
+                PollOutcome.SUCCEEDED if settle else PollOutcome.RUNNING,
+                finished_at if settle else None,
+                baseline,
+                pages,
                 active,
                 archived,
-                sum(events_by_type.values()),
-                orjson.dumps(events_by_type).decode(),
+                events,
+                by_type,
                 poll_id,
             ),
         )
@@ -178,7 +221,7 @@ class SqliteCycleSession:
     # -- what is stored -------------------------------------------------------------------------
 
     def has_baseline(self) -> bool:
-        return queries.has_baseline(self._conn)
+        return queries.has_baseline(self._conn, Source.CUSTOMERS)
 
     def is_empty(self) -> bool:
         return self._db.execute("SELECT 1 FROM customers LIMIT 1").fetchone() is None
@@ -257,9 +300,6 @@ class SqliteCycleSession:
         """Up to ``limit`` staged customers after ``after_id``, in id order, one sighting each."""
         return self._rows(_CHOSEN_STAGED, (after_id, limit))
 
-    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        return self._db.execute(sql, params).fetchall()
-
     # -- the final transaction ------------------------------------------------------------------
 
     def load_states(self, ids: Sequence[str]) -> dict[str, StoredState]:
@@ -280,15 +320,6 @@ class SqliteCycleSession:
             f"WHERE id IN ({', '.join('?' * len(ids))})",
             (CustomerStatus.DELETED, detected_at, poll_id, *ids),
         )
-
-    def last_sequence(self) -> int:
-        return queries.last_sequence(self._conn)
-
-    def append_events(self, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
-        if events:
-            self._db.executemany(INSERT_EVENT, events)
-        if outbox:
-            self._db.executemany(INSERT_OUTBOX, outbox)
 
     def baseline_writer(self, *, detected_at: str, poll_id: int) -> SqliteBaselineWriter:
         """A writer for a silent baseline into an empty store; see :class:`SqliteBaselineWriter`."""

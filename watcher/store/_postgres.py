@@ -25,6 +25,7 @@ from .._secrets import redact, register
 from ..config import parse_postgres_url
 from ..errors import StoreError
 from ._cycle_postgres import PostgresCycleSession
+from ._plans_postgres import PostgresPlanSession
 from .lease import Fence
 
 __all__ = ["PostgresEngine", "describe_url"]
@@ -90,6 +91,9 @@ class PostgresEngine:
 
     def session(self, fence: Fence | None) -> PostgresCycleSession:
         return PostgresCycleSession(self.engine, write_lock=_WRITE_LOCK, fence=fence)
+
+    def plan_session(self, fence: Fence | None) -> PostgresPlanSession:
+        return PostgresPlanSession(self.engine, write_lock=_WRITE_LOCK, fence=fence)
 
     def request_checkpoint(self) -> None:
         """PostgreSQL checkpoints by itself."""

@@ -20,6 +20,8 @@ from sqlmodel import create_engine
 from ..errors import StoreError
 from ._checkpoint import Checkpointer
 from ._cycle_sqlite import SqliteCycleSession
+from ._plans_sqlite import SqlitePlanSession
+from .lease import Fence
 
 __all__ = ["SqliteEngine"]
 
@@ -55,8 +57,12 @@ class SqliteEngine:
     def begin_write(self, conn: Connection) -> None:
         """Nothing to do: ``Store.write`` asks for ``BEGIN IMMEDIATE`` (see ``_on_begin``)."""
 
-    def session(self) -> SqliteCycleSession:
+    def session(self, fence: Fence | None) -> SqliteCycleSession:
+        """The customers' cycle's session (a SQLite store is never fenced: one process polls it)."""
         return SqliteCycleSession(self.engine)
+
+    def plan_session(self, fence: Fence | None) -> SqlitePlanSession:
+        return SqlitePlanSession(self.engine)
 
     def request_checkpoint(self) -> None:
         self._checkpointer.request()

@@ -1,16 +1,18 @@
-"""What a poll cycle's session offers, whatever the engine: the named methods the cycle calls.
+"""What a source's session offers for one poll, whatever the engine: the named methods it calls.
 
-A cycle reads and writes on one connection of its own (``Store.cycle()``), through the methods of
-:class:`CycleSession`; it never sees SQL. Each engine has its own session, beside this module,
-with its own hot-path tools: SQLite's (:mod:`watcher.store._cycle_sqlite`: a TEMP staging table,
-multi-row statements and JSON builtins on the ``sqlite3`` connection) and PostgreSQL's
-(:mod:`watcher.store._cycle_postgres`: a temporary staging table filled with ``COPY``, the cycle
-in one transaction, ``unnest`` for sets of ids).
+A source reads and writes on one connection of its own, through the methods of its session: the
+customers' cycle through :class:`CycleSession` (``Store.cycle()``), the plans through
+:class:`~watcher.store.plans.PlanSession` (``Store.plan_session()``); neither sees SQL. What both
+share is :class:`SourceSession`. Each engine has its sessions beside this module, with its own
+hot-path tools: SQLite's (:mod:`watcher.store._cycle_sqlite`, :mod:`watcher.store._plans_sqlite`:
+TEMP staging tables, multi-row statements and JSON builtins on the ``sqlite3`` connection) and
+PostgreSQL's (:mod:`watcher.store._cycle_postgres`, :mod:`watcher.store._plans_postgres`: temporary
+staging tables filled with ``COPY``, a source's read in one transaction, arrays for sets of ids).
 
 The contract both keep:
 
 - Staging (:meth:`CycleSession.stage`) writes nothing another connection can see, and is gone
-  when the session closes: a failed or interrupted cycle leaves nothing behind (rule 1).
+  when the session closes: a failed or interrupted read leaves nothing behind (rule 1).
 - A transaction opened with ``mode="IMMEDIATE"`` is a writer's: it queues behind every other
   writer of the database, and when it commits, the state, the events and the outbox rows written
   in it land together (rule 5). When the store is fenced (a replica holding the leader lease), the
@@ -28,7 +30,7 @@ from sqlalchemy import Connection
 
 from ..events import EventRow, Listing, OutboxEntry
 
-__all__ = ["BaselineWriter", "CycleSession", "Sighting", "StoredState"]
+__all__ = ["BaselineWriter", "CycleSession", "Sighting", "SourceSession", "StoredState"]
 
 #: A sighting the cycle could not settle: (customer id, archived, fingerprint, canonical JSON).
 Sighting = tuple[str, bool, int, bytes]
@@ -59,8 +61,8 @@ class BaselineWriter(Protocol):
         """Stop without raising (the transaction is being rolled back)."""
 
 
-class CycleSession(Protocol):
-    """One poll cycle's connection. Not thread-safe: one thread at a time, as the cycle uses it."""
+class SourceSession(Protocol):
+    """A source's connection for one poll. Not thread-safe: one thread at a time, as a source uses it."""
 
     def close(self) -> None: ...
 
@@ -68,9 +70,17 @@ class CycleSession(Protocol):
         """``DEFERRED``: a reader's (or the staging's); ``IMMEDIATE``: a writer's, see the module."""
 
     def tune(self, *, cache_kib: int) -> None:
-        """Settings of this connection alone, for a cycle (a page cache, where the engine has one)."""
+        """Settings of this connection alone, for a read (a page cache, where the engine has one)."""
 
     def set_cache(self, kib: int) -> None: ...
+
+    def last_sequence(self) -> int: ...
+
+    def append_events(self, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None: ...
+
+
+class CycleSession(SourceSession, Protocol):
+    """The customers' cycle's connection for one poll, and every statement the cycle runs."""
 
     # -- the poll run
 
@@ -87,12 +97,16 @@ class CycleSession(Protocol):
         active: int,
         archived: int,
         events_by_type: dict[str, int],
+        settle: bool = True,
     ) -> None:
-        """Record the poll as succeeded, inside the transaction that commits it."""
+        """Record the customers as read, inside the transaction that commits them; with ``settle``
+        (no other source is still reading) the poll as succeeded, else its outcome is left to the
+        source that finishes last (``queries.settle_poll``)."""
 
     # -- what is stored
 
-    def has_baseline(self) -> bool: ...
+    def has_baseline(self) -> bool:
+        """True once a read of the customers has succeeded."""
 
     def is_empty(self) -> bool: ...
 
@@ -135,10 +149,6 @@ class CycleSession(Protocol):
         """(id, status, fingerprint, record, first_seen_at, changed_at, poll id) for each customer."""
 
     def mark_deleted(self, ids: Sequence[str], *, detected_at: str, poll_id: int) -> None: ...
-
-    def last_sequence(self) -> int: ...
-
-    def append_events(self, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None: ...
 
     def baseline_writer(self, *, detected_at: str, poll_id: int) -> BaselineWriter:
         """A writer for a silent baseline into an empty store, inside an open IMMEDIATE transaction."""

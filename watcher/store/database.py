@@ -31,6 +31,7 @@ from ._postgres import PostgresEngine
 from ._sqlite import SqliteEngine
 from .cycle import CycleSession
 from .lease import Fence, check
+from .plans import PlanSession
 from .schema import MIGRATIONS, SCHEMA_VERSION, CustomerState, PollRun
 
 __all__ = ["Store"]
@@ -126,7 +127,7 @@ class Store:
         its own connection open by then and this one's closing is not a checkpoint of the WAL.
         """
         db = self._db
-        session: CycleSession = db.session(self.fence) if isinstance(db, PostgresEngine) else db.session()
+        session: CycleSession = db.session(self.fence)
         try:
             yield session
         finally:
@@ -134,6 +135,11 @@ class Store:
                 self.request_checkpoint()
             finally:
                 session.close()
+
+    def plan_session(self) -> PlanSession:
+        """The plans source's own connection for one poll (see :class:`~watcher.store.plans.PlanSession`);
+        the caller closes it, after :meth:`request_checkpoint` when it committed."""
+        return self._db.plan_session(self.fence)
 
     # -- reads that are a transaction of their own ----------------------------------------------
 
@@ -150,6 +156,11 @@ class Store:
         with self.read() as conn:
             return queries.last_polls(conn, limit)
 
+    def failed_sources(self, poll_id: int) -> tuple[str, ...]:
+        """The sources a poll of more than one source failed on; () otherwise."""
+        with self.read() as conn:
+            return queries.failed_sources_of(conn, poll_id)
+
     def last_successful_poll(self) -> PollRun | None:
         with self.read() as conn:
             return queries.last_successful_poll(conn)
@@ -157,6 +168,11 @@ class Store:
     def customer_counts(self) -> dict[str, int]:
         with self.read() as conn:
             return queries.customer_counts(conn)
+
+    def plan_counts(self) -> tuple[int, int, int]:
+        """(plans whose members are watched, memberships held, of which ended)."""
+        with self.read() as conn:
+            return queries.plan_counts(conn)
 
     def get_customer(self, customer_id: str) -> CustomerState | None:
         with self.read() as conn:
@@ -166,6 +182,11 @@ class Store:
         """Audit events in ``sequence`` order, as v1 contract dicts (see :func:`queries.query_events`)."""
         with self.read() as conn:
             return queries.query_events(conn, **filters)
+
+    def event_page(self, **filters: Any) -> queries.EventPage:
+        """A page of the audit log, newest first (see :func:`queries.event_page`)."""
+        with self.read() as conn:
+            return queries.event_page(conn, **filters)
 
     def delivery_status(self, now: datetime, *, sinks: Sequence[str] = ()) -> list[queries.SinkStatus]:
         """Per sink: pending, delivered and dead counts, oldest pending age and the last error."""

@@ -1,5 +1,9 @@
 """Moving a store: every table of a SQLite store copied into an empty PostgreSQL one, and checked.
 
+The customers' state and the plans' (memberships, plans, their page memo), the poll history with
+each source's outcome, the audit log, the outbox, each sink's state and the page memo: everything
+but the schema's version and the leader lease.
+
 ``metronome-watcher store migrate --to postgresql://...`` runs :func:`copy_store`. Both stores are
 opened by :class:`~watcher.store.Store` first, so both are at this release's schema (the source is
 migrated in place, as any start would). The copy is one transaction on the target: it lands whole
@@ -19,14 +23,38 @@ from sqlalchemy import Connection, Table, func, insert, select, text
 from ..errors import StoreError
 from . import queries
 from .database import Store
-from .schema import CustomerState, EventRecord, OutboxRow, PageMemo, PollRun, SinkState
+from .schema import (
+    CustomerState,
+    EventRecord,
+    OutboxRow,
+    PageMemo,
+    Plan,
+    PlanMember,
+    PlanPageMemo,
+    PollRun,
+    PollSource,
+    SinkState,
+)
 
 __all__ = ["TABLES", "TransferReport", "copy_store"]
 
-#: What moves, in an order that satisfies the foreign keys (outbox rows name their events).
+#: What moves, in an order that satisfies the foreign keys (outbox rows name their events): every
+#: table but ``meta`` (the target has its own, at the same version) and ``leases`` (a SQLite store
+#: has no replicas, and the target's replicas take the lease afresh).
 TABLES: tuple[Table, ...] = tuple(
     m.__table__  # type: ignore[attr-defined,union-attr]
-    for m in (PollRun, CustomerState, EventRecord, OutboxRow, SinkState, PageMemo)
+    for m in (
+        PollRun,
+        PollSource,
+        CustomerState,
+        EventRecord,
+        OutboxRow,
+        SinkState,
+        PageMemo,
+        Plan,
+        PlanMember,
+        PlanPageMemo,
+    )
 )
 #: Rows per INSERT (one executemany each).
 _BATCH = 2000
@@ -80,13 +108,11 @@ def _batches(conn: Connection, table: Table) -> Iterator[list[dict[str, Any]]]:
 def _advance_sequences(conn: Connection) -> None:
     """Ids were copied as they were: each table's id sequence must carry on after the largest."""
     for table in TABLES:
-        for column in table.primary_key.columns:
-            if column.autoincrement is True or (
-                column.autoincrement == "auto" and column.type.python_type is int
-            ):
-                conn.execute(
-                    text(
-                        f"SELECT setval(pg_get_serial_sequence('{table.name}', '{column.name}'), "
-                        f"coalesce(max({column.name}), 1), max({column.name}) IS NOT NULL) FROM {table.name}"
-                    )
+        column = table.autoincrement_column  # the one that has a sequence on PostgreSQL, if any
+        if column is not None:
+            conn.execute(
+                text(
+                    f"SELECT setval(pg_get_serial_sequence('{table.name}', '{column.name}'), "
+                    f"coalesce(max({column.name}), 1), max({column.name}) IS NOT NULL) FROM {table.name}"
                 )
+            )

@@ -1,9 +1,10 @@
 """What a Slack message says: one event, or a digest of many, as Block Kit, within Slack's limits.
 
 * **One message per event** while a delivery round is small: a header with an emoji and what
-  happened, *who* (the customer's name linked to ``{app_url}/customers/{id}``, its id), each field
-  change as ``field: before -> after``, and a context line with the event type, sequence and event
-  id (what ``replay --id`` takes).
+  happened, *who* (the customer's name linked to ``{app_url}/customers/{id}``, its id), for a plan
+  event what it means in words (``plan Growth ends on 2026-12-31``), each field change as ``field:
+  before -> after`` (a changed list as the items added and removed), and a context line with the
+  event type, sequence and event id (what ``replay --id`` takes).
 * **A digest** when a round is bigger (a bulk edit, a backlog after an outage): counts by type, the
   first few items, "and N more" with the command that lists them all.
 * Slack's limits are enforced where the message is built, not hoped for: at most 50 blocks per
@@ -11,17 +12,33 @@
   are packed into sections, never cut mid-link), header at most 150 characters, long values
   truncated. User data is escaped for mrkdwn (``&``, ``<``, ``>``) so that a customer named
   ``<!channel>`` pings no one.
+
+The words (titles, digest counts, which changes a digest line shows) are ``sinks._summary``'s,
+shared with the Apprise sink; this module is the Block Kit and mrkdwn around them.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from ...config import DEFAULT_APP_URL
-from ...events import EventType, customer_name, customer_record, plain_value
+from ...events import EventType, change_line, customer_record, is_customer_event, plain_value, plan_headline
+from .._summary import (
+    DIGEST_ITEMS,
+    MAX_CHANGES,
+    MAX_VALUE,
+    changes,
+    clip,
+    digest_changes,
+    facts,
+    kind,
+    notice_details,
+    notice_summary,
+    plan_digest,
+    who,
+)
 
 __all__ = [
     "DIGEST_ITEMS",
@@ -38,29 +55,27 @@ __all__ = [
 MAX_BLOCKS = 50
 MAX_SECTION_TEXT = 3000
 MAX_HEADER_TEXT = 150
-#: Ours, for readability: a value longer than this is cut with an ellipsis ...
-MAX_VALUE = 200
-#: ... one event message lists at most this many field changes ...
-MAX_CHANGES = 25
-#: ... and a digest shows this many items before "and N more".
-DIGEST_ITEMS = 20
 
 _ARROW = "-&gt;"  # "->" in mrkdwn, where ">" must be escaped
 
-#: type -> (emoji, what happened, the short word a digest line uses)
-_KINDS: dict[str, tuple[str, str, str]] = {
-    EventType.CUSTOMER_CREATED: (":new:", "New customer", "created"),
-    EventType.CUSTOMER_UPDATED: (":pencil2:", "Customer updated", "updated"),
-    EventType.CUSTOMER_ARCHIVED: (":file_cabinet:", "Customer archived", "archived"),
-    EventType.CUSTOMER_UNARCHIVED: (":recycle:", "Customer unarchived", "unarchived"),
-    EventType.CUSTOMER_DELETED: (":wastebasket:", "Customer deleted", "deleted"),
-    EventType.POLL_FAILING: (":rotating_light:", "Metronome polling is failing", "polling failing"),
-    EventType.POLL_RECOVERED: (":white_check_mark:", "Metronome polling recovered", "polling recovered"),
+#: Slack's emoji for each type (the words are ``_summary``'s, shared with every channel).
+_EMOJI: dict[str, str] = {
+    EventType.CUSTOMER_CREATED: ":new:",
+    EventType.CUSTOMER_UPDATED: ":pencil2:",
+    EventType.CUSTOMER_ARCHIVED: ":file_cabinet:",
+    EventType.CUSTOMER_UNARCHIVED: ":recycle:",
+    EventType.CUSTOMER_DELETED: ":wastebasket:",
+    EventType.POLL_FAILING: ":rotating_light:",
+    EventType.POLL_RECOVERED: ":white_check_mark:",
+    EventType.CUSTOMER_PLAN_ADDED: ":inbox_tray:",
+    EventType.CUSTOMER_PLAN_UPDATED: ":calendar:",
+    EventType.CUSTOMER_PLAN_ENDED: ":door:",
+    EventType.CUSTOMER_PLAN_REMOVED: ":outbox_tray:",
 }
 
 
-def _kind(event_type: str) -> tuple[str, str, str]:
-    return _KINDS.get(event_type, (":bell:", event_type, event_type))
+def _emoji(event_type: str) -> str:
+    return _EMOJI.get(event_type, ":bell:")
 
 
 # -- text helpers -------------------------------------------------------------------------------
@@ -69,10 +84,6 @@ def _kind(event_type: str) -> tuple[str, str, str]:
 def _esc(text: str) -> str:
     """Escape for Slack mrkdwn: only these three have meaning (links, mentions, entities)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _value(value: Any) -> str:
@@ -85,29 +96,21 @@ def _value(value: Any) -> str:
 
 def _code(text: str) -> str:
     # A backtick would end the code span early; a quote keeps the value readable.
-    return "`" + _esc(_clip(text, MAX_VALUE).replace("`", "'")) + "`"
+    return "`" + _esc(clip(text, MAX_VALUE).replace("`", "'")) + "`"
 
 
 def _change_line(change: Mapping[str, Any]) -> str:
-    field = _code(str(change.get("field", "?")))
-    return f"{field}: {_value(change.get('before'))} {_ARROW} {_value(change.get('after'))}"
+    return change_line(change, value=_value, field=_code, arrow=_ARROW)
 
 
-def _changeplain_value(change: Mapping[str, Any]) -> str:
-    def short(v: Any) -> str:
-        return "none" if v is None else _clip(plain_value(v), 60)
-
-    return f"{change.get('field', '?')}: {short(change.get('before'))} -> {short(change.get('after'))}"
-
-
-def _name(event: Mapping[str, Any]) -> str:
-    return customer_name(event) or str(event.get("customer_id") or "unknown customer")
+def _short(value: Any) -> str:
+    return "none" if value is None else clip(plain_value(value), 60)
 
 
 def _link(event: Mapping[str, Any], app_url: str) -> str:
     """``<{app_url}/customers/{id}|name>``: the customer's page in the Metronome app."""
     cid = event.get("customer_id")
-    name = _esc(_clip(_name(event), MAX_VALUE))
+    name = _esc(clip(who(event), MAX_VALUE))
     if not cid:
         return name
     return f"<{app_url}/customers/{quote(str(cid), safe='')}|{name}>"
@@ -118,7 +121,7 @@ def _sections(lines: Sequence[str], title: str | None = None) -> list[dict[str, 
     blocks: list[dict[str, Any]] = []
     current = f"*{title}*" if title else ""
     for raw in lines:
-        line = _clip(raw, MAX_SECTION_TEXT)  # never hit: values are clipped far below this
+        line = clip(raw, MAX_SECTION_TEXT)  # never hit: values are clipped far below this
         candidate = f"{current}\n{line}" if current else line
         if len(candidate) > MAX_SECTION_TEXT:
             blocks.append(_section(current))
@@ -136,12 +139,12 @@ def _section(text: str) -> dict[str, Any]:
 def _header(text: str) -> dict[str, Any]:
     return {
         "type": "header",
-        "text": {"type": "plain_text", "text": _clip(text, MAX_HEADER_TEXT), "emoji": True},
+        "text": {"type": "plain_text", "text": clip(text, MAX_HEADER_TEXT), "emoji": True},
     }
 
 
 def _context(text: str) -> dict[str, Any]:
-    return {"type": "context", "elements": [{"type": "mrkdwn", "text": _clip(text, MAX_SECTION_TEXT)}]}
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": clip(text, MAX_SECTION_TEXT)}]}
 
 
 def _split(blocks: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -166,101 +169,70 @@ def _split(blocks: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
 def build_event_message(event: Mapping[str, Any], *, app_url: str = DEFAULT_APP_URL) -> list[dict[str, Any]]:
     """The Slack payload(s) for one event (one, unless its changes need more than 50 blocks)."""
     etype = str(event.get("type", "event"))
-    emoji, title, _ = _kind(etype)
+    emoji, title = _emoji(etype), kind(etype).title
     seq = event.get("sequence")
     context = _context(
         f"{_code(etype)} · #{seq} · detected {_esc(str(event.get('detected_at', '?')))} "
         f"· event {_code(str(event.get('id', '?')))}"
     )
-    if not etype.startswith("customer."):
+    if not is_customer_event(etype):
         return _notice(event, emoji, title, context)
-    name = _name(event)
+    name = who(event)
     record = customer_record(event)
     cid = str(event.get("customer_id") or "")
-    who = f"*{_link(event, app_url)}*\n{_code(cid)}"
+    who_text = f"*{_link(event, app_url)}*\n{_code(cid)}"
     external = record.get("external_id")
     if external and external != cid:
-        who += f" · external id {_code(str(external))}"
-    blocks = [_header(f"{emoji} {title}: {name}"), _section(who)]
-    changes = [c for c in event.get("changes") or [] if isinstance(c, Mapping)]
-    if changes:
-        lines = [f"• {_change_line(c)}" for c in changes[:MAX_CHANGES]]
-        if len(changes) > MAX_CHANGES:
-            lines.append(f"_…and {len(changes) - MAX_CHANGES} more changes_")
+        who_text += f" · external id {_code(str(external))}"
+    blocks = [_header(f"{emoji} {title}: {name}"), _section(who_text)]
+    headline = plan_headline(event)
+    if headline:
+        blocks.append(_section(f"*{_esc(clip(headline[0].upper() + headline[1:], MAX_SECTION_TEXT - 2))}*"))
+    found = changes(event)
+    if found:
+        lines = [f"• {_change_line(c)}" for c in found[:MAX_CHANGES]]
+        if len(found) > MAX_CHANGES:
+            lines.append(f"_…and {len(found) - MAX_CHANGES} more changes_")
         blocks += _sections(lines, "Changes")
-    elif etype == "customer.created" and (facts := _facts(record)):
-        blocks += _sections(facts, "Details")
-    elif etype == "customer.deleted":
+    elif etype == EventType.CUSTOMER_CREATED and (known := facts(record)):
+        lines = [f"• {_code(f.label) if f.field else f.label}: {_value(f.value)}" for f in known]
+        blocks += _sections(lines, "Details")
+    elif etype == EventType.CUSTOMER_DELETED:
         blocks.append(_section("No longer in Metronome: in neither listing, and not found by id."))
     blocks.append(context)
     text = f"{title}: {name} ({cid})"
-    if changes:
-        text += ": " + "; ".join(_changeplain_value(c) for c in changes[:3])
-        if len(changes) > 3:
-            text += f" (+{len(changes) - 3} more)"
-    return _split(blocks, _esc(_clip(text, 500)))
-
-
-def _facts(record: Mapping[str, Any]) -> list[str]:
-    """What a new customer looks like: custom fields, Salesforce account, billable status."""
-    lines = []
-    fields = record.get("custom_fields")
-    if isinstance(fields, Mapping) and fields:
-        lines += [f"• {_code(str(k))}: {_value(v)}" for k, v in list(fields.items())[:MAX_CHANGES]]
-    config = record.get("customer_config")
-    if isinstance(config, Mapping) and config.get("salesforce_account_id"):
-        lines.append(f"• Salesforce account: {_value(config['salesforce_account_id'])}")
-    status = record.get("current_billable_status")
-    if isinstance(status, Mapping) and status.get("value"):
-        lines.append(f"• Billable status: {_value(status['value'])}")
-    return lines
+    if headline:
+        text += f": {headline}"
+    elif found:
+        text += ": " + "; ".join(change_line(c, value=_short) for c in found[:3])
+        if len(found) > 3:
+            text += f" (+{len(found) - 3} more)"
+    return _split(blocks, _esc(clip(text, 500)))
 
 
 def _notice(
     event: Mapping[str, Any], emoji: str, title: str, context: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """``watcher.poll_failing`` / ``watcher.poll_recovered``: the watcher talking about itself.
-
-    Every ``detail`` key is listed with a readable label, so a key added later still shows.
-    """
+    """``watcher.poll_failing`` / ``watcher.poll_recovered``: the watcher talking about itself."""
     raw = event.get("detail")
     detail: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
-    lines: list[str] = []
-    for key, value in list(detail.items())[:MAX_CHANGES]:
-        if value is None:
-            continue
-        label, shown = str(key), plain_value(value)
-        if label.endswith("_seconds") and isinstance(value, int | float):
-            label, shown = label.removesuffix("_seconds"), _duration(float(value))
-        lines.append(f"*{_esc(_clip(label.replace('_', ' '), 60))}:* {_esc(_clip(shown, 500))}")
+    lines = [
+        f"*{_esc(clip(label, 60))}:* {_esc(clip(shown, 500))}" for label, shown in notice_details(detail)
+    ]
     blocks = [_header(f"{emoji} {title}"), *_sections(lines), context]
-    text = title
-    reason = detail.get("last_error") or detail.get("error") or detail.get("reason")
-    if reason:
-        text += f": {_clip(plain_value(reason), 300)}"
-    elif isinstance(detail.get("failed_polls"), int):
-        text += f" after {detail['failed_polls']} failed polls"
-    return _split(blocks, _esc(text))
-
-
-def _duration(seconds: float) -> str:
-    """``905`` -> ``15m 5s``: how long polling was down, as a person reads it."""
-    s = round(seconds)
-    h, rest = divmod(s, 3600)
-    m, sec = divmod(rest, 60)
-    return " ".join(f"{n}{unit}" for n, unit in ((h, "h"), (m, "m"), (sec, "s")) if n) or "0s"
+    return _split(blocks, _esc(notice_summary(title, detail)))
 
 
 def _digest_line(event: Mapping[str, Any], app_url: str) -> str:
     etype = str(event.get("type", "event"))
-    emoji, title, word = _kind(etype)
-    if not etype.startswith("customer."):
-        return f"• {emoji} {_esc(title)}"
-    line = f"• {emoji} {_link(event, app_url)} {word}"
-    changes = [c for c in event.get("changes") or [] if isinstance(c, Mapping)]
-    shown = (
-        [c for c in changes if c.get("field") != "archived_at"] if etype != "customer.updated" else changes
-    )
+    emoji, words = _emoji(etype), kind(etype)
+    if not is_customer_event(etype):
+        return f"• {emoji} {_esc(words.title)}"
+    headline = plan_headline(event)
+    if headline:
+        return f"• {emoji} {_link(event, app_url)}: {_esc(clip(headline, MAX_SECTION_TEXT // 4))}"
+    line = f"• {emoji} {_link(event, app_url)} {words.word}"
+    shown = digest_changes(event)
     if shown:
         line += f": {_change_line(shown[0])}"
         if len(shown) > 1:
@@ -272,24 +244,17 @@ def build_digest(
     events: Sequence[Mapping[str, Any]], *, app_url: str = DEFAULT_APP_URL, items: int = DIGEST_ITEMS
 ) -> list[dict[str, Any]]:
     """One digest for many events: counts by type, the first ``items``, "and N more"."""
-    n = len(events)
-    counts = Counter(str(e.get("type", "event")) for e in events)
-    order = [t for t in _KINDS if t in counts] + sorted(t for t in counts if t not in _KINDS)
-    customer_only = all(t.startswith("customer.") for t in counts)
-    what = "customer changes" if customer_only else "events"
-    by_type = [f"{_kind(t)[0]} *{counts[t]}* {_esc(_kind(t)[2])}" for t in order]
-    blocks = [_header(f":bar_chart: {n} {what}"), *_sections(by_type, "By type")]
-    first = events[:items]
+    plan = plan_digest(events, items=items)
+    by_type = [f"{_emoji(t)} *{n}* {_esc(kind(t).word)}" for t, n in plan.counts]
+    blocks = [_header(f":bar_chart: {plan.total} {plan.what}"), *_sections(by_type, "By type")]
     blocks += _sections(
-        [_digest_line(e, app_url) for e in first], f"First {len(first)}" if n > items else None
+        [_digest_line(e, app_url) for e in plan.first], f"First {len(plan.first)}" if plan.more else None
     )
-    seqs = [int(s) for s in (e.get("sequence") for e in events) if isinstance(s, int)]
-    if n > len(first):
-        more = f"_…and {n - len(first)} more._"
-        if seqs:
-            more += f" List them all with `metronome-watcher events --after-sequence {min(seqs) - 1}`."
+    if plan.more:
+        more = f"_…and {plan.more} more._"
+        if plan.list_command:
+            more += f" List them all with `{plan.list_command}`."
         blocks.append(_section(more))
-    if seqs:
-        blocks.append(_context(f"sequences #{min(seqs)} to #{max(seqs)}"))
-    text = f"{n} {what}: " + ", ".join(f"{counts[t]} {_kind(t)[2]}" for t in order)
-    return _split(blocks, _esc(text))
+    if plan.sequences:
+        blocks.append(_context(f"sequences #{plan.sequences[0]} to #{plan.sequences[1]}"))
+    return _split(blocks, _esc(plan.headline))
