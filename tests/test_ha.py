@@ -1,18 +1,23 @@
 """Two real ``run`` replicas on one PostgreSQL store; the leader is SIGKILLed mid-poll, then mid-delivery.
 
 The replicas are subprocesses (``python -m watcher run``) with the default ``[ha] lease`` (15 s),
-polling the simulated Metronome in this process and delivering to a real local receiver. What a
-take-over may do: nothing lost, nothing reported twice, ``sequence`` still strictly increasing, and
-only the event whose delivery was in flight sent again, with the same id. It must happen within
-30 s of the leader's death.
+polling the simulated Metronome in this process and delivering to a real local receiver, each with
+the web view on (``[web]``). What a take-over may do: nothing lost, nothing reported twice,
+``sequence`` still strictly increasing, and only the event whose delivery was in flight sent again,
+with the same id. It must happen within 30 s of the leader's death. A standby serves the web view
+and the change feed from the shared store, as the leader does.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from watcher.store import Store
 pytestmark = [pytest.mark.slow, postgres_only]
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+WEB_TOKEN = "web-token-HA-0123456789abcdef"
 #: The promise: a standby takes over within 30 s of the leader's SIGKILL, with the default lease.
 TAKE_OVER = 30.0
 
@@ -49,6 +55,10 @@ delivery_interval = "1s"
 [health]
 port = 0
 host = "127.0.0.1"
+
+[web]
+enabled = true
+token = "${{WATCHER_WEB_TOKEN}}"
 
 [logging]
 level = "info"
@@ -85,8 +95,6 @@ class Cluster:
         code, body = d.get("/readyz")
         if code is None:
             return None
-        import json
-
         return str(json.loads(body).get("role")) if body else None
 
     def leader(self) -> DaemonProcess | None:
@@ -111,11 +119,24 @@ def cluster(
     # The password as an operator passes it: ${VAR} in the URL, the value in the environment.
     password = store_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
     url_with_var = store_url.replace(f":{password}@", ":${WATCHER_DB_PASSWORD}@")
-    env = base_env(WATCHER_DB_PASSWORD=password, HOOK_SECRET=SECRET)
+    env = base_env(WATCHER_DB_PASSWORD=password, HOOK_SECRET=SECRET, WATCHER_WEB_TOKEN=WEB_TOKEN)
     env["METRONOME_BEARER_TOKEN"] = fake.token
     c = Cluster(tmp_path, replica_config(fake, url_with_var, hooks), env)
     yield c, hooks, password
     c.close()
+
+
+def web_get(d: DaemonProcess, path: str, *, bearer: bool = True) -> tuple[int, bytes]:
+    """GET a path of the web view or the feed, with the token (as the feed, or as a browser sends it)."""
+    auth = (
+        f"Bearer {WEB_TOKEN}" if bearer else "Basic " + base64.b64encode(f"ops:{WEB_TOKEN}".encode()).decode()
+    )
+    request = urllib.request.Request(f"http://127.0.0.1:{d.port}{path}", headers={"Authorization": auth})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def events_of(store_url: str) -> list[dict[str, Any]]:
@@ -171,6 +192,16 @@ def test_a_standby_takes_over_from_a_leader_killed_mid_poll_and_again_mid_delive
     # -- 2. the new leader dies in the middle of a delivery round ------------------------------
     third = c.start()
     wait_until(lambda: c.role(third) == "standby", "the restarted replica to stand by", context=c.tails)
+    # A standby serves health, the web view and the feed (read-only) from the shared store.
+    assert third.get("/healthz")[0] == 200
+    assert third.wait_status("/readyz", 200)["role"] == "standby"
+    code, body = web_get(third, "/api/events")
+    assert code == 200 and json.loads(body)["data"] == events_of(store_url)
+    assert [e["customer_id"] for e in json.loads(body)["data"]] == [renamed]
+    code, page = web_get(third, "/", bearer=False)
+    assert code == 200 and b"Renamed While The Leader Died" in page
+    assert web_get(third, "/status", bearer=False)[0] == 200
+    assert web_get(third, f"/customers/{renamed}", bearer=False)[0] == 200
     archived = fake.customers(archived=False)[7]["id"]
     in_flight: list[str] = []
 

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from tests.conftest import TOKEN, postgres_only, rows
 from tests.receivers import FakeClock, Receiver
 from watcher import metrics
-from watcher.config import DeliveryConfig
+from watcher.config import DeliveryConfig, PlansConfig
 from watcher.delivery import Deliverer
 from watcher.errors import NotLeader
 from watcher.metronome import MetronomeClient
@@ -39,8 +39,15 @@ class Replica:
     keeper: LeaseKeeper
     client: MetronomeClient
 
-    def poller(self) -> Poller:
-        return Poller(self.store, self.client, routes=[Route("hooks")], concurrent_listings=False)
+    def poller(self, *, plans: bool = False) -> Poller:
+        return Poller(
+            self.store,
+            self.client,
+            routes=[Route("hooks")],
+            concurrent_listings=False,
+            plans=PlansConfig(watch=plans),
+            plan_source=self.client,
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -141,6 +148,42 @@ def test_a_paused_leader_commits_nothing_of_its_cycle_and_the_new_leader_reports
     (event,) = b.store.query_events()
     assert event["customer_id"] == cid and event["sequence"] == 1
     # A's run, if it was recorded before the take-over, is marked abandoned by B's; none is running.
+    outcomes = [o for (o,) in rows(b.store, "SELECT outcome FROM poll_runs ORDER BY id")]
+    assert outcomes[0] == outcomes[-1] == "succeeded" and set(outcomes[1:-1]) <= {"abandoned"}
+
+
+def test_a_paused_leader_commits_nothing_of_its_plans_read_and_the_new_leader_reports_it_once(
+    replicas: tuple[Replica, Replica], fake: SimulatedMetronome
+) -> None:
+    a, b = replicas
+    plan = fake.create_plan("Growth")["id"]
+    members = [fake.add_to_plan(fake.create_customer(f"Customer {i}")["id"], plan) for i in range(25)]
+    assert a.keeper.try_acquire()
+    first = a.poller(plans=True).run()
+    assert first.ok and first.plans is not None and first.plans.memberships == 25
+    cpid = members[0]["plan_details"]["customer_plan_id"]
+    fake.set_plan_end(cpid, "2027-01-01T00:00:00Z")
+    plan_tables = ("plans", "plan_members", "plan_page_memo")
+    before = {t: rows(a.store, f"SELECT * FROM {t} ORDER BY 1") for t in (*plan_tables, "events")}
+
+    def take_over(_: SimulatedMetronome) -> None:
+        # A is "paused" in the middle of its plans read: its lease runs out and B takes it.
+        expire(b.store)
+        assert b.keeper.try_acquire()
+
+    fake.on_page(3, take_over, path=f"/v1/planDetails/{plan}/customers")
+    with capture_logs() as logs:
+        result = a.poller(plans=True).run()
+
+    assert result.outcome == "abandoned" and "lease of epoch 1 is lost" in (result.error or "")
+    assert {t: rows(a.store, f"SELECT * FROM {t} ORDER BY 1") for t in before} == before
+    assert [e for e in logs if e["event"] == "poll.not_leader"]
+    assert not [e for e in logs if e["event"] == "poll.source_failed"], "nothing recorded as A's failure"
+
+    second = b.poller(plans=True).run()
+    assert second.ok and second.events_by_type == {"customer.plan_updated": 1}
+    (event,) = b.store.query_events()
+    assert event["plan"]["customer_plan_id"] == cpid and event["sequence"] == 1
     outcomes = [o for (o,) in rows(b.store, "SELECT outcome FROM poll_runs ORDER BY id")]
     assert outcomes[0] == outcomes[-1] == "succeeded" and set(outcomes[1:-1]) <= {"abandoned"}
 
