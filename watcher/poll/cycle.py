@@ -164,13 +164,23 @@ class Poller:
                     raise
                 return self._failed(cycle, exc, cancel, time.perf_counter() - t0)
         result = replace(result, duration=time.perf_counter() - t0)
-        metrics.POLLS.labels(PollOutcome.SUCCEEDED).inc()
+        self._count(result)
+        self._completed(result)
+        return result
+
+    def _count(self, result: PollResult) -> None:
+        """The poll's metrics, once it has settled."""
+        metrics.POLLS.labels(result.outcome).inc()
         metrics.POLL_DURATION.observe(result.duration)
-        metrics.LAST_SUCCESSFUL_POLL.set(self.clock().timestamp())
         for t, n in result.events_by_type.items():
             metrics.EVENTS.labels(t).inc(n)
-        metrics.CUSTOMERS.labels(CustomerStatus.ACTIVE).set(result.active)
-        metrics.CUSTOMERS.labels(CustomerStatus.ARCHIVED).set(result.archived)
+        if result.customers_ok:
+            metrics.CUSTOMERS.labels(CustomerStatus.ACTIVE).set(result.active)
+            metrics.CUSTOMERS.labels(CustomerStatus.ARCHIVED).set(result.archived)
+
+    def _completed(self, result: PollResult, **extra: Any) -> None:
+        """A poll that succeeded: the time of the last success, and the poll's one summary line."""
+        metrics.LAST_SUCCESSFUL_POLL.set(self.clock().timestamp())
         log.info(
             "poll.completed",
             poll_id=result.poll_id,
@@ -182,8 +192,8 @@ class Poller:
             archived=result.archived,
             events=dict(result.events_by_type),
             unresolved=result.unresolved,
+            **extra,
         )
-        return result
 
     def _run_both(self, cancel: threading.Event, t0: float) -> PollResult:
         """A poll of both sources: the plans read beside the customers' cycle, each committing on its
@@ -232,13 +242,7 @@ class Poller:
             plans=plans_result,
             failed_sources=failed,
         )
-        metrics.POLLS.labels(settled).inc()
-        metrics.POLL_DURATION.observe(result.duration)
-        for t, n in by_type.items():
-            metrics.EVENTS.labels(t).inc(n)
-        if result.customers_ok:
-            metrics.CUSTOMERS.labels(CustomerStatus.ACTIVE).set(result.active)
-            metrics.CUSTOMERS.labels(CustomerStatus.ARCHIVED).set(result.archived)
+        self._count(result)
         plans_summary = {
             "outcome": plans_result.outcome,
             "baseline": plans_result.baseline,
@@ -247,20 +251,7 @@ class Poller:
             "pages": plans_result.pages,
         }
         if result.ok:
-            metrics.LAST_SUCCESSFUL_POLL.set(self.clock().timestamp())
-            log.info(
-                "poll.completed",
-                poll_id=result.poll_id,
-                outcome=PollOutcome.SUCCEEDED,
-                baseline=result.baseline,
-                duration_ms=round(result.duration * 1000),
-                pages=result.pages,
-                active=result.active,
-                archived=result.archived,
-                events=dict(result.events_by_type),
-                unresolved=result.unresolved,
-                plans=plans_summary,
-            )
+            self._completed(result, plans=plans_summary)
         elif settled is not PollOutcome.ABANDONED:
             log.error(
                 "poll.failed",

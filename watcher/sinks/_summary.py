@@ -13,18 +13,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..events import EventType, customer_name, is_customer_event, plain_value
+from ..events import EventType, customer_name, is_customer_event, plain_value, plan_headline
 
 __all__ = [
     "DIGEST_ITEMS",
     "MAX_CHANGES",
     "MAX_VALUE",
     "Digest",
+    "DigestLine",
     "Fact",
     "Kind",
     "changes",
     "clip",
     "digest_changes",
+    "digest_line",
     "duration",
     "facts",
     "kind",
@@ -91,6 +93,37 @@ def digest_changes(event: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     if event.get("type") == EventType.CUSTOMER_UPDATED:
         return found
     return [c for c in found if c.get("field") != "archived_at"]
+
+
+@dataclass(frozen=True, slots=True)
+class DigestLine:
+    """What one event's line in a digest says; each channel renders it in its own markup.
+
+    A notice is its ``title`` alone (``customer`` False). A customer event names the customer, then
+    either its ``headline`` (a plan event in words) or its ``word`` and its first ``change``, with
+    how many ``more`` changes it has.
+    """
+
+    customer: bool
+    title: str
+    word: str
+    headline: str = ""
+    change: Mapping[str, Any] | None = None
+    more: int = 0
+
+
+def digest_line(event: Mapping[str, Any]) -> DigestLine:
+    etype = str(event.get("type", "event"))
+    words = kind(etype)
+    if not is_customer_event(etype):
+        return DigestLine(False, words.title, words.word)
+    headline = plan_headline(event)
+    if headline:
+        return DigestLine(True, words.title, words.word, headline=headline)
+    shown = digest_changes(event)
+    return DigestLine(
+        True, words.title, words.word, change=shown[0] if shown else None, more=max(len(shown) - 1, 0)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from .._summary import (
     MAX_VALUE,
     changes,
     clip,
-    digest_changes,
+    digest_line,
     facts,
     kind,
     notice_details,
@@ -253,19 +253,15 @@ def _notice(event: Mapping[str, Any], w: _Writer, title: str, severity: str, sha
 
 
 def _digest_line(w: _Writer, event: Mapping[str, Any], app_url: str) -> str:
-    etype = str(event.get("type", "event"))
-    words = kind(etype)
-    if not is_customer_event(etype):
-        return f"- {w.esc(words.title)}"
-    headline = plan_headline(event)
-    if headline:
-        return f"- {w.bold(w.customer(event, app_url))}: {w.esc(headline)}"
-    line = f"- {w.bold(w.customer(event, app_url))} {words.word}"
-    shown = digest_changes(event)
-    if shown:
-        line += f": {w.change(shown[0])}"
-        if len(shown) > 1:
-            line += f" (+{len(shown) - 1} more)"
+    d = digest_line(event)
+    if not d.customer:
+        return f"- {w.esc(d.title)}"
+    line = f"- {w.bold(w.customer(event, app_url))}"
+    if d.headline:
+        return f"{line}: {w.esc(d.headline)}"
+    line += f" {d.word}"
+    if d.change is not None:
+        line += f": {w.change(d.change)}" + (f" (+{d.more} more)" if d.more else "")
     return line
 
 

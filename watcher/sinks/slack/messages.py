@@ -31,7 +31,7 @@ from .._summary import (
     MAX_VALUE,
     changes,
     clip,
-    digest_changes,
+    digest_line,
     facts,
     kind,
     notice_details,
@@ -224,19 +224,16 @@ def _notice(
 
 
 def _digest_line(event: Mapping[str, Any], app_url: str) -> str:
-    etype = str(event.get("type", "event"))
-    emoji, words = _emoji(etype), kind(etype)
-    if not is_customer_event(etype):
-        return f"• {emoji} {_esc(words.title)}"
-    headline = plan_headline(event)
-    if headline:
-        return f"• {emoji} {_link(event, app_url)}: {_esc(clip(headline, MAX_SECTION_TEXT // 4))}"
-    line = f"• {emoji} {_link(event, app_url)} {words.word}"
-    shown = digest_changes(event)
-    if shown:
-        line += f": {_change_line(shown[0])}"
-        if len(shown) > 1:
-            line += f" (+{len(shown) - 1} more)"
+    d = digest_line(event)
+    emoji = _emoji(str(event.get("type", "event")))
+    if not d.customer:
+        return f"• {emoji} {_esc(d.title)}"
+    line = f"• {emoji} {_link(event, app_url)}"
+    if d.headline:
+        return f"{line}: {_esc(clip(d.headline, MAX_SECTION_TEXT // 4))}"
+    line += f" {d.word}"
+    if d.change is not None:
+        line += f": {_change_line(d.change)}" + (f" (+{d.more} more)" if d.more else "")
     return line
 
 
