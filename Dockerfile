@@ -16,11 +16,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     WATCHER_CONFIG=/config/watcher.toml
 
 # The wheel is bind-mounted from the builder, so it never becomes a layer of this image. With the
-# apprise extra, so that the image speaks to every channel the apprise sink opens.
+# apprise extra, so that the image speaks to every channel the apprise sink opens, and the postgres
+# one, so that it can run as one of several replicas on a PostgreSQL store.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
     && wheel="$(ls /wheels/*.whl)" \
-    && pip install --no-cache-dir "${wheel}[apprise]" \
+    && pip install --no-cache-dir "${wheel}[apprise,postgres]" \
     && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin watcher \
     && mkdir -p /data /config \

@@ -1,16 +1,27 @@
-"""Shared fixtures: the simulated Metronome on a local port and a real SQLite file per test."""
+"""Shared fixtures: the simulated Metronome on a local port, and a real store per test.
+
+Every fixture that makes a ``Store`` takes its target from ``store_url`` (or ``new_store_url`` for
+more than one), which is parametrised over both engines: a SQLite file in ``tmp_path``, and a
+schema of its own in the PostgreSQL server that ``$WATCHER_TEST_PG_URL`` names (``.ci/run``
+starts a throw-away cluster and sets it; ``eval "$(.ci/postgres.sh start)"`` does the same for a
+developer). Without it the PostgreSQL half is skipped, saying why; in CI it fails instead.
+A test that is about SQLite itself says so with ``@sqlite_only``.
+"""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from sqlalchemy import text
 
 from watcher._time import Clock
-from watcher.config import DiffConfig, PlansConfig
+from watcher.config import DiffConfig, PlansConfig, is_postgres_url
 from watcher.events import Listing
 from watcher.metronome import MetronomeClient, RetryPolicy
 from watcher.poll import Poller, PollResult
@@ -24,6 +35,101 @@ from .receivers import clock, fake_time, make_receiver, receiver  # noqa: F401
 
 #: Looks like a real token so that a leak would be unmistakable in any output.
 TOKEN = "mtr_test_Zq8v1SECRETtoken42xY"
+
+#: The PostgreSQL server the tests may use: ``postgresql://user:password@host:port/database``.
+PG_URL_ENV = "WATCHER_TEST_PG_URL"
+ENGINES = ("sqlite", "postgresql")
+#: Runs a test on SQLite only (it is about the file, the WAL, or SQLite's own SQL).
+sqlite_only = pytest.mark.parametrize("engine", ["sqlite"])
+#: Runs a test on PostgreSQL only (replicas, the lease, migrating into PostgreSQL).
+postgres_only = pytest.mark.parametrize("engine", ["postgresql"])
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The PostgreSQL server's URL, or a skip (a failure in CI) when there is none."""
+    url = os.environ.get(PG_URL_ENV)
+    if not url:
+        how = 'eval "$(.ci/postgres.sh start)" starts a throw-away cluster'
+        if os.environ.get("CI"):
+            pytest.fail(f"{PG_URL_ENV} is not set: .ci/run must start PostgreSQL ({how})")
+        pytest.skip(f"no PostgreSQL for the tests: {PG_URL_ENV} is not set ({how})")
+    return url
+
+
+def schema_url(server: str, schema: str) -> str:
+    """``server`` with every table in ``schema`` (libpq's ``options``: the search path)."""
+    sep = "&" if "?" in server else "?"
+    return f"{server}{sep}options={quote(f'-csearch_path={schema}')}"
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def create_schema(server: str) -> tuple[str, str]:
+    """A new, empty schema in the PostgreSQL ``server``: (its name, the URL of a store in it)."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return schema, schema_url(server, schema)
+
+
+def drop_schemas(server: str, schemas: list[str]) -> None:
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True) as conn:
+        for schema in schemas:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def new_store_url(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
+    """Makes targets for new, empty stores on the test's engine: a file, or a fresh schema."""
+    made: list[str] = []
+    server = request.getfixturevalue("pg_server") if engine == "postgresql" else ""
+
+    def make() -> str:
+        if engine == "sqlite":
+            made.append(f"watcher{len(made) or ''}.db")  # watcher.db, watcher1.db, ...
+            return str(tmp_path / made[-1])
+        schema, url = create_schema(server)
+        made.append(schema)
+        return url
+
+    yield make
+    if engine == "postgresql" and made:
+        drop_schemas(server, made)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def module_store_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The target of a store that a whole module's tests share (a data set built once), on each
+    engine in turn: a file, or a fresh schema dropped when the module is done."""
+    if request.param == "sqlite":
+        yield str(tmp_path_factory.mktemp("module-store") / "watcher.db")
+        return
+    server = request.getfixturevalue("pg_server")
+    schema, url = create_schema(server)
+    yield url
+    drop_schemas(server, [schema])
+
+
+@pytest.fixture
+def store_url(new_store_url: Callable[[], str]) -> str:
+    """The target of this test's store (a path or a URL), on each engine in turn."""
+    return new_store_url()
+
+
+def rows(store: Store, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a plain query, through the store's own engine (SQLite or PostgreSQL alike)."""
+    with store.read() as conn:
+        return [tuple(r) for r in conn.execute(text(sql))]
 
 
 def page_memo(store: Store) -> tuple[dict[Listing, bool], dict[Listing, list[int]]]:
@@ -63,7 +169,7 @@ class Harness:
     def __init__(
         self,
         fake: SimulatedMetronome,
-        db: Path,
+        db: str | Path,
         *,
         page_limit: int = 10,
         concurrent: bool = True,
@@ -73,7 +179,8 @@ class Harness:
         **diff: Any,
     ) -> None:
         self.fake = fake
-        self.db = db
+        #: The SQLite file (a Path), or the PostgreSQL URL.
+        self.db = db if is_postgres_url(db) else Path(db)
         self.sleeps: list[float] = []
         self.store = Store(db)
         self.client = MetronomeClient(
@@ -104,14 +211,10 @@ class Harness:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a cycle may change, to prove a failed one changed nothing."""
-        con = sqlite3.connect(self.db)
-        try:
-            return {
-                table: con.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-                for table in ("customers", "events", "outbox", "plans", "plan_members", "plan_page_memo")
-            }
-        finally:
-            con.close()
+        return {
+            table: rows(self.store, f"SELECT * FROM {table} ORDER BY 1")
+            for table in ("customers", "events", "outbox", "plans", "plan_members", "plan_page_memo")
+        }
 
     def close(self) -> None:
         self.client.close()
@@ -119,8 +222,8 @@ class Harness:
 
 
 @pytest.fixture
-def harness(fake: SimulatedMetronome, tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(fake, tmp_path / "watcher.db")
+def harness(fake: SimulatedMetronome, store_url: str) -> Iterator[Harness]:
+    h = Harness(fake, store_url)
     yield h
     h.close()
 

@@ -51,6 +51,28 @@ BAD = {
         "sinks[0].events: 'customer.renamed' matches no event type",
     ),
     "not TOML": ("[schedule\ninterval = 5\n", "not valid TOML"),
+    "store url and path": (
+        "[store]\npath = 'w.db'\nurl = 'postgresql://w@db:5432/w'\n",
+        "store: both path (SQLite) and url (PostgreSQL) are set",
+    ),
+    "store url not PostgreSQL": ("[store]\nurl = 'mysql://w@db/w'\n", "store.url: must be a PostgreSQL URL"),
+    "store url with a bad port": (
+        "[store]\nurl = 'postgresql://w:Pa55w0rdX@db:port/w'\n",
+        "store.url: is not a valid URL",
+    ),
+    "store url without a database": (
+        "[store]\nurl = 'postgresql://w@db:5432'\n",
+        "store.url: names no database",
+    ),
+    "store url password with an @": (
+        "[store]\nurl = 'postgresql://w:p@ss@db/w'\n",
+        "store.url: has an '@' in its password: percent-encode it",
+    ),
+    "store url with an unset variable": (
+        "[store]\nurl = 'postgresql://w:${NO_SUCH_PG_PASSWORD}@db/w'\n",
+        "store.url: environment variable NO_SUCH_PG_PASSWORD is not set",
+    ),
+    "lease too short": ("[ha]\nlease = '0.5s'\n", "ha.lease: must be at least 1s"),
     "web without a token": (
         "[health]\nport = 8080\n[web]\nenabled = true\n",
         'web.token: required when web.enabled is true: token = "${WATCHER_WEB_TOKEN}"',
@@ -174,6 +196,47 @@ def test_secrets_are_not_in_the_parsed_config_repr() -> None:
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
+
+
+def test_a_store_url_takes_its_password_from_the_environment_and_never_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password = "S3cretPg_pass_9Zq"
+    monkeypatch.setenv("WATCHER_DB_PASSWORD", password)
+    path = tmp_path / "pg.toml"
+    path.write_text("[store]\nurl = 'postgresql://watcher:${WATCHER_DB_PASSWORD}@db.internal:5432/watcher'\n")
+
+    config = load_config(path)
+    assert config.store.target == f"postgresql://watcher:{password}@db.internal:5432/watcher"
+    assert config.store.describe() == "postgresql://watcher:***@db.internal:5432/watcher"
+    assert password not in repr(config)
+    assert main(["--config", str(path), "check-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "store postgresql://watcher:***@db.internal:5432/watcher" in out
+    assert password not in out + err
+    assert parse_config({}).store.url is None and parse_config({}).ha.lease.total_seconds() == 15
+
+
+def test_a_postgres_store_without_the_driver_says_how_to_install_it(tmp_path: Path) -> None:
+    path = tmp_path / "pg.toml"
+    path.write_text("[store]\nurl = 'postgresql://watcher@127.0.0.1:1/watcher'\n")
+    # The driver made unimportable, as in an installation without the 'postgres' extra.
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from watcher.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--config", str(path), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert (
+        "needs the psycopg driver, which is not installed: pip install 'metronome-watcher[postgres]'"
+        in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
 
 
 # -- the apprise extra -----------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def build_app(
     if extra_sinks:
         sinks.update(extra_sinks)
         routes.extend(Route(name) for name in extra_sinks)
-    store = Store(config.store.path)
+    store = Store(config.store.target)
     poller = Poller(
         store,
         client,

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,15 +24,24 @@ from ._gc import frozen_heap
 from ._logging import configure_logging
 from ._time import format_ts, parse_ts, utcnow
 from .app import build_app
-from .config import Config, load_config, parse_when, resolve_token
+from .config import (
+    Config,
+    expand_env,
+    load_config,
+    parse_postgres_url,
+    parse_when,
+    resolve_token,
+)
 from .daemon import Daemon
 from .delivery import ReplaySelection, enable_sink, replay
 from .demo import run_demo
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, PollRefused, StoreError
 from .events import PollOutcome, Source, change_line, customer_name, plain_value, plan_headline
 from .notices import failure_streak
 from .poll import PollResult
 from .store import SinkStatus, Store
+from .store.lease import LeaseKeeper
+from .store.transfer import copy_store
 
 __all__ = ["main"]
 
@@ -124,6 +134,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("sink")
 
     sub.add_parser("status", parents=[common], help="last polls, backlog per sink and the last error")
+
+    s = sub.add_parser("store", help="manage the database")
+    store_sub = s.add_subparsers(
+        dest="store_command", required=True, metavar="STORE_COMMAND", parser_class=_Parser
+    )
+    m = store_sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy the SQLite store ([store] path) into an empty PostgreSQL database, and verify it",
+    )
+    m.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="postgresql://user@host:5432/db (a password in ${VAR}, or from PGPASSWORD)",
+    )
     return p
 
 
@@ -158,9 +184,9 @@ def _when(value: str | None, *, now: datetime, key: str) -> str | None:
 
 
 def _open_store(config: Config) -> Store:
-    if not Path(config.store.path).exists():
+    if not config.store.postgres and not Path(config.store.path).exists():
         raise StoreError(f"no database at {config.store.path} (run 'poll' or 'run' first)")
-    return Store(config.store.path)
+    return Store(config.store.target)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -181,7 +207,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config.plans.watch:
         ids = config.plans.plan_ids
         plans = f"; plans: {len(ids)} plan(s)" if ids else "; plans: every plan GET /v1/plans lists"
-    store = config.store.path
+    store = config.store.describe()
     print(f"config OK: polls {config.metronome.base_url} {when}; store {store}{plans}; sinks: {names}")
     try:
         resolve_token()
@@ -194,9 +220,19 @@ def cmd_poll(args: argparse.Namespace) -> int:
     config = _config(args)
     app = build_app(config, resolve_token())
     try:
-        with frozen_heap():
+        with frozen_heap(), ExitStack() as lease:
+            leading = True
+            if app.store.replicated:
+                # Replicas on PostgreSQL: the poll and its deliveries under the leader lease, as a
+                # leader's (when a replica holds it, the cycle is refused and recorded as such, and
+                # the leader delivers).
+                keeper = LeaseKeeper(app.store, ttl=config.ha.lease.total_seconds())
+                try:
+                    lease.enter_context(keeper.hold())
+                except PollRefused:
+                    leading = False
             result = app.poller.run()
-            if not args.no_deliver:
+            if not args.no_deliver and leading:
                 app.deliverer.deliver_due()
     finally:
         app.close()
@@ -518,6 +554,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """``store migrate --to URL``: the SQLite store of the config copied into PostgreSQL."""
+    config = _config(args)
+    if config.store.postgres:
+        raise ConfigError(
+            "store.url: this config's store is PostgreSQL already; store migrate copies a SQLite "
+            "store (store.path) into PostgreSQL"
+        )
+    try:
+        target_url = str(expand_env(args.to, "--to"))
+        parse_postgres_url(target_url)
+    except ValueError as exc:
+        raise ConfigError(f"--to: {exc}") from None
+    source = _open_store(config)
+    try:
+        target = Store(target_url)
+        try:
+            report = copy_store(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    rows = ", ".join(f"{n} {table}" for table, n in report.rows.items())
+    print(
+        f"copied {source.description} into {target.description}: {rows}; last sequence "
+        f"{report.last_sequence}; counts and last sequence verified.\n"
+        f"Now set [store] url (and remove path) in the config, and start the watcher on it."
+    )
+    return 0
+
+
 _COMMANDS = {
     "run": cmd_run,
     "poll": cmd_poll,
@@ -528,4 +595,5 @@ _COMMANDS = {
     "replay": cmd_replay,
     "enable-sink": cmd_enable_sink,
     "status": cmd_status,
+    "store": cmd_store,
 }

@@ -32,8 +32,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from . import _apprise
+from ._secrets import register
 from ._time import parse_ts, utcnow
 from .errors import ConfigError
 from .events import EventType
@@ -49,6 +52,7 @@ __all__ = [
     "Config",
     "DeliveryConfig",
     "DiffConfig",
+    "HaConfig",
     "HealthConfig",
     "HttpSinkConfig",
     "LogSinkConfig",
@@ -60,9 +64,12 @@ __all__ = [
     "SlackSinkConfig",
     "StoreConfig",
     "WebConfig",
+    "expand_env",
+    "is_postgres_url",
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_postgres_url",
     "parse_when",
     "resolve_token",
 ]
@@ -139,8 +146,82 @@ class MetronomeConfig(_Model):
         return v.rstrip("/")
 
 
+_POSTGRES_SCHEME = re.compile(r"^postgres(?:ql)?(?:\+psycopg)?://", re.IGNORECASE)
+
+
+def is_postgres_url(value: object) -> bool:
+    """True for a ``postgresql://`` (or ``postgres://``) URL: a PostgreSQL store, not a file."""
+    return isinstance(value, str) and bool(_POSTGRES_SCHEME.match(value))
+
+
+def parse_postgres_url(value: str) -> URL:
+    """A store URL, checked; the ValueError says what is wrong and never repeats the URL (it may
+    hold a password)."""
+    example = "postgresql://user@host:5432/database"
+    if not is_postgres_url(value):
+        raise ValueError(f"must be a PostgreSQL URL such as {example}")
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"is not a valid URL (expected e.g. {example}; check the port)") from None
+    if url.host and "@" in url.host:
+        raise ValueError("has an '@' in its password: percent-encode it (%40), or use PGPASSWORD")
+    if not url.database:
+        raise ValueError(f"names no database (expected e.g. {example})")
+    return url
+
+
+def _store_url(value: SecretStr) -> SecretStr:
+    url = parse_postgres_url(value.get_secret_value())
+    register(url.password if isinstance(url.password, str) else None)
+    return value
+
+
 class StoreConfig(_Model):
+    """Where the database is: ``path`` (SQLite, the default) or ``url`` (PostgreSQL), never both."""
+
     path: Path = Path("metronome-watcher.db")
+    #: ``postgresql://user@host:5432/db``: the password as ``${VAR}`` in it, or from ``PGPASSWORD``.
+    url: Annotated[SecretStr, AfterValidator(_store_url)] | None = None
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> StoreConfig:
+        if self.url is not None and "path" in self.model_fields_set:
+            raise ValueError(
+                "both path (SQLite) and url (PostgreSQL) are set; keep the one you mean "
+                "(to move a SQLite store to PostgreSQL: metronome-watcher store migrate --to URL)"
+            )
+        return self
+
+    @property
+    def target(self) -> str | Path:
+        """What ``Store`` opens: the URL, or the file."""
+        return self.url.get_secret_value() if self.url is not None else self.path
+
+    @property
+    def postgres(self) -> bool:
+        return self.url is not None
+
+    def describe(self) -> str:
+        """The store as messages show it (a URL without its password)."""
+        if self.url is None:
+            return str(self.path)
+        return parse_postgres_url(self.url.get_secret_value()).render_as_string(hide_password=True)
+
+
+class HaConfig(_Model):
+    """Replicas on one PostgreSQL store (off with SQLite): one leader polls and delivers."""
+
+    #: The leader's lease: renewed every third of it; a standby takes over within about 1 1/3 of it
+    #: after the leader died.
+    lease: Duration = timedelta(seconds=15)
+
+    @field_validator("lease")
+    @classmethod
+    def _lease(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s (the lease is renewed every third of it)")
+        return v
 
 
 class ScheduleConfig(_Model):
@@ -416,6 +497,7 @@ class Config(_Model):
     delivery: DeliveryConfig = DeliveryConfig()
     health: HealthConfig = HealthConfig()
     web: WebConfig = WebConfig()
+    ha: HaConfig = HaConfig()
     logging: LoggingConfig = LoggingConfig()
     sinks: tuple[SinkConfig, ...] = ()
 
@@ -485,6 +567,11 @@ def _expand(value: Any, path: str, env: Mapping[str, str]) -> Any:
     if isinstance(value, list):
         return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
     return value
+
+
+def expand_env(value: str, key: str, env: Mapping[str, str] | None = None) -> str:
+    """``${VAR}`` references in one value (a command-line URL, say) expanded as the config's are."""
+    return str(_expand(value, key, os.environ if env is None else env))
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

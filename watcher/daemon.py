@@ -25,10 +25,21 @@ at-least-once), close the database. Orchestrators send SIGKILL 10 s after SIGTER
 
 After every poll, the notices that are due (``watcher.poll_failing``, ``watcher.poll_recovered``)
 are recorded and delivered: see :mod:`watcher.notices`.
+
+Replicas (a PostgreSQL store): every replica runs the scheduler, and a
+:class:`~watcher.store.lease.LeaseKeeper` decides which one's jobs do anything. The leader polls
+and delivers; a standby's jobs return at once, and it answers ``/readyz`` as a ready standby. On
+taking the lease a replica delivers at once, and polls at once when a poll is due (the last
+successful one, whoever ran it, is older than the interval), so the schedule carries on across a
+take-over. On losing it, the poll in flight is cancelled (it could commit nothing anyway: every
+commit is fenced by the lease's epoch). A clean stop releases the lease, so a standby takes over
+within a third of the lease rather than all of it. With SQLite there is one process per database
+(the poll lock file), and none of this runs. See ``docs/ha.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import threading
@@ -43,7 +54,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from . import metrics
-from ._time import Clock, format_ts, utcnow
+from ._time import Clock, format_ts, parse_ts, utcnow
 from .app import App
 from .config import Config
 from .errors import ConfigError
@@ -53,6 +64,7 @@ from .notices import announce
 from .poll import PollResult
 from .schedule import poll_trigger
 from .store import queries
+from .store.lease import LeaseKeeper
 from .web import WebServer
 
 __all__ = ["Daemon"]
@@ -111,6 +123,15 @@ class Daemon:
         self._poll_started: float | None = None
         self._drains: set[threading.Thread] = set()
         self._stopped = False
+        #: Leadership among replicas (a PostgreSQL store); None with SQLite.
+        self.lease: LeaseKeeper | None = None
+        if app.store.replicated:
+            self.lease = LeaseKeeper(
+                app.store,
+                ttl=app.config.ha.lease.total_seconds(),
+                on_acquired=self._on_leader,
+                on_lost=self._on_lost,
+            )
 
     @property
     def config(self) -> Config:
@@ -124,7 +145,7 @@ class Daemon:
         Returns None when the poll was skipped (another is still running, or shutting down) or
         left behind by shutdown. A timed-out poll returns outcome ``failed``.
         """
-        if self.cancel.is_set():
+        if self.cancel.is_set() or not self.leading:
             return None
         if not self._poll_lock.acquire(blocking=False):
             log.warning("daemon.poll_skipped", reason="the previous poll is still running")
@@ -161,9 +182,52 @@ class Daemon:
         return run.result
 
     def deliver_once(self) -> None:
-        """Drain every sink once (each in its own thread), unless shutting down."""
-        if not self.cancel.is_set():
+        """Drain every sink once (each in its own thread), unless shutting down or standing by."""
+        if not self.cancel.is_set() and self.leading:
             self._drain_all()
+
+    # -- leadership -----------------------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        """True when this process may poll and deliver: always with SQLite, as leader otherwise."""
+        return self.lease is None or self.lease.is_leader
+
+    def ha_state(self) -> dict[str, object] | None:
+        """What ``/readyz`` says about leadership; None with SQLite."""
+        if self.lease is None:
+            return None
+        seen = self.lease.seen
+        state: dict[str, object] = {
+            "role": "leader" if self.lease.is_leader else "standby",
+            "holder": self.lease.holder,
+        }
+        if self.lease.is_leader:
+            state["epoch"] = self.lease.epoch
+        elif seen is not None and seen.valid:
+            state["leader"] = seen.holder
+        return state
+
+    def _on_leader(self, epoch: int) -> None:
+        """Just took the lease: deliver now, and poll now if a poll is due (see the module)."""
+        if self.cancel.is_set() or not self.scheduler.running:
+            return
+        now = self.clock()
+        last = self.app.store.last_successful_poll()
+        interval = self.config.schedule.interval
+        due = last is None or (now - parse_ts(last.finished_at or last.started_at)) >= interval
+        with contextlib.suppress(Exception):  # a job already gone (shutting down) is fine
+            self.scheduler.modify_job("deliver", next_run_time=now)
+            if due and self.config.schedule.cron is None:
+                self.scheduler.modify_job("poll", next_run_time=now)
+        log.info("daemon.leading", epoch=epoch, poll_due=due)
+
+    def _on_lost(self, reason: str) -> None:
+        """Lost the lease: the poll in flight is cancelled (it could commit nothing anyway)."""
+        with self._state:
+            if self._poll_cancel is not None:
+                self._poll_cancel.set()
+        log.warning("daemon.standing_by", reason=reason)
 
     def _poll_thread(self, run: _InFlight) -> None:
         result: PollResult | None = None
@@ -178,7 +242,7 @@ class Daemon:
             run.result = result
             if result is not None:
                 self.last_result = result
-            if not self.cancel.is_set():
+            if not self.cancel.is_set() and self.leading:
                 notices = self._track_failures()
             if result is not None and self.on_poll is not None:
                 try:
@@ -188,7 +252,8 @@ class Daemon:
         finally:
             self._poll_finished()
             run.done.set()
-        if not self.cancel.is_set() and (notices or (result is not None and result.events)):
+        news = notices or (result is not None and result.events)
+        if not self.cancel.is_set() and self.leading and news:
             self._drain_all()
 
     def _poll_finished(self) -> None:
@@ -283,6 +348,8 @@ class Daemon:
         thread = getattr(self.scheduler, "_thread", None)
         if thread is not None and not thread.is_alive():
             return "scheduler thread has died"
+        if self.lease is not None and not self.lease.thread_alive:
+            return "the lease keeper's thread has died"
         with self._state:
             started = self._poll_started
         if started is not None:
@@ -306,6 +373,7 @@ class Daemon:
                 max_age=cfg.ready_max_age(),
                 alive=self.liveness_problem,
                 sinks=list(self.app.deliverer.sinks),
+                ha=self.ha_state if self.lease is not None else None,
             )
             self.health = WebServer(checks, port=cfg.health.port, host=cfg.health.host, web=cfg.web)
             try:
@@ -341,6 +409,8 @@ class Daemon:
             misfire_grace_time=None,
         )
         self.scheduler.start()
+        if self.lease is not None:
+            self.lease.start()  # standing by until it has the lease: the jobs do nothing till then
         log.info(
             "daemon.started",
             interval_s=sched.interval.total_seconds(),
@@ -350,8 +420,9 @@ class Daemon:
             poll_timeout_s=sched.poll_timeout.total_seconds(),
             delivery_interval_s=sched.delivery_interval.total_seconds(),
             sinks=list(self.app.sinks),
-            database=str(self.app.store.path),
+            database=self.app.store.description,
             health_port=self.health.port if self.health else None,
+            ha_lease_s=None if self.lease is None else self.lease.ttl,
         )
 
     def stop(self, timeout: float = _STOP_BUDGET) -> None:
@@ -382,6 +453,8 @@ class Daemon:
         pending = [t.name.removeprefix("deliver:") for t in drains if t.is_alive()]
         if pending:
             log.warning("daemon.deliveries_left_pending", sinks=pending)
+        if self.lease is not None:
+            self.lease.stop()  # releases the lease: a standby takes over without waiting for it
         self.app.close()
         log.info("daemon.stopped", seconds=round(time.monotonic() - t0, 3))
 

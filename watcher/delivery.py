@@ -16,7 +16,8 @@ Rules (DESIGN rule 6), the same for every sink:
   event or a disable.
 * Sinks are drained in parallel threads, so one slow or dead receiver never delays another, and
   a row is marked delivered only after the sink said so: a crash in between means the event is
-  sent again (at-least-once, receivers dedupe on the event id).
+  sent again (at-least-once, receivers dedupe on the event id). So does a replica that lost the
+  leader lease while it was sending: its marks are fenced (:class:`~watcher.errors.NotLeader`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from . import metrics
 from ._retry import Backoff
 from ._time import Clock, format_ts, utcnow
 from .config import DeliveryConfig
+from .errors import NotLeader
 from .events import DeliveryState, OutcomeKind
 from .sinks import Outcome, Sink
 from .store import SinkState, Store, queries
@@ -99,6 +101,9 @@ class Deliverer:
             return report
         try:
             self._drain(self.sinks[name], report, cancel)
+        except NotLeader as exc:  # a replica that lost the leader lease: its marks did not land
+            log.warning("delivery.not_leader", sink=name, error=str(exc))
+            report.errors.append(str(exc))
         except Exception as exc:  # a sink bug must not take the daemon down: log, retry later
             log.exception("delivery.error", sink=name, error=repr(exc))
             report.errors.append(repr(exc))
@@ -128,7 +133,14 @@ class Deliverer:
             outcomes = list(sink.deliver(events))[: len(rows)]
             if not outcomes:
                 outcomes = [Outcome(OutcomeKind.RETRY, error="sink attempted nothing")]
-            if self._record(sink, state, rows, events, outcomes, report):
+            counted = (report.delivered, report.retried, report.dead)
+            try:
+                stop = self._record(sink, state, rows, events, outcomes, report)
+            except NotLeader:
+                # Sent, but the marks did not commit: the new leader sends these again, same ids.
+                report.delivered, report.retried, report.dead = counted
+                raise
+            if stop:
                 return
 
     def _record(

@@ -12,6 +12,8 @@ The tree, in the manner of httpx's::
     ├── PollRefused          the picture was complete but implausible (mass vanish guard), or
     │                        another poll holds the database
     ├── PollCancelled        the cycle was abandoned on request (shutdown, poll timeout)
+    ├── NotLeader            this replica does not hold the leader lease (any more): it committed
+    │                        nothing
     └── StoreError           the database cannot be used (e.g. written by a newer release)
 
 Third-party exceptions (httpx, sqlite, pydantic) are translated at the boundary with
@@ -27,6 +29,7 @@ __all__ = [
     "APIStatusError",
     "APITransportError",
     "ConfigError",
+    "NotLeader",
     "PollCancelled",
     "PollRefused",
     "StoreError",
@@ -77,6 +80,12 @@ class PollRefused(WatcherError):
 
 class PollCancelled(WatcherError):
     """The cycle was abandoned on request (shutdown, poll timeout); nothing was committed."""
+
+
+class NotLeader(WatcherError):
+    """A write of a replica that does not hold the leader lease, or no longer holds the epoch it
+    began with (it was paused or cut off, and another replica took over): rolled back, nothing of
+    it was committed."""
 
 
 class StoreError(WatcherError):

@@ -8,6 +8,8 @@
   with plans watched, ``failed_sources`` names the sources the latest poll failed on. Reading it from
   the database rather than from memory means a restarted process is ready at once when its data is
   fresh, and reports the truth even when polls run from another process (``metronome-watcher poll``).
+  A standby replica (a PostgreSQL store) is ready as such (``"role": "standby"``): standing by is
+  its job, and a rolling update must be able to proceed.
 * ``/metrics`` is Prometheus text. Gauges that are cheap to compute from the database (customers
   by status, outbox backlog, time of the last successful poll) are refreshed on each scrape, so they
   are right after a restart and never drift from what ``status`` shows.
@@ -69,8 +71,11 @@ class Health:
         alive: Probe = _alive,
         sinks: Sequence[str] = (),
         clock: Clock = utcnow,
+        ha: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.store = store
+        #: Leadership among replicas (``role``: leader or standby), when the store has replicas.
+        self.ha = ha
         self.max_age = max_age
         self.alive = alive
         self.sinks = tuple(sinks)
@@ -86,6 +91,14 @@ class Health:
         return True, {"alive": True}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        ha = self.ha() if self.ha is not None else None
+        if ha is not None and ha.get("role") == "standby":
+            # Ready: a standby is doing its job, and a rolling update must be able to proceed.
+            return True, {"ready": True, **ha}
+        ok, body = self._readiness()
+        return ok, body if ha is None else {**body, **ha}
+
+    def _readiness(self) -> tuple[bool, dict[str, Any]]:
         max_age = self.max_age.total_seconds()
         try:
             last = self.store.last_successful_poll()

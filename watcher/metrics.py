@@ -17,6 +17,10 @@ __all__ = [
     "DELIVERIES",
     "EVENTS",
     "LAST_SUCCESSFUL_POLL",
+    "LEADER",
+    "LEASE_ACQUIRED",
+    "LEASE_LOST",
+    "LEASE_RENEW_FAILURES",
     "OUTBOX_BACKLOG",
     "OUTBOX_OLDEST_PENDING_AGE",
     "POLLS",
@@ -58,5 +62,23 @@ OUTBOX_OLDEST_PENDING_AGE = Gauge(
 LAST_SUCCESSFUL_POLL = Gauge(
     "watcher_last_successful_poll_timestamp_seconds",
     "Unix time of the last successful poll.",
+    registry=REGISTRY,
+)
+LEADER = Gauge(
+    "watcher_leader",
+    "1 while this replica holds the leader lease (PostgreSQL store), else 0.",
+    registry=REGISTRY,
+)
+LEASE_ACQUIRED = Counter(
+    "watcher_lease_acquired", "Times this replica took the leader lease.", registry=REGISTRY
+)
+LEASE_LOST = Counter(
+    "watcher_lease_lost",
+    "Times this replica lost the leader lease while holding it (not counting a clean release).",
+    registry=REGISTRY,
+)
+LEASE_RENEW_FAILURES = Counter(
+    "watcher_lease_renew_failures",
+    "Renewals of the leader lease that failed (the database unreachable, or the lease gone).",
     registry=REGISTRY,
 )

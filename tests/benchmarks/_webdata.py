@@ -23,7 +23,7 @@ import orjson
 from watcher._time import format_ts
 from watcher.events import EventType, EventWriter
 from watcher.store import Store
-from watcher.store.queries import INSERT_EVENT, INSERT_OUTBOX
+from watcher.store._cycle_sqlite import INSERT_EVENT, INSERT_OUTBOX
 
 __all__ = ["CHURN_TYPES", "START", "build"]
 

@@ -1,4 +1,4 @@
-"""The poll cycle against the fake Metronome over a real socket and a real SQLite file."""
+"""The poll cycle against the fake Metronome over a real socket, on a real store of each engine."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import xxhash
 
-from tests.conftest import TOKEN, Harness, check_page_memo, page_memo, stored_fingerprints
+from tests.conftest import TOKEN, Harness, check_page_memo, page_memo, rows, sqlite_only, stored_fingerprints
 from watcher.events import Listing
 from watcher.metronome import ListingPage, MetronomeClient, PageBody
 from watcher.poll import Poller, PollResult
@@ -64,9 +63,9 @@ def test_first_poll_is_a_baseline_without_events(fake: SimulatedMetronome, harne
     assert harness.poll().baseline is False
 
 
-def test_baseline_events_when_asked(fake: SimulatedMetronome, tmp_path: Path) -> None:
+def test_baseline_events_when_asked(fake: SimulatedMetronome, store_url: str) -> None:
     ids = {fake.create_customer(f"C{i}")["id"] for i in range(3)}
-    h = Harness(fake, tmp_path / "w.db", emit_baseline_events=True)
+    h = Harness(fake, store_url, emit_baseline_events=True)
     try:
         h.poll()
         events = h.events()
@@ -235,8 +234,8 @@ def test_updated_at_alone_is_not_an_event_but_is_stored(fake: SimulatedMetronome
     assert orjson.loads(stored.record)["updated_at"] == fake.get(cid)["updated_at"]
 
 
-def test_ignore_list_is_configurable(fake: SimulatedMetronome, tmp_path: Path) -> None:
-    h = Harness(fake, tmp_path / "w.db", ignore_fields=("updated_at", "custom_fields"))
+def test_ignore_list_is_configurable(fake: SimulatedMetronome, store_url: str) -> None:
+    h = Harness(fake, store_url, ignore_fields=("updated_at", "custom_fields"))
     try:
         cid = fake.create_customer("X", custom_fields={"tier": "a"})["id"]
         h.poll()
@@ -298,11 +297,11 @@ def test_failed_page_commits_nothing_then_next_poll_catches_up(
 
 @pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "sequential"])
 def test_a_cancel_abandons_the_cycle_while_a_request_still_hangs(
-    fake: SimulatedMetronome, tmp_path: Path, concurrent: bool
+    fake: SimulatedMetronome, store_url: str, concurrent: bool
 ) -> None:
     for i in range(25):
         fake.create_customer(f"Customer {i:02d}")
-    h = Harness(fake, tmp_path / "watcher.db", concurrent=concurrent)
+    h = Harness(fake, store_url, concurrent=concurrent)
     try:
         assert h.poll().ok
         fake.set_name(fake.customers(archived=False)[0]["id"], "Renamed")
@@ -378,11 +377,11 @@ def test_429_with_retry_after_is_waited_out(fake: SimulatedMetronome, seeded: Ha
 @pytest.mark.parametrize("concurrent", [False, True], ids=["sequential", "concurrent"])
 @pytest.mark.parametrize("which", ["not-yet-listed", "already-listed"])
 def test_archived_between_two_page_requests_yields_one_event(
-    fake: SimulatedMetronome, tmp_path: Path, concurrent: bool, which: str
+    fake: SimulatedMetronome, store_url: str, concurrent: bool, which: str
 ) -> None:
     for i in range(30):
         fake.create_customer(f"C{i:02d}")
-    h = Harness(fake, tmp_path / "w.db", concurrent=concurrent)
+    h = Harness(fake, store_url, concurrent=concurrent)
     try:
         h.poll()
         ids = [c["id"] for c in fake.customers(archived=False)]
@@ -449,12 +448,8 @@ def test_sequence_strictly_increases_and_ids_are_unique(fake: SimulatedMetronome
 def test_one_outbox_row_per_event_and_sink(fake: SimulatedMetronome, seeded: Harness) -> None:
     fake.create_customer("Outboxed")
     seeded.poll()
-    con = sqlite3.connect(seeded.db)
-    rows = con.execute(
-        "SELECT o.sink, o.status, e.type FROM outbox o JOIN events e USING (sequence)"
-    ).fetchall()
-    con.close()
-    assert rows == [("audit", "pending", "customer.created")]
+    got = rows(seeded.store, "SELECT o.sink, o.status, e.type FROM outbox o JOIN events e USING (sequence)")
+    assert got == [("audit", "pending", "customer.created")]
 
 
 def test_a_second_poller_on_the_same_database_is_refused(fake: SimulatedMetronome, seeded: Harness) -> None:
@@ -509,14 +504,14 @@ class Scripted:
 
 
 @pytest.fixture
-def scripted(fake: SimulatedMetronome, tmp_path: Path) -> Iterator[Scripted]:
+def scripted(fake: SimulatedMetronome, store_url: str) -> Iterator[Scripted]:
     """8 customers (2 archived) served by a ScriptedSource, baseline taken."""
     for i in range(8):
         fake.create_customer(f"Scripted {i}")
     for c in fake.customers(archived=False)[:2]:
         fake.archive(c["id"])
     active, archived = fake.customers(archived=False), fake.customers(archived=True)
-    store = Store(tmp_path / "w.db")
+    store = Store(store_url)
     assert scripted_poll(store, ScriptedSource(active, archived)).ok
     yield Scripted(store, active, archived)
     store.close()
@@ -609,13 +604,13 @@ def test_a_failed_baseline_commits_nothing_and_the_next_one_starts_afresh(
 
 @pytest.mark.parametrize("archived_first", [False, True], ids=["active-first", "archived-first"])
 def test_a_silent_baseline_stores_a_customer_seen_in_both_listings_once_as_archived(
-    fake: SimulatedMetronome, tmp_path: Path, archived_first: bool
+    fake: SimulatedMetronome, store_url: str, archived_first: bool
 ) -> None:
     for i in range(7):
         fake.create_customer(f"Baseline {i}")
     active = fake.customers(archived=False)
     moved = archived_copy(active[4])
-    store = Store(tmp_path / "w.db")
+    store = Store(store_url)
     try:
         source = ScriptedSource(active, [moved], archived_first=archived_first)
         result = scripted_poll(store, source, concurrent=archived_first)
@@ -631,13 +626,13 @@ def test_a_silent_baseline_stores_a_customer_seen_in_both_listings_once_as_archi
 
 
 def test_a_silent_baseline_keeps_the_later_of_two_active_sightings(
-    fake: SimulatedMetronome, tmp_path: Path
+    fake: SimulatedMetronome, store_url: str
 ) -> None:
     for i in range(5):
         fake.create_customer(f"Baseline {i}")
     active = fake.customers(archived=False)
     renamed = {**active[0], "name": "Renamed Mid-Scan"}
-    store = Store(tmp_path / "w.db")
+    store = Store(store_url)
     try:
         result = scripted_poll(store, ScriptedSource([*active, renamed], []))
 
@@ -855,6 +850,7 @@ def test_a_slow_page_is_handed_over_only_once_the_next_request_is_on_the_wire(
     assert client.parsed_when_next_sent == {Listing.ACTIVE: {1: False, 2: False}, Listing.ARCHIVED: {}}
 
 
+@sqlite_only
 def test_a_cycles_changes_reach_the_database_file_while_others_hold_it_open(
     fake: SimulatedMetronome, seeded: Harness
 ) -> None:

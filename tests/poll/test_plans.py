@@ -1,17 +1,17 @@
-"""The plans source, end to end: the simulated Metronome over a real socket, a real SQLite file, and
-the poll's own clock, injected (the simulator shares it, so "now" is the same on both sides)."""
+"""The plans source, end to end: the simulated Metronome over a real socket, a real store on each
+engine (a SQLite file, a PostgreSQL schema: ``store_url``), and the poll's own clock, injected (the
+simulator shares it, so "now" is the same on both sides)."""
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from tests.conftest import TOKEN, Harness
 from tests.receivers import FakeClock
@@ -67,14 +67,14 @@ def account(fake: SimulatedMetronome, clock: FakeClock) -> Account:
     return Account(fake, clock)
 
 
-def make_harness(fake: SimulatedMetronome, tmp_path: Path, clock: FakeClock, **kw: Any) -> Harness:
+def make_harness(fake: SimulatedMetronome, target: str, clock: FakeClock, **kw: Any) -> Harness:
     kw.setdefault("plans", WATCH)
-    return Harness(fake, tmp_path / "watcher.db", poll_clock=clock, **kw)
+    return Harness(fake, target, poll_clock=clock, **kw)
 
 
 @pytest.fixture
-def harness(fake: SimulatedMetronome, tmp_path: Path, clock: FakeClock) -> Iterator[Harness]:
-    h = make_harness(fake, tmp_path, clock)
+def harness(fake: SimulatedMetronome, store_url: str, clock: FakeClock) -> Iterator[Harness]:
+    h = make_harness(fake, store_url, clock)
     yield h
     h.close()
 
@@ -94,12 +94,10 @@ def only(events: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
     return events[0]
 
 
-def rows(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
+def rows(h: Harness, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Rows of a query with ``:name`` parameters, through the harness's store (either engine)."""
+    with h.store.read() as conn:
+        return [tuple(r) for r in conn.execute(text(sql), params)]
 
 
 def view(item: dict[str, Any]) -> dict[str, Any]:
@@ -130,16 +128,16 @@ def test_the_first_plans_read_is_a_silent_baseline(account: Account, harness: Ha
     assert (result.plans.plans, result.plans.memberships) == (3, 20)
     assert harness.events() == []
     assert harness.store.plan_counts() == (3, 20, 0)
-    sources = rows(harness.db, "SELECT source, outcome, baseline, items FROM poll_sources ORDER BY source")
+    sources = rows(harness, "SELECT source, outcome, baseline, items FROM poll_sources ORDER BY source")
     assert sources == [("customers", "succeeded", 1, 20), ("plans", "succeeded", 1, 20)]
     second = harness.poll()
     assert second.ok and second.plans is not None and not second.plans.baseline and second.events == 0
 
 
 def test_baseline_events_when_asked(
-    account: Account, fake: SimulatedMetronome, tmp_path: Path, clock: FakeClock
+    account: Account, fake: SimulatedMetronome, store_url: str, clock: FakeClock
 ) -> None:
-    h = make_harness(fake, tmp_path, clock, emit_baseline_events=True)
+    h = make_harness(fake, store_url, clock, emit_baseline_events=True)
     try:
         h.poll()
         added = h.events(types=["customer.plan_added"])
@@ -149,17 +147,17 @@ def test_baseline_events_when_asked(
 
 
 def test_plans_off_is_the_customer_cycle_alone(
-    account: Account, fake: SimulatedMetronome, tmp_path: Path
+    account: Account, fake: SimulatedMetronome, store_url: str
 ) -> None:
-    h = Harness(fake, tmp_path / "w.db")
+    h = Harness(fake, store_url)
     try:
         result = h.poll()
     finally:
         h.close()
     assert result.ok and result.plans is None
     assert not [r for r in fake.requests if r.path.startswith(("/v1/plans", "/v1/planDetails"))]
-    assert rows(h.db, "SELECT count(*) FROM plan_members") == [(0,)]
-    assert rows(h.db, "SELECT source FROM poll_sources") == [("customers",)]
+    assert rows(h, "SELECT count(*) FROM plan_members") == [(0,)]
+    assert rows(h, "SELECT source FROM poll_sources") == [("customers",)]
 
 
 # -- each event, with its payload ----------------------------------------------------------------
@@ -220,7 +218,7 @@ def test_plan_ended_comes_once_when_the_end_passes_by_the_polls_clock(
     assert e["plan"] == e["previous_plan"] == view(account.member(cpid))
     assert plan_headline(e) == "plan Growth ended on 2026-01-07"
     assert fake.served > requests  # the API was read, and said nothing new
-    assert rows(watched.db, "SELECT ended FROM plan_members WHERE customer_plan_id = ?", cpid) == [(1,)]
+    assert rows(watched, "SELECT ended FROM plan_members WHERE customer_plan_id = :cpid", cpid=cpid) == [(1,)]
 
 
 def test_an_end_date_set_straight_into_the_past_is_plan_ended_with_the_change(
@@ -254,9 +252,9 @@ def test_an_end_lifted_after_it_passed_is_an_update(
     assert lifted["type"] == "customer.plan_updated"
     assert lifted["changes"] == [{"field": "plan.ending_before", "before": iso(ends), "after": None}]
     assert plan_headline(lifted).startswith("plan Growth no longer ends")
-    assert rows(watched.db, "SELECT ended, ends_at FROM plan_members WHERE customer_plan_id = ?", cpid) == [
-        (0, None)
-    ]
+    assert rows(
+        watched, "SELECT ended, ends_at FROM plan_members WHERE customer_plan_id = :cpid", cpid=cpid
+    ) == [(0, None)]
 
 
 def test_removed(account: Account, fake: SimulatedMetronome, watched: Harness) -> None:
@@ -271,7 +269,7 @@ def test_removed(account: Account, fake: SimulatedMetronome, watched: Harness) -
     assert e["customer"] == last["customer_details"] and e["previous"] is None
     assert e["plan"] == e["previous_plan"] == view(last)
     assert plan_headline(e) == "removed from plan Growth"
-    assert rows(watched.db, "SELECT count(*) FROM plan_members") == [(19,)]
+    assert rows(watched, "SELECT count(*) FROM plan_members") == [(19,)]
 
 
 def test_a_plan_gone_from_the_listing_takes_its_memberships_with_it(
@@ -292,11 +290,15 @@ def test_a_plan_gone_from_the_listing_takes_its_memberships_with_it(
     removed = watched.events(types=["customer.plan_removed"])
     assert {e["plan"]["customer_plan_id"] for e in removed} == set(cpids)
     assert result.plans is not None and result.plans.plans == 3
-    assert rows(watched.db, "SELECT listed, watched FROM plans WHERE id = ?", small) == [(0, 0)]
+    assert rows(watched, "SELECT listed, watched FROM plans WHERE id = :id", id=small) == [(0, 0)]
 
 
 def test_a_rename_of_the_plan_updates_each_membership_unless_ignored(
-    account: Account, fake: SimulatedMetronome, watched: Harness, tmp_path: Path, clock: FakeClock
+    account: Account,
+    fake: SimulatedMetronome,
+    watched: Harness,
+    new_store_url: Callable[[], str],
+    clock: FakeClock,
 ) -> None:
     fake.rename_plan(account.starter, "Starter 2027")
 
@@ -309,12 +311,14 @@ def test_a_rename_of_the_plan_updates_each_membership_unless_ignored(
     ]
     assert plan_headline(updated[0]) == "plan Starter renamed to Starter 2027"
 
-    other = make_harness(fake, tmp_path / "other", clock, ignore_fields=["updated_at", "plan.plan_name"])
+    other = make_harness(fake, new_store_url(), clock, ignore_fields=["updated_at", "plan.plan_name"])
     try:
         other.poll()
         fake.rename_plan(account.starter, "Starter 2028")
         assert other.poll().events == 0
-        stored = rows(other.db, "SELECT record FROM plan_members WHERE plan_id = ? LIMIT 1", account.starter)
+        stored = rows(
+            other, "SELECT record FROM plan_members WHERE plan_id = :id LIMIT 1", id=account.starter
+        )
         assert '"Starter 2028"' in stored[0][0], "the stored record is still refreshed"
     finally:
         other.close()
@@ -329,7 +333,7 @@ def test_a_customer_change_alone_is_the_customers_news_not_the_plans(
     watched.poll()
 
     only(watched.events(), type="customer.updated", customer_id=cid)
-    (record,) = rows(watched.db, "SELECT record FROM plan_members WHERE customer_id = ?", cid)[0]
+    (record,) = rows(watched, "SELECT record FROM plan_members WHERE customer_id = :cid", cid=cid)[0]
     assert '"Renamed Corp"' in record
 
 
@@ -348,9 +352,9 @@ def test_a_plan_created_after_the_baseline_reports_its_members_as_added(
 
 
 def test_plan_ids_picks_the_plans_and_a_plan_added_to_it_later_is_a_silent_baseline(
-    account: Account, fake: SimulatedMetronome, tmp_path: Path, clock: FakeClock
+    account: Account, fake: SimulatedMetronome, store_url: str, clock: FakeClock
 ) -> None:
-    h = make_harness(fake, tmp_path, clock, plans=PlansConfig(watch=True, plan_ids=(account.starter,)))
+    h = make_harness(fake, store_url, clock, plans=PlansConfig(watch=True, plan_ids=(account.starter,)))
     try:
         assert h.poll().ok
         member_reads = {r.path for r in fake.requests if r.path.startswith("/v1/planDetails/")}
@@ -373,9 +377,9 @@ def test_plan_ids_picks_the_plans_and_a_plan_added_to_it_later_is_a_silent_basel
 
 
 def test_a_plan_id_no_plan_has_is_refused_and_holds_back_no_customer_event(
-    account: Account, fake: SimulatedMetronome, tmp_path: Path, clock: FakeClock
+    account: Account, fake: SimulatedMetronome, store_url: str, clock: FakeClock
 ) -> None:
-    h = make_harness(fake, tmp_path, clock, plans=PlansConfig(watch=True, plan_ids=("no-such-plan",)))
+    h = make_harness(fake, store_url, clock, plans=PlansConfig(watch=True, plan_ids=("no-such-plan",)))
     try:
         first = h.poll()
         assert first.outcome == "refused" and first.failed_sources == ("plans",)
@@ -426,7 +430,7 @@ def test_a_failed_plans_read_commits_nothing_of_the_plans_and_holds_back_no_cust
     (run,) = watched.store.last_polls(1)
     assert (run.outcome, run.error, run.events) == ("failed", failed.error, 1)
     assert rows(
-        watched.db, "SELECT source, outcome FROM poll_sources WHERE poll_id = ? ORDER BY source", run.id
+        watched, "SELECT source, outcome FROM poll_sources WHERE poll_id = :id ORDER BY source", id=run.id
     ) == [
         ("customers", "succeeded"),
         ("plans", "failed"),
@@ -526,9 +530,9 @@ class Counting(MetronomeClient):
 
 
 def test_only_the_members_pages_not_seen_before_byte_for_byte_are_parsed_and_nothing_is_rewritten(
-    account: Account, fake: SimulatedMetronome, tmp_path: Path, clock: FakeClock
+    account: Account, fake: SimulatedMetronome, store_url: str, clock: FakeClock
 ) -> None:
-    h = make_harness(fake, tmp_path, clock)
+    h = make_harness(fake, store_url, clock)
     client = Counting(fake.url, TOKEN, page_limit=5)
     h.poller = Poller(
         h.store, h.client, routes=[Route("audit")], clock=clock, plans=WATCH, plan_source=client
@@ -537,18 +541,17 @@ def test_only_the_members_pages_not_seen_before_byte_for_byte_are_parsed_and_not
         h.poll()
         assert len(client.parsed) == 3 + 2 + 1, "the baseline parses every page (Growth, Starter, Scale)"
         client.parsed.clear()
-        state = rows(h.db, "SELECT customer_plan_id, last_poll_id, changed_at FROM plan_members ORDER BY 1")
-        memo = rows(h.db, "SELECT * FROM plan_page_memo ORDER BY 1")
-        plans = rows(h.db, "SELECT * FROM plans ORDER BY 1")
+        state = rows(h, "SELECT customer_plan_id, last_poll_id, changed_at FROM plan_members ORDER BY 1")
+        memo = rows(h, "SELECT * FROM plan_page_memo ORDER BY 1")
+        plans = rows(h, "SELECT * FROM plans ORDER BY 1")
 
         assert h.poll().events == 0
         assert client.parsed == []
         assert (
-            rows(h.db, "SELECT customer_plan_id, last_poll_id, changed_at FROM plan_members ORDER BY 1")
-            == state
+            rows(h, "SELECT customer_plan_id, last_poll_id, changed_at FROM plan_members ORDER BY 1") == state
         )
-        assert rows(h.db, "SELECT * FROM plan_page_memo ORDER BY 1") == memo
-        assert rows(h.db, "SELECT * FROM plans ORDER BY 1") == plans
+        assert rows(h, "SELECT * FROM plan_page_memo ORDER BY 1") == memo
+        assert rows(h, "SELECT * FROM plans ORDER BY 1") == plans
 
         fake.set_plan_end(account.cpids[6], "2027-01-01T00:00:00Z")  # Growth's second page of five
         assert h.poll().events == 1

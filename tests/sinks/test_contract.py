@@ -2,10 +2,11 @@
 and apprise.
 
 Each test runs the real :class:`watcher.delivery.Deliverer` over a real :class:`watcher.store.Store`
-(a SQLite file in ``tmp_path``) whose events come from real poll cycles, and each sink talks to a
-real receiver: a local HTTP server for ``slack``, ``http`` and ``apprise`` (through Apprise's
-``json://``, which posts to any HTTP endpoint), a stream that can fail like a full disk for ``log``.
-Time never passes by itself: the Deliverer's clock and the Slack pacer's clock are moved by hand.
+(on each engine: a SQLite file in ``tmp_path``, a schema in PostgreSQL) whose events come from real
+poll cycles, and each sink talks to a real receiver: a local HTTP server for ``slack``, ``http``
+and ``apprise`` (through Apprise's ``json://``, which posts to any HTTP endpoint), a stream that
+can fail like a full disk for ``log``. Time never passes by itself: the Deliverer's clock and the
+Slack pacer's clock are moved by hand.
 
 Some rules need a receiver that answers. That the *latest* error is the one reported holds for
 every sink whose receiver answers (``ANSWERING``). A *permanent* refusal being dead at once, and
@@ -23,7 +24,6 @@ import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -264,7 +264,7 @@ TELLING = pytest.mark.parametrize("rig", ["slack", "http"], indirect=True)
 class World:
     """A store with N pending events for the rig's sink, and a way to (re)start the process."""
 
-    def __init__(self, path: Path, rig: Rig, clock: FakeClock) -> None:
+    def __init__(self, path: str, rig: Rig, clock: FakeClock) -> None:
         self.path, self.rig, self.clock = path, rig, clock
         self.store = Store(path)
         self.ids = record_events(self.store, clock)
@@ -294,8 +294,8 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, rig: Rig, clock: FakeClock) -> Iterator[World]:
-    w = World(tmp_path / "watcher.db", rig, clock)
+def world(store_url: str, rig: Rig, clock: FakeClock) -> Iterator[World]:
+    w = World(store_url, rig, clock)
     yield w
     w.close()
 

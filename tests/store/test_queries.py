@@ -1,6 +1,7 @@
 """``queries.event_page``, the web view's one reader of the audit log, against brute force: every
 filter, both paging directions and each of its plans (a few customers, many common ones walked in
-order, many rare ones read as a set) give exactly the events a plain scan would, in order."""
+order, many rare ones read as a set) give exactly the events a plain scan would, in order. On each
+engine (``module_store_url``): standby replicas serve the web view from PostgreSQL."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def record(i: int, name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def store(module_store_url: str) -> Iterator[Store]:
     """20,050 quiet customers; then customers 0-99 named "Common Co N" and the last 60 "Rare Ltd N",
     with 1,500 events among them and a few notices over 30 polls an hour apart."""
     rng = random.Random(5)
-    s = Store(tmp_path_factory.mktemp("queries") / "watcher.db")
+    s = Store(module_store_url)
     records = [record(i, f"Quiet {i}") for i in range(FILLER)]
     for i in range(100):
         records[i]["name"] = f"Common Co {i}"

@@ -41,6 +41,11 @@ def indexes(db: Path) -> dict[str, str]:
         )
 
 
+def tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as con:
+        return {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
 def test_a_version_3_database_migrates_to_this_release_and_loses_nothing(tmp_path: Path) -> None:
     db = tmp_path / "watcher.db"
     shutil.copy(FIXTURE / "watcher.db", db)
@@ -72,6 +77,8 @@ def test_a_version_3_database_migrates_to_this_release_and_loses_nothing(tmp_pat
 
     with sqlite3.connect(db) as con:
         after = {table: con.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in before}
+        # The leader lease of replicas (version 6): there, and held by no one.
+        assert con.execute("SELECT count(*) FROM leases").fetchone() == (0,)
     assert after == before
     found = indexes(db)
     assert found["ix_outbox_pending"].endswith("WHERE status = 'pending'")
@@ -85,6 +92,7 @@ def test_a_migrated_database_is_the_same_shape_as_a_new_one(tmp_path: Path) -> N
     new = tmp_path / "new.db"
     Store(new).close()
     assert indexes(migrated) == indexes(new)
+    assert tables(migrated) == tables(new)
 
 
 @pytest.fixture

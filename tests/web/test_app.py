@@ -1,5 +1,6 @@
-"""The web view and the change feed over real HTTP (uvicorn on a local port), on a real SQLite store
-filled by real poll cycles against the simulated Metronome."""
+"""The web view and the change feed over real HTTP (uvicorn on a local port), on a real store filled
+by real poll cycles against the simulated Metronome: a SQLite file, and a PostgreSQL schema (what
+every replica of a replicated store, standbys included, serves from; ``module_store_url``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import orjson
 import pytest
 
 from watcher import _secrets
-from watcher.config import WebConfig
+from watcher.config import WebConfig, is_postgres_url
 from watcher.health import Health
 from watcher.simulator import SimulatedMetronome
 from watcher.store import Store, queries
@@ -31,12 +32,12 @@ EVIL = "<script>alert(1)</script>"
 
 
 @pytest.fixture(scope="module")
-def account(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def account(module_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """An audit log made by four real cycles: a baseline of 30, then renames, an archive, a list
     change, a customer whose name is a script, and more updates (enough for three pages of 10)."""
     tmp = tmp_path_factory.mktemp("web")
     with SimulatedMetronome(token=TOKEN) as fake:
-        harness = Harness(fake, tmp / "watcher.db")
+        harness = Harness(fake, module_store_url)
         ids = [
             fake.create_customer(
                 f"Customer {i:02d}",
@@ -59,7 +60,7 @@ def account(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         fake.set_ingest_aliases(ids[2], ["billing@new.example.com", "third@example.com"])
         assert harness.poll().ok
         harness.close()
-    yield {"db": tmp / "watcher.db", "ids": ids, "evil": evil, "tmp": tmp}
+    yield {"db": module_store_url, "ids": ids, "evil": evil, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
@@ -327,9 +328,9 @@ def test_status_shows_polls_with_a_chart_and_every_sink(browser: httpx.Client, s
 # -- the feed ------------------------------------------------------------------------------------
 
 
-def cli_jsonl(db: Path, tmp: Path, *args: str) -> list[bytes]:
+def cli_jsonl(db: str, tmp: Path, *args: str) -> list[bytes]:
     config = tmp / "cli.toml"
-    config.write_text(f'[store]\npath = "{db}"\n')
+    config.write_text(f'[store]\n{"url" if is_postgres_url(db) else "path"} = "{db}"\n')
     out = subprocess.run(
         [sys.executable, "-m", "watcher", "--config", str(config), "events", "--format", "jsonl", *args],
         capture_output=True,

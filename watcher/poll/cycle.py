@@ -44,12 +44,13 @@ from .. import metrics
 from .._time import Clock, format_ts, utcnow
 from ..config import DiffConfig, PlansConfig
 from ..diff import diff_records
-from ..errors import APIError, PollCancelled, PollRefused, WatcherError
+from ..errors import APIError, NotLeader, PollCancelled, PollRefused, WatcherError
 from ..events import CustomerStatus, EventType, EventWriter, Listing, PollOutcome, Source
 from ..fingerprint import canonical, record_hash
 from ..routing import Route, Router
 from ..store import Store, queries
-from ..store.cycle import STATEMENT_ROWS, BaselineWriter, CycleSession, Sighting
+from ..store.cycle import BaselineWriter, CycleSession, Sighting
+from ..store.lease import LeaseKeeper
 from .lock import PollLock
 from .memo import Memo
 from .plans import PlanRead, PlansResult
@@ -71,6 +72,9 @@ _COMMIT_BATCH = 500
 #: written in random order, stays in the cache.
 _CACHE_KIB = 16 * 1024
 _BASELINE_CACHE_BYTES_PER_ROW = 128
+#: The lease a cycle takes for itself on PostgreSQL when no daemon holds one (``[ha] lease``'s
+#: default); renewed every third of it while the cycle runs.
+_LEASE_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,8 @@ class PollResult:
 
 class Poller:
     """Runs poll cycles against one store. One cycle at a time per database, enforced across
-    processes by :class:`~watcher.poll.lock.PollLock`."""
+    processes: on SQLite by :class:`~watcher.poll.lock.PollLock`; on PostgreSQL by the leader lease,
+    which the daemon holds (``store.fence``) or which a cycle takes for itself (the ``poll`` command)."""
 
     def __init__(
         self,
@@ -139,23 +144,25 @@ class Poller:
         """Run one cycle. Never raises for API trouble: the outcome says what happened."""
         cancel = cancel or threading.Event()
         t0 = time.perf_counter()
-        lock = PollLock(self.store.path)
-        try:
-            lock.acquire()
-        except PollRefused as exc:
-            return self._refused_by_lock(str(exc))
-        try:
+        with ExitStack() as guard:
+            try:
+                if self.store.path is not None:
+                    guard.enter_context(PollLock(self.store.path))
+                elif self.store.fence is None:  # no daemon holds the lease for us: hold it ourselves
+                    guard.enter_context(LeaseKeeper(self.store, ttl=_LEASE_SECONDS).hold())
+            except PollRefused as exc:
+                return self._refused_by_lock(str(exc))
             if self.plans is not None:
                 return self._run_both(cancel, t0)
             cycle = _Cycle(self, cancel)
             try:
                 result = cycle.run()
+            except NotLeader as exc:
+                return self._not_leader(cycle, exc, time.perf_counter() - t0)
             except BaseException as exc:
                 if cycle.poll_id is None:  # not even the poll run could be recorded
                     raise
                 return self._failed(cycle, exc, cancel, time.perf_counter() - t0)
-        finally:
-            lock.release()
         result = replace(result, duration=time.perf_counter() - t0)
         self._count(result)
         self._completed(result)
@@ -205,6 +212,9 @@ class Poller:
         try:
             try:
                 customers = cycle.run()
+            except NotLeader as exc:
+                plans.abandon(None)  # nothing more may be written: the new leader ends the poll run
+                return self._not_leader(cycle, exc, time.perf_counter() - t0)
             except BaseException as exc:
                 if cycle.poll_id is None:
                     raise
@@ -212,7 +222,10 @@ class Poller:
         except BaseException:
             plans.abandon(cycle.poll_id)
             raise
-        plans_result, settled = plans.finish(customers.poll_id)
+        try:
+            plans_result, settled = plans.finish(customers.poll_id)
+        except NotLeader as exc:  # the plans' commit (or the record of their failure) was refused
+            return self._not_leader(cycle, exc, time.perf_counter() - t0)
         assert settled is not None
         with self.store.read() as conn:
             poll = queries.get_poll(conn, customers.poll_id)
@@ -276,12 +289,22 @@ class Poller:
             reason = str(exc) if isinstance(exc, WatcherError) else f"internal error: {exc!r}"
         # Nothing staged survives: the staging table went away with the cycle's connection.
         finished_at = format_ts(self.clock())
-        with self.store.write() as conn:
-            queries.record_source(
-                conn, cycle.poll_id, Source.CUSTOMERS, outcome=outcome, finished_at=finished_at, error=reason
-            )
-            if settle:
-                queries.fail_poll(conn, cycle.poll_id, outcome=outcome, finished_at=finished_at, error=reason)
+        try:
+            with self.store.write() as conn:
+                queries.record_source(
+                    conn,
+                    cycle.poll_id,
+                    Source.CUSTOMERS,
+                    outcome=outcome,
+                    finished_at=finished_at,
+                    error=reason,
+                )
+                if settle:
+                    queries.fail_poll(
+                        conn, cycle.poll_id, outcome=outcome, finished_at=finished_at, error=reason
+                    )
+        except NotLeader as lost:  # the new leader records the run as abandoned
+            log.warning("poll.not_leader", poll_id=cycle.poll_id, error=str(lost))
         if not settle:
             if outcome is PollOutcome.ABANDONED:
                 log.info("poll.source_abandoned", poll_id=cycle.poll_id, source=Source.CUSTOMERS)
@@ -317,6 +340,17 @@ class Poller:
             if not isinstance(exc, WatcherError):
                 raise exc
         return PollResult(cycle.poll_id, outcome, pages=cycle.pages, duration=duration, error=reason)
+
+    def _not_leader(self, cycle: _Cycle, exc: NotLeader, duration: float) -> PollResult:
+        """The lease was lost during the cycle: it committed nothing, and this replica may write
+        nothing more (the new leader records the poll run as abandoned when its own begins)."""
+        metrics.POLLS.labels(PollOutcome.ABANDONED).inc()
+        log.warning(
+            "poll.not_leader", poll_id=cycle.poll_id, error=str(exc), duration_ms=round(duration * 1000)
+        )
+        return PollResult(
+            cycle.poll_id or 0, PollOutcome.ABANDONED, pages=cycle.pages, duration=duration, error=str(exc)
+        )
 
     def _refused_by_lock(self, error: str) -> PollResult:
         with self.store.write() as conn:
@@ -470,7 +504,7 @@ class _Cycle:
                     settled.discard(h)  # a repeat of it further down this page is staged
                 else:
                     buf.append((p.ids[i], archived, h, p.canonical[i]))
-        if len(buf) >= (STATEMENT_ROWS if self._writer is not None else _STAGE_BATCH):
+        if len(buf) >= (self._writer.batch_rows if self._writer is not None else _STAGE_BATCH):
             self._flush()
 
     def _flush(self) -> None:

@@ -39,7 +39,7 @@ from sqlalchemy import Connection
 from .._time import Clock, format_ts, parse_ts
 from ..config import DiffConfig, PlansConfig
 from ..diff import diff_records
-from ..errors import PollCancelled, PollRefused, WatcherError
+from ..errors import NotLeader, PollCancelled, PollRefused, WatcherError
 from ..events import EventType, EventWriter, PollOutcome
 from ..fingerprint import canonical_all, fingerprints
 from ..routing import Route, Router
@@ -328,7 +328,8 @@ class PlanRead:
 
     def finish(self, poll_id: int, *, settle: bool = True) -> tuple[PlansResult, PollOutcome | None]:
         """Wait for the read, then commit it (or record why not); returns the plans' result and,
-        with ``settle``, the poll's settled outcome. A bug is recorded, then raised again."""
+        with ``settle``, the poll's settled outcome. A bug is recorded, then raised again; a lease
+        lost on a replicated store (:class:`~watcher.errors.NotLeader`) is raised, nothing recorded."""
         while self._thread.is_alive():
             self._thread.join(0.1)
             if self.cancel.is_set():
@@ -369,6 +370,8 @@ class PlanRead:
     def _failed(
         self, poll_id: int, exc: BaseException, settle: bool
     ) -> tuple[PlansResult, PollOutcome | None]:
+        if isinstance(exc, NotLeader):
+            raise exc  # this replica lost the lease: it may record nothing (the new leader ends the run)
         if isinstance(exc, PollCancelled) or self.cancel.is_set():
             outcome, reason = PollOutcome.ABANDONED, "poll abandoned: shutting down"
         elif isinstance(exc, PollRefused):

@@ -1,10 +1,14 @@
-"""The database: one SQLite file (WAL) opened, created or migrated, and its transactions.
+"""The database: opened, created or migrated, and its transactions, on SQLite or PostgreSQL.
 
-One file holds everything so that a single transaction can cover a whole cycle (DESIGN rule 5):
-the new state of every changed customer, its audit events and one outbox row per (event, sink)
-land together or not at all. WAL mode lets ``events`` and ``status`` read while the daemon
-writes; writers take the lock up front (``BEGIN IMMEDIATE``) so that two writers queue politely
-instead of failing half-way.
+``Store(path)`` is a SQLite file (the default: one file, WAL, see :mod:`watcher.store._sqlite`);
+``Store("postgresql://...")`` a PostgreSQL database (:mod:`watcher.store._postgres`), which several
+``run`` replicas may share. Both have the same tables and migrations (:mod:`watcher.store.schema`),
+the same statements (:mod:`watcher.store.queries`) and the same promises: a writer's transaction
+queues behind every other writer's, and what it writes lands together or not at all.
+
+When the store is fenced (``fence``, set by :class:`~watcher.store.lease.LeaseKeeper` on a
+replica), every write transaction proves at its commit that this process still holds the leader
+lease at the epoch it began with, and rolls back with :class:`~watcher.errors.NotLeader` otherwise.
 """
 
 from __future__ import annotations
@@ -15,55 +19,68 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import SQLModel, create_engine
+from sqlmodel import SQLModel
 
-from ..errors import StoreError
+from .._secrets import redact
+from ..config import is_postgres_url
+from ..errors import NotLeader, StoreError
 from . import queries
-from ._checkpoint import Checkpointer
+from ._postgres import PostgresEngine
+from ._sqlite import SqliteEngine
 from .cycle import CycleSession
+from .lease import Fence, check
 from .plans import PlanSession
 from .schema import MIGRATIONS, SCHEMA_VERSION, CustomerState, PollRun
 
 __all__ = ["Store"]
 
-log = structlog.get_logger("watcher.store")
-
-#: Bytes the WAL file is truncated back to after a checkpoint has emptied it.
-_WAL_SIZE_LIMIT = 16 * 1024 * 1024
-#: How long :meth:`Store.close` lets a checkpoint in progress run (the daemon exits within 10 s).
-_CLOSE_CHECKPOINT_WAIT = 5.0
-
 
 class Store:
-    """Open (and create or migrate) the database at ``path``."""
+    """Open (and create or migrate) the database at ``target``: a SQLite file's path, or a
+    ``postgresql://`` URL."""
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = 30.0) -> None:
-        self.path = Path(path)
-        try:
-            if self.path.parent and not self.path.parent.exists():
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(
-                f"sqlite:///{self.path}",
-                connect_args={"check_same_thread": False, "timeout": busy_timeout},
-            )
-        except (OSError, SQLAlchemyError) as exc:
-            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
-        event.listen(self.engine, "connect", _on_connect)
-        event.listen(self.engine, "begin", _on_begin)
-        self._checkpointer = Checkpointer(self.path, lambda db: _on_connect(db, None))
+    def __init__(self, target: str | Path, *, busy_timeout: float = 30.0) -> None:
+        self._db: SqliteEngine | PostgresEngine
+        if is_postgres_url(target):
+            self._db = PostgresEngine(str(target))
+        else:
+            self._db = SqliteEngine(Path(target), busy_timeout=busy_timeout)
+        self.engine: Engine = self._db.engine
+        #: The SQLite file; None for PostgreSQL.
+        self.path: Path | None = self._db.path
+        #: What every write must prove at commit (see the module); None: nothing.
+        self.fence: Fence | None = None
         try:
             self._ensure_schema()
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open database {self.path}: {exc.__class__.__name__}: {exc}") from exc
+            self._db.close()
+            raise StoreError(
+                redact(f"cannot open database {self.description}: {exc.__class__.__name__}: {exc}")
+            ) from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._db.dialect
+
+    @property
+    def description(self) -> str:
+        """The file, or the URL without its password: how logs and messages name the store."""
+        return self._db.description
+
+    @property
+    def replicated(self) -> bool:
+        """True when several processes may share the store (PostgreSQL): leadership is a lease."""
+        return self._db.dialect == "postgresql"
 
     def close(self) -> None:
-        """Close the store, letting a checkpoint in progress finish first (up to a few seconds)."""
-        if not self._checkpointer.close(timeout=_CLOSE_CHECKPOINT_WAIT):
-            log.warning("store.checkpoint_unfinished", waited_s=_CLOSE_CHECKPOINT_WAIT)
-        self.engine.dispose()
+        """Close the store, letting a SQLite checkpoint in progress finish first (a few seconds)."""
+        self._db.close()
 
     def __enter__(self) -> Store:
         return self
@@ -72,26 +89,30 @@ class Store:
         self.close()
 
     def request_checkpoint(self) -> None:
-        """Have the WAL copied back into the database file soon, on a thread of the store's own.
-
-        The poll cycle asks for one after each commit instead of checkpointing in it; see
-        :mod:`watcher.store._checkpoint`.
-        """
-        self._checkpointer.request()
+        """SQLite: have the WAL copied back into the database file soon, on a thread of the store's
+        own (the poll cycle asks after each commit; see :mod:`watcher.store._checkpoint`)."""
+        self._db.request_checkpoint()
 
     def wait_for_checkpoint(self, timeout: float | None = None) -> bool:
         """Wait until the checkpoints requested so far have run; False on timeout."""
-        return self._checkpointer.wait(timeout)
+        return self._db.wait_for_checkpoint(timeout)
 
     # -- transactions ---------------------------------------------------------------------------
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A write transaction that takes SQLite's write lock at once (``BEGIN IMMEDIATE``)."""
+        """A write transaction: it queues behind other writers at once (SQLite's ``BEGIN
+        IMMEDIATE``, a lock of the schema on PostgreSQL), and is fenced when the store is."""
+        fence = self.fence
+        if fence is not None and fence.epoch is None:
+            raise NotLeader("this replica does not hold the leader lease: it writes nothing")
         with self.engine.connect() as conn:
             conn = conn.execution_options(watcher_begin="IMMEDIATE")
             with conn.begin():
+                self._db.begin_write(conn)
                 yield conn
+                if fence is not None:
+                    check(conn, fence)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -102,10 +123,11 @@ class Store:
     def cycle(self) -> Iterator[CycleSession]:
         """A poll cycle's own connection (see :class:`~watcher.store.cycle.CycleSession`).
 
-        A checkpoint is asked for before it closes, so that the store's checkpointer has its own
-        connection open by then and this one's closing is not a checkpoint of the whole WAL.
+        SQLite: a checkpoint is asked for before it closes, so that the store's checkpointer has
+        its own connection open by then and this one's closing is not a checkpoint of the WAL.
         """
-        session = CycleSession(self.engine)
+        db = self._db
+        session: CycleSession = db.session(self.fence)
         try:
             yield session
         finally:
@@ -117,7 +139,7 @@ class Store:
     def plan_session(self) -> PlanSession:
         """The plans source's own connection for one poll (see :class:`~watcher.store.plans.PlanSession`);
         the caller closes it, after :meth:`request_checkpoint` when it committed."""
-        return PlanSession(self.engine)
+        return self._db.plan_session(self.fence)
 
     # -- reads that are a transaction of their own ----------------------------------------------
 
@@ -174,12 +196,13 @@ class Store:
     # -- internals ------------------------------------------------------------------------------
 
     def _ensure_schema(self) -> None:
+        # A write transaction: two processes opening a new database at once create it once.
         with self.write() as conn:
             current = queries.schema_version(conn)
             if current > SCHEMA_VERSION:
                 raise StoreError(
-                    f"database {self.path} has schema version {current}, newer than this release "
-                    f"understands ({SCHEMA_VERSION}); upgrade metronome-watcher"
+                    f"database {self.description} has schema version {current}, newer than this "
+                    f"release understands ({SCHEMA_VERSION}); upgrade metronome-watcher"
                 )
             if current == 0:
                 SQLModel.metadata.create_all(conn)
@@ -188,22 +211,3 @@ class Store:
                     MIGRATIONS[version](conn)
             if current != SCHEMA_VERSION:
                 queries.set_schema_version(conn, SCHEMA_VERSION)
-
-
-def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-    # Let us issue BEGIN ourselves (pysqlite's implicit transactions are not what we want).
-    dbapi_conn.isolation_level = None
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed cycle is the audit log; it must survive a power cut, and we commit rarely.
-    cur.execute("PRAGMA synchronous=FULL")
-    # A baseline writes the whole account in one transaction, so the WAL grows to about the size
-    # of the database; without a limit the file would keep that size for as long as the daemon runs.
-    cur.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def _on_begin(conn: Connection) -> None:
-    mode = conn.get_execution_options().get("watcher_begin", "DEFERRED")
-    conn.exec_driver_sql(f"BEGIN {mode}")

@@ -1,27 +1,28 @@
-"""The plans source's own connection for one poll, and every statement its read and commit run.
+"""The plans source's session for one poll, whatever the engine, and its engine-neutral statements.
 
 Like the customers' cycle (:mod:`watcher.store.cycle`), the plans read stages what it could not
-settle by fingerprint in a TEMP table of its own connection (``plan_staged``): no lock on the
-database while it reads, nothing left behind when it fails. Statements are SQLAlchemy Core where a
-plain statement does; the staging table, which only SQLite has, is written through the ``sqlite3``
-connection beneath, many rows per statement. A read that finds nothing changed runs only the reads
-of :meth:`PlanSession.snapshot`, :meth:`PlanSession.due_endings` and the poll's own rows.
+settle by fingerprint in a temporary table of its own connection (``plan_staged``): no lock on the
+database while it reads, nothing left behind when it fails. :class:`PlanSession` is what the read
+and its commit call. Its statements are SQLAlchemy Core where a plain statement does, written
+once here for both engines; the staging table and what reads it are each engine's own, beside this
+module: SQLite's (:mod:`watcher.store._plans_sqlite`: the ``sqlite3`` connection beneath, many rows
+per statement, JSON arrays for sets) and PostgreSQL's (:mod:`watcher.store._plans_postgres`:
+``COPY``, ``DISTINCT ON``, arrays for sets, the read in one transaction as the cycle's is). A read
+that finds nothing changed runs only the reads of :meth:`PlanSession.snapshot`,
+:meth:`PlanSession.due_endings` and the poll's own rows.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
-from itertools import chain
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
-import orjson
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlmodel import col
 
 from ..events import PollOutcome, Source
 from . import queries
-from .cycle import STATEMENT_ROWS, SourceSession
+from .cycle import SourceSession
 from .schema import Plan, PlanMember, PlanPageMemo
 
 __all__ = ["PlanSession", "StagedMember", "StoredMember", "StoredPlan"]
@@ -32,32 +33,6 @@ StagedMember = tuple[str, str, str, int, bytes, str | None]
 
 #: Ids per ``IN (...)`` list: well under SQLite's limit on parameters.
 _IN_CHUNK = 500
-
-_STAGED_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS plan_staged (plan_id TEXT NOT NULL, customer_plan_id TEXT NOT NULL, "
-    "customer_id TEXT NOT NULL, hash INTEGER NOT NULL, record BLOB NOT NULL, ends_at TEXT)"
-)
-#: One staged row per membership, in customer_plan_id order: the latest sighting of it; the plans
-#: read silently (a JSON array) are left to ``_INSERT_SILENT``.
-_CHOSEN_STAGED = (
-    "SELECT plan_id, customer_plan_id, customer_id, hash, record, ends_at, max(rowid) FROM temp.plan_staged "
-    "WHERE customer_plan_id > ? AND plan_id NOT IN (SELECT value FROM json_each(?)) "
-    "GROUP BY customer_plan_id ORDER BY customer_plan_id LIMIT ?"
-)
-#: A silent baseline's memberships (the latest sighting of each) into ``plan_members`` in one
-#: statement: nothing is stored for those plans yet, and nothing is said about them.
-_INSERT_SILENT = (
-    "INSERT OR REPLACE INTO plan_members (customer_plan_id, plan_id, customer_id, hash, record, ends_at, "
-    "ended, first_seen_at, changed_at, last_poll_id) SELECT customer_plan_id, plan_id, customer_id, hash, "
-    "CAST(record AS TEXT), ends_at, coalesce(ends_at <= ?1, 0), ?1, ?1, ?2 FROM temp.plan_staged "
-    "WHERE rowid IN (SELECT max(rowid) FROM temp.plan_staged "
-    "WHERE plan_id IN (SELECT value FROM json_each(?3)) GROUP BY customer_plan_id)"
-)
-
-
-@functools.cache
-def _insert_staged_sql(rows: int) -> str:
-    return "INSERT INTO temp.plan_staged VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
 
 
 class StoredPlan(NamedTuple):
@@ -74,12 +49,16 @@ class StoredMember(NamedTuple):
     changed_at: str
 
 
-def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
+def chunked(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
     return (values[i : i + _IN_CHUNK] for i in range(0, len(values), _IN_CHUNK))
 
 
-class PlanSession(SourceSession):
-    """The plans source's connection for one poll (see :class:`~watcher.store.cycle.SourceSession`)."""
+class PlanSession(SourceSession, Protocol):
+    """The plans source's connection for one poll (see :class:`~watcher.store.cycle.SourceSession`).
+
+    Each engine's session subclasses it: the methods with a body are the same on both (SQLAlchemy
+    Core); those without are the engine's own, on its staging table.
+    """
 
     def _all(self, statement: Any) -> list[Any]:
         """Rows of one read, in a transaction of its own (one takes no lock in WAL mode)."""
@@ -113,7 +92,7 @@ class PlanSession(SourceSession):
     def members_with(self, plan_id: str, hashes: Sequence[int]) -> list[str]:
         """The customer_plan_ids of a plan's stored memberships with these fingerprints."""
         out: list[Any] = []
-        for chunk in _chunks(list(hashes)):
+        for chunk in chunked(list(hashes)):
             out += self._all(
                 select(col(PlanMember.customer_plan_id)).where(
                     col(PlanMember.plan_id) == plan_id, col(PlanMember.hash).in_(chunk)
@@ -135,58 +114,35 @@ class PlanSession(SourceSession):
             q = q.where(col(PlanMember.plan_id) == plan_id)
         return int(self._all(q)[0][0])
 
-    # -- staging --------------------------------------------------------------------------------
+    # -- staging (each engine's own) ------------------------------------------------------------
 
     def create_staging(self) -> None:
-        self._db.execute(_STAGED_DDL)
-        self._db.execute("DELETE FROM temp.plan_staged")
+        """The staging table (gone when the session closes, or with the read's transaction)."""
 
     def stage(self, rows: Sequence[StagedMember]) -> None:
-        """Append memberships to the staging table (a transaction that takes no database lock)."""
-        per_statement = min(STATEMENT_ROWS, self._max_params // 6)
-        with self.transaction():
-            for i in range(0, len(rows), per_statement):
-                chunk = rows[i : i + per_statement]
-                self._db.execute(_insert_staged_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
+        """Append memberships to the staging table (which no other connection sees)."""
 
     def index_staging(self) -> None:
-        with self.transaction():
-            self._db.execute(
-                "CREATE INDEX IF NOT EXISTS temp.plan_staged_by_id ON plan_staged (customer_plan_id)"
-            )
+        """Index the staged rows by customer_plan_id, once the read is over."""
 
     def unstaged(self, cpids: Sequence[str]) -> list[str]:
-        """Those of ``cpids`` that were not staged (seen nowhere in this read)."""
-        out: list[str] = []
-        with self.transaction():
-            for chunk in _chunks(list(cpids)):
-                staged = {
-                    cpid
-                    for (cpid,) in self._db.execute(
-                        "SELECT customer_plan_id FROM temp.plan_staged "
-                        f"WHERE customer_plan_id IN ({', '.join('?' * len(chunk))})",
-                        tuple(chunk),
-                    )
-                }
-                out += [cpid for cpid in chunk if cpid not in staged]
-        return out
+        """Those of ``cpids`` that were not staged (seen nowhere in this read), in their order."""
 
     def chosen_staged(self, after: str, limit: int, *, besides: Sequence[str] = ()) -> list[tuple[Any, ...]]:
-        """Up to ``limit`` staged memberships after customer_plan_id ``after``, one sighting each,
-        of plans other than ``besides``."""
-        return self._rows(_CHOSEN_STAGED, (after, orjson.dumps(list(besides)).decode(), limit))
+        """Up to ``limit`` staged memberships after customer_plan_id ``after``, in customer_plan_id
+        order, the latest sighting of each, of plans other than ``besides``: (plan id,
+        customer_plan_id, customer id, fingerprint, JSON, ends_at, -)."""
 
     def insert_silently(self, plan_ids: Sequence[str], *, now: str, poll_id: int) -> None:
         """The staged memberships of plans read for the first time and silently, stored as they are
-        (in the caller's transaction); a membership whose end has come by ``now`` is stored ended."""
-        if plan_ids:
-            self._db.execute(_INSERT_SILENT, (now, poll_id, orjson.dumps(list(plan_ids)).decode()))
+        (the latest sighting of each, in the caller's transaction); a membership whose end has come
+        by ``now`` is stored ended."""
 
     # -- the commit (inside the transaction its caller holds) -----------------------------------
 
     def load_members(self, conn: Connection, cpids: Sequence[str]) -> dict[str, StoredMember]:
         out: dict[str, StoredMember] = {}
-        for chunk in _chunks(list(cpids)):
+        for chunk in chunked(list(cpids)):
             rows = conn.execute(
                 select(
                     col(PlanMember.customer_plan_id),
@@ -231,7 +187,7 @@ class PlanSession(SourceSession):
 
     @staticmethod
     def delete_members(conn: Connection, cpids: Sequence[str]) -> None:
-        for chunk in _chunks(list(cpids)):
+        for chunk in chunked(list(cpids)):
             conn.execute(delete(PlanMember).where(col(PlanMember.customer_plan_id).in_(chunk)))
 
     @staticmethod
@@ -253,7 +209,7 @@ class PlanSession(SourceSession):
 
     @staticmethod
     def mark_ended(conn: Connection, cpids: Sequence[str], *, changed_at: str, poll_id: int) -> None:
-        for chunk in _chunks(list(cpids)):
+        for chunk in chunked(list(cpids)):
             conn.execute(
                 update(PlanMember)
                 .where(col(PlanMember.customer_plan_id).in_(chunk))

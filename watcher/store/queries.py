@@ -2,7 +2,11 @@
 
 Each function takes the connection of a transaction its caller holds (``Store.read()`` or
 ``Store.write()``), so that callers decide what lands together and nothing outside this package
-writes SQL. The poll cycle's own statements are in :mod:`watcher.store.cycle`.
+writes SQL. They are SQLAlchemy Core, so that each runs on SQLite and on PostgreSQL alike; the few
+that need an engine's own functions (the web view's search of customers) or order differently
+there (NULLs) ask ``conn.dialect.name``, and keep SQLite's statement as it was. The sources' own
+statements are in their sessions: the customers' cycle's (:mod:`watcher.store.cycle`) and the
+plans' (:mod:`watcher.store.plans`), each with a session per engine.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ from sqlalchemy import (
     Connection,
     Select,
     and_,
+    cast,
     exists,
     func,
     insert,
+    inspect,
     literal_column,
     or_,
     select,
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlmodel import col
 
 from .._time import parse_ts
@@ -92,20 +99,17 @@ _FAILED = (PollOutcome.FAILED, PollOutcome.REFUSED)
 
 
 def schema_version(conn: Connection) -> int:
-    """The version recorded in ``meta``; 0 for a database without one (a new file)."""
-    has_meta = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").first()
-    if not has_meta:
+    """The version recorded in ``meta``; 0 for a database without one (a new one)."""
+    if not inspect(conn).has_table(Meta.__tablename__):
         return 0
     v = conn.execute(select(col(Meta.value)).where(col(Meta.key) == "schema_version")).scalar()
     return int(v) if v is not None else 0
 
 
 def set_schema_version(conn: Connection, version: int) -> None:
-    conn.exec_driver_sql(
-        "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
-        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        (str(version),),
-    )
+    key = col(Meta.key) == "schema_version"
+    if not conn.execute(update(Meta).where(key).values(value=str(version))).rowcount:
+        conn.execute(insert(Meta).values(key="schema_version", value=str(version)))
 
 
 # -- polls ----------------------------------------------------------------------------------------
@@ -327,7 +331,7 @@ def plan_counts(conn: Connection) -> tuple[int, int, int]:
     """(plans whose members are watched, memberships held, of which ended)."""
     plans = conn.execute(select(func.count()).where(col(Plan.watched).is_(True))).scalar() or 0
     members, ended = conn.execute(
-        select(func.count(), func.coalesce(func.sum(col(PlanMember.ended)), 0))
+        select(func.count(), func.count().filter(col(PlanMember.ended).is_(True))).select_from(PlanMember)
     ).one()
     return int(plans), int(members or 0), int(ended or 0)
 
@@ -378,22 +382,34 @@ def _like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
-def _customer_match(text: str) -> Any:
+def _customer_match(dialect: str, text: str) -> Any:
     """Customers whose id, name or external id contains ``text`` (ASCII letters in either case).
 
     The JSON text of the record is searched first (``LIKE`` is a fast scan of it); only the records
-    it lets through are parsed to check that the text is in one of the three keys.
+    it lets through are parsed to check that the text is in one of the three keys. SQLite's ``LIKE``
+    ignores the case of ASCII letters by itself; PostgreSQL's ``ILIKE`` does the same (and of the
+    other letters too), as its ``lower`` does.
     """
     record = col(CustomerState.record)
     # The record is stored as JSON: a quote or backslash in the text is escaped there.
     encoded = orjson.dumps(text).decode()[1:-1]
     needle = text.lower()
+    if dialect == "sqlite":
+        return and_(
+            record.like(_like_pattern(encoded), escape="\\"),
+            or_(
+                func.instr(func.lower(col(CustomerState.id)), needle) > 0,
+                func.instr(func.lower(func.json_extract(record, "$.name")), needle) > 0,
+                func.instr(func.lower(func.json_extract(record, "$.external_id")), needle) > 0,
+            ),
+        )
+    parsed = cast(record, postgresql.JSONB)
     return and_(
-        record.like(_like_pattern(encoded), escape="\\"),
+        record.ilike(_like_pattern(encoded), escape="\\"),
         or_(
-            func.instr(func.lower(col(CustomerState.id)), needle) > 0,
-            func.instr(func.lower(func.json_extract(record, "$.name")), needle) > 0,
-            func.instr(func.lower(func.json_extract(record, "$.external_id")), needle) > 0,
+            func.strpos(func.lower(col(CustomerState.id)), needle) > 0,
+            func.strpos(func.lower(parsed["name"].astext), needle) > 0,
+            func.strpos(func.lower(parsed["external_id"].astext), needle) > 0,
         ),
     )
 
@@ -410,13 +426,25 @@ def _matching(conn: Connection, text: str, limit: int) -> tuple[list[str], int |
     text = text.strip()
     if not text:
         return [], None
-    exact = conn.execute(select(col(CustomerState.id)).where(col(CustomerState.id) == text)).scalar()
+    cid = col(CustomerState.id)
+    exact = conn.execute(select(cid).where(cid == text)).scalar()
     if exact is not None:
         return [exact], None
-    rowid: Any = literal_column("customers.rowid")
-    q = select(col(CustomerState.id), rowid).where(_customer_match(text)).order_by(rowid).limit(limit)
-    rows = conn.execute(q).all()
-    return [r[0] for r in rows], int(rows[-1][1]) if len(rows) == limit else None
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        rowid: Any = literal_column("customers.rowid")
+        q = select(cid, rowid).where(_customer_match(dialect, text)).order_by(rowid).limit(limit)
+        rows = conn.execute(q).all()
+        return [r[0] for r in rows], int(rows[-1][1]) if len(rows) == limit else None
+    # PostgreSQL has no rowid: the table is read in id order, and what was read is counted on the
+    # id index, no further than the count that decides anything (``_COMMON_MATCH``).
+    ids = list(
+        conn.execute(select(cid).where(_customer_match(dialect, text)).order_by(cid).limit(limit)).scalars()
+    )
+    if len(ids) < limit:
+        return ids, None
+    upto = select(cid).where(cid <= ids[-1]).limit(_COMMON_MATCH + 1).subquery()
+    return ids, int(conn.execute(select(func.count()).select_from(upto)).scalar() or 0)
 
 
 @dataclass(frozen=True)
@@ -502,10 +530,10 @@ def event_page(
             conds.append(
                 exists()
                 .where(col(CustomerState.id) == col(EventRecord.customer_id))
-                .where(_customer_match(customer_text))
+                .where(_customer_match(conn.dialect.name, customer_text))
             )
         else:
-            matched = select(col(CustomerState.id)).where(_customer_match(customer_text))
+            matched = select(col(CustomerState.id)).where(_customer_match(conn.dialect.name, customer_text))
             conds.append(func.coalesce(col(EventRecord.customer_id), "").in_(matched))
 
     def part(*only: Any) -> Select[Any]:
@@ -547,26 +575,28 @@ def _detected_at_near(conn: Connection, sequence: int, *, ascending: bool) -> st
 
 
 def last_sequence(conn: Connection) -> int:
-    return int(conn.exec_driver_sql("SELECT coalesce(max(sequence), 0) FROM events").scalar() or 0)
-
-
-INSERT_EVENT = (
-    "INSERT INTO events (sequence, id, type, customer_id, poll_id, detected_at, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-INSERT_OUTBOX = (
-    "INSERT INTO outbox (sequence, sink, status, attempts, created_at, next_attempt_at) "
-    "VALUES (?1, ?2, 'pending', 0, ?3, ?3)"
-)
+    return int(conn.execute(select(func.coalesce(func.max(col(EventRecord.sequence)), 0))).scalar() or 0)
 
 
 def append_events(conn: Connection, events: Sequence[EventRow], outbox: Sequence[OutboxEntry]) -> None:
-    """Write events (``events.EventWriter.take``) and their outbox rows."""
-    # Plain parameter tuples: a cycle that archives thousands of customers writes thousands of rows.
+    """Write events (``events.EventWriter.take``) and their outbox rows (one executemany each)."""
     if events:
-        conn.exec_driver_sql(INSERT_EVENT, list(events))
+        conn.execute(insert(EventRecord), [e._asdict() for e in events])
     if outbox:
-        conn.exec_driver_sql(INSERT_OUTBOX, list(outbox))
+        conn.execute(
+            insert(OutboxRow),
+            [
+                {
+                    "sequence": o.sequence,
+                    "sink": o.sink,
+                    "status": DeliveryState.PENDING,
+                    "attempts": 0,
+                    "created_at": o.created_at,
+                    "next_attempt_at": o.created_at,
+                }
+                for o in outbox
+            ],
+        )
 
 
 # -- delivery -------------------------------------------------------------------------------------
@@ -670,14 +700,7 @@ def delivery_status(conn: Connection, now: datetime, *, sinks: Sequence[str] = (
         for s in (SinkState.model_validate(r._mapping) for r in conn.execute(select(SinkState)).all())
     }
     names = list(sinks) or sorted(set(counts) | set(states))
-    last_errors: dict[str, str | None] = {}
-    for name in names:
-        last_errors[name] = conn.execute(
-            select(col(OutboxRow.last_error))
-            .where(sink == name, col(OutboxRow.last_error).is_not(None))
-            .order_by(col(OutboxRow.last_attempt_at).desc())
-            .limit(1)
-        ).scalar()
+    last_errors = {name: _last_error(conn, name) for name in names}
     out = []
     for name in names:
         c = counts.get(name, {})
@@ -697,6 +720,21 @@ def delivery_status(conn: Connection, now: datetime, *, sinks: Sequence[str] = (
             )
         )
     return out
+
+
+def _last_error(conn: Connection, sink: str) -> str | None:
+    """The sink's latest delivery error (from the partial index ``ix_outbox_errors``); a row that
+    gave up unsent (never attempted) counts as older than every attempt."""
+    when = col(OutboxRow.last_attempt_at)
+    q = select(col(OutboxRow.last_error)).where(
+        col(OutboxRow.sink) == sink, col(OutboxRow.last_error).is_not(None)
+    )
+    if conn.dialect.name == "sqlite":  # NULL sorts first, so last when descending
+        return conn.execute(q.order_by(when.desc()).limit(1)).scalar()
+    # PostgreSQL sorts NULL first when descending: the attempts first (the index read backwards),
+    # then, only if there was none, a row never attempted.
+    last = conn.execute(q.where(when.is_not(None)).order_by(when.desc()).limit(1)).scalar()
+    return last if last is not None else conn.execute(q.where(when.is_(None)).limit(1)).scalar()
 
 
 @dataclass(frozen=True)

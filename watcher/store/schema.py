@@ -8,18 +8,34 @@ models handed to the CLI. Every statement that reads or writes them lives beside
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
-from sqlalchemy import Connection, Index, UniqueConstraint, text
-from sqlmodel import Field, SQLModel
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    DateTime,
+    Index,
+    UniqueConstraint,
+    bindparam,
+    exists,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlmodel import Field, SQLModel, col
 
-from ..events import DeliveryState, PollOutcome
+from ..events import DeliveryState, PollOutcome, Source
 from ..fingerprint import record_hash
 
 __all__ = [
+    "FIRST_POSTGRES_VERSION",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CustomerState",
     "EventRecord",
+    "Lease",
     "Meta",
     "OutboxRow",
     "PageMemo",
@@ -32,7 +48,10 @@ __all__ = [
 ]
 
 #: Bump when the schema changes, and add a step to ``MIGRATIONS`` that brings version N-1 to N.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+#: The first version a PostgreSQL store can have: one is created from the models at the latest
+#: version, so the steps before it only ever run on SQLite.
+FIRST_POSTGRES_VERSION = 6
 
 
 class Meta(SQLModel, table=True):
@@ -47,7 +66,8 @@ class CustomerState(SQLModel, table=True):
     __tablename__ = "customers"
     id: str = Field(primary_key=True)
     status: str  # events.CustomerStatus
-    hash: int  # fingerprint.record_hash of ``record``
+    #: fingerprint.record_hash of ``record`` (63 bits: BIGINT where an engine has sizes)
+    hash: int = Field(sa_type=BigInteger)
     record: str  # canonical JSON, as Metronome last returned it
     first_seen_at: str
     changed_at: str
@@ -131,12 +151,18 @@ class PlanMember(SQLModel, table=True):
     __table_args__ = (
         Index("ix_plan_members_plan_hash", "plan_id", "hash"),
         # The memberships whose end is still to be announced, by when it comes.
-        Index("ix_plan_members_due", "ends_at", sqlite_where=text("ended = 0 AND ends_at IS NOT NULL")),
+        Index(
+            "ix_plan_members_due",
+            "ends_at",
+            sqlite_where=text("ended = 0 AND ends_at IS NOT NULL"),
+            postgresql_where=text("NOT ended AND ends_at IS NOT NULL"),
+        ),
     )
     customer_plan_id: str = Field(primary_key=True)
     plan_id: str
     customer_id: str
-    hash: int  # fingerprint.record_hash of ``record``
+    #: fingerprint.record_hash of ``record`` (63 bits: BIGINT where an engine has sizes)
+    hash: int = Field(sa_type=BigInteger)
     #: canonical JSON of the item as listed: ``{"customer_details": ..., "plan_details": ...}``
     record: str
     #: ``plan_details.ending_before`` in ``_time.format_ts`` form (comparable as text); None: no end set.
@@ -179,8 +205,20 @@ class EventRecord(SQLModel, table=True):
 #: A sink's oldest pending delivery and its last error, found without reading the rows already
 #: delivered (``/status``, ``/metrics`` and ``deliveries`` with a million events in the audit log).
 _OUTBOX_STATUS_INDEXES = (
-    Index("ix_outbox_pending", "sink", "created_at", sqlite_where=text("status = 'pending'")),
-    Index("ix_outbox_errors", "sink", "last_attempt_at", sqlite_where=text("last_error IS NOT NULL")),
+    Index(
+        "ix_outbox_pending",
+        "sink",
+        "created_at",
+        sqlite_where=text("status = 'pending'"),
+        postgresql_where=text("status = 'pending'"),
+    ),
+    Index(
+        "ix_outbox_errors",
+        "sink",
+        "last_attempt_at",
+        sqlite_where=text("last_error IS NOT NULL"),
+        postgresql_where=text("last_error IS NOT NULL"),
+    ),
 )
 
 
@@ -217,14 +255,41 @@ class SinkState(SQLModel, table=True):
     last_error: str | None = None
 
 
+class Lease(SQLModel, table=True):
+    """Who may poll and deliver, when several ``run`` replicas share one PostgreSQL database
+    (``watcher.store.lease``). One row per lease; ``epoch`` grows by one at every acquisition, and
+    every commit of the holder checks it. Times are the database's clock, never a replica's."""
+
+    __tablename__ = "leases"
+    name: str = Field(primary_key=True)
+    holder: str
+    epoch: int = Field(sa_type=BigInteger)
+    acquired_at: datetime = Field(sa_type=DateTime(timezone=True))  # type: ignore[call-overload]
+    renewed_at: datetime = Field(sa_type=DateTime(timezone=True))  # type: ignore[call-overload]
+    expires_at: datetime = Field(sa_type=DateTime(timezone=True))  # type: ignore[call-overload]
+
+
+# Every step is written for both engines, but a PostgreSQL store is created from the models at the
+# latest version (``FIRST_POSTGRES_VERSION`` at the earliest): steps 2 to 6 only ever run on SQLite,
+# and the tests upgrade SQLite files (``tests/fixtures``). A step after 6 runs on both.
+
+
 def _migrate_to_2(conn: Connection) -> None:
     """Version 2 fingerprints with XXH3 instead of BLAKE2b. The stored records are canonical JSON, so
-    the new fingerprints are computed from them in one statement; without this the next cycle would
-    find every customer "changed" and rewrite the whole table."""
-    db = conn.connection.dbapi_connection
-    assert db is not None
-    db.create_function("watcher_record_hash", 1, lambda r: record_hash(r.encode()), deterministic=True)
-    conn.exec_driver_sql("UPDATE customers SET hash = watcher_record_hash(record)")
+    the new fingerprints are computed from them; without this the next cycle would find every
+    customer "changed" and rewrite the whole table. SQLite does it in one statement."""
+    if conn.dialect.name == "sqlite":
+        db = conn.connection.dbapi_connection
+        assert db is not None
+        db.create_function("watcher_record_hash", 1, lambda r: record_hash(r.encode()), deterministic=True)
+        conn.exec_driver_sql("UPDATE customers SET hash = watcher_record_hash(record)")
+        return
+    rows = conn.execute(select(col(CustomerState.id), col(CustomerState.record))).all()
+    if rows:
+        conn.execute(
+            update(CustomerState).where(col(CustomerState.id) == bindparam("cid")),
+            [{"cid": cid, "hash": record_hash(record.encode())} for cid, record in rows],
+        )
 
 
 def _migrate_to_3(conn: Connection) -> None:
@@ -245,11 +310,45 @@ def _migrate_to_5(conn: Connection) -> None:
     one becomes a ``customers`` row: the customers' baseline stays where it was."""
     for table in (PollSource, Plan, PlanMember, PlanPageMemo):
         table.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined,union-attr]
-    conn.exec_driver_sql(
-        "INSERT OR IGNORE INTO poll_sources (poll_id, source, outcome, finished_at, baseline, pages, items, "
-        "events, events_by_type, error) SELECT id, 'customers', outcome, finished_at, baseline, pages, "
-        "active + archived, events, events_by_type, error FROM poll_runs WHERE outcome != 'running'"
+    runs = PollRun.__table__  # type: ignore[attr-defined]
+    sources = PollSource.__table__  # type: ignore[attr-defined]
+    recorded = select(sources.c.poll_id).where(
+        sources.c.poll_id == runs.c.id, sources.c.source == Source.CUSTOMERS.value
     )
+    conn.execute(
+        insert(sources).from_select(
+            [
+                "poll_id",
+                "source",
+                "outcome",
+                "finished_at",
+                "baseline",
+                "pages",
+                "items",
+                "events",
+                "events_by_type",
+                "error",
+            ],
+            select(
+                runs.c.id,
+                literal(Source.CUSTOMERS.value),
+                runs.c.outcome,
+                runs.c.finished_at,
+                runs.c.baseline,
+                runs.c.pages,
+                runs.c.active + runs.c.archived,
+                runs.c.events,
+                runs.c.events_by_type,
+                runs.c.error,
+            ).where(runs.c.outcome != PollOutcome.RUNNING.value, ~exists(recorded)),
+        )
+    )
+
+
+def _migrate_to_6(conn: Connection) -> None:
+    """Version 6 has the leader lease of a replicated (PostgreSQL) store (``Lease``). Fingerprints are
+    BIGINT in its models, which changes nothing in a SQLite file (an INTEGER holds 64 bits)."""
+    Lease.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
 
 
 #: version -> the step that upgrades a database from version-1 to version.
@@ -258,4 +357,5 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     3: _migrate_to_3,
     4: _migrate_to_4,
     5: _migrate_to_5,
+    6: _migrate_to_6,
 }
