@@ -320,7 +320,12 @@ def test_sigterm_during_a_slow_poll_exits_in_time_with_code_0_and_commits_nothin
     fake.on_page(1, change_then_slow, archived=False)
     try:
         wait_until(in_page_2.is_set, "a poll to hang on page 2", context=daemon.tail)
-        (slow_poll,) = db_rows(db, "SELECT id FROM poll_runs WHERE outcome = 'running'")
+        # The cycle records its run while its first pages are already in flight: wait for the row.
+        (slow_poll,) = wait_until(
+            lambda: db_rows(db, "SELECT id FROM poll_runs WHERE outcome = 'running'"),
+            "the slow poll's run to be recorded",
+            context=daemon.tail,
+        )
         committed = snapshot(db)
 
         rc, elapsed = daemon.terminate(timeout=15)
