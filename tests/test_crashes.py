@@ -126,9 +126,9 @@ class Truth:
         """``n`` changes, each on a customer of its own (``fresh``: one never changed before): creates,
         field edits, archives, unarchives, a few deletes, and ``updated_at``-only noise (no event)."""
         fake, rng = self.fake, self.rng
-        usable = (lambda cid: cid not in self.touched) if fresh else (lambda cid: True)
-        active = [c["id"] for c in fake.customers(archived=False) if usable(c["id"])]
-        archived = [c["id"] for c in fake.customers(archived=True) if usable(c["id"])]
+        spent = self.touched if fresh else set()
+        active = [c["id"] for c in fake.customers(archived=False) if c["id"] not in spent]
+        archived = [c["id"] for c in fake.customers(archived=True) if c["id"] not in spent]
         n_unarchive = min(len(archived) // 2, n // 20)
         n_delete = min(2, len(archived) - n_unarchive)
         n_create = n // 6
@@ -216,9 +216,13 @@ def writing(db: Path) -> bool:
         return False
     try:
         probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _WAL_WRITE_LOCK, 1, 0)
-        return struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0] != fcntl.F_UNLCK
+        return bool(struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0] != fcntl.F_UNLCK)
     finally:
         os.close(fd)
+
+
+def exited(daemon: DaemonProcess) -> Callable[[], bool]:
+    return lambda: daemon.proc.poll() is not None
 
 
 def succeeded_polls(db: Path) -> int:
@@ -484,13 +488,16 @@ def test_a_daemon_killed_during_delivery_rounds_delivers_every_event_with_its_or
         daemon is killed ``delay`` seconds after the ``nth``."""
         seen: list[Received] = []
 
+        def kill() -> None:
+            daemon.proc.kill()
+            killed.append(nth)
+
         def on_request(r: Received) -> Reply | None:
             seen.append(r)
             if len(seen) == nth and not delay:  # now, while the receiver holds the request
-                daemon.proc.kill()
-                killed.append(nth)
+                kill()
             elif len(seen) == nth:
-                timer = threading.Timer(delay, lambda: (daemon.proc.kill(), killed.append(nth)))
+                timer = threading.Timer(delay, kill)
                 timer.daemon = True
                 timer.start()
             return Reply(503, b"down for a while") if len(seen) <= failing else None
@@ -507,9 +514,7 @@ def test_a_daemon_killed_during_delivery_rounds_delivers_every_event_with_its_or
             # drawn over the next 45 ms, about the time one request takes.
             delay = rng.uniform(0.0, 0.045) if i % 2 else 0.0
             hooks.on_request = kill_at(daemon := start(), rng.randrange(1, len(changes)), delay, failing)
-            wait_until(
-                lambda d=daemon: d.proc.poll() is not None, f"kill {i}", timeout=60, context=daemon.tail
-            )
+            wait_until(exited(daemon), f"kill {i}", timeout=60, context=daemon.tail)
             hooks.on_request = None
             assert daemon.proc.returncode == -signal.SIGKILL, daemon.tail()
             assert integrity(db) == "ok", f"kill {i}: the database is damaged after a kill"
