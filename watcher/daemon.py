@@ -215,6 +215,7 @@ class Daemon:
             **report.counts(),
             batches=report.batches,
             seconds=round(report.seconds, 3),
+            longest_batch_s=round(report.longest_batch, 4),
             complete=report.complete,
         )
         return report

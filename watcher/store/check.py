@@ -74,7 +74,8 @@ def check_store(store: Store) -> list[Finding]:
                     with conn.begin_nested():  # a check that fails leaves the others their transaction
                         problem = check(conn)
                 except Exception as exc:  # a damaged file fails the check that met it, not the command
-                    problem = f"could not check: {type(exc).__name__}: {exc}".splitlines()[0]
+                    # The driver's own words, without SQLAlchemy's wrapping.
+                    problem = f"could not check: {getattr(exc, 'orig', None) or exc}".splitlines()[0]
                 findings.append(Finding(name, problem is None, problem or ""))
         finally:
             with contextlib.suppress(Exception):
@@ -86,7 +87,9 @@ def _integrity(conn: Connection) -> str | None:
     rows = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check(20)")]
     if rows == ["ok"]:
         return None
-    return "; ".join(str(r) for r in rows[:3]) + (f" (and {len(rows) - 3} more)" if len(rows) > 3 else "")
+    # One problem a line (a row may hold several), without the "*** in database main ***" heading.
+    lines = [x for r in rows for x in str(r).splitlines() if x.strip() and not x.startswith("***")]
+    return "; ".join(lines[:3]) + (f" (and {len(lines) - 3} more)" if len(lines) > 3 else "")
 
 
 def _foreign_keys(conn: Connection) -> str | None:

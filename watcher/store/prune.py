@@ -48,6 +48,8 @@ class PruneReport:
     poll_sources: int
     batches: int
     seconds: float
+    #: The longest batch (the longest the write lock was held by this prune), in seconds.
+    longest_batch: float
     dry_run: bool
     #: False when it was stopped before the end (shutting down, or no longer the leader).
     complete: bool
@@ -83,14 +85,22 @@ def prune(
         )
         if dry_run:
             c = queries.prunable_counts(conn, bounds)
-            return PruneReport(**c, batches=0, seconds=time.perf_counter() - t0, dry_run=True, complete=True)
+            return PruneReport(
+                **c,
+                batches=0,
+                seconds=time.perf_counter() - t0,
+                longest_batch=0.0,
+                dry_run=True,
+                complete=True,
+            )
     totals = {"deliveries": 0, "events": 0, "polls": 0, "poll_sources": 0}
     batches = 0
+    longest = 0.0
     stopped = False
 
     def run(step: Callable[[int], int | None]) -> None:
         """Batches of one kind until none is left, resting between them."""
-        nonlocal batches, stopped
+        nonlocal batches, longest, stopped
         cursor: int | None = 0
         while cursor is not None:
             if should_stop():
@@ -99,8 +109,10 @@ def prune(
             started = time.perf_counter()
             cursor = step(cursor)
             batches += 1
+            took = time.perf_counter() - started
+            longest = max(longest, took)
             if cursor is not None:
-                sleep(max(pause, time.perf_counter() - started))
+                sleep(max(pause, took))
 
     def deliveries(after: int) -> int | None:
         with store.write() as conn:
@@ -131,6 +143,7 @@ def prune(
         **totals,
         batches=batches,
         seconds=time.perf_counter() - t0,
+        longest_batch=longest,
         dry_run=False,
         complete=not stopped,
     )

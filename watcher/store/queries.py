@@ -880,23 +880,29 @@ def prune_bounds(
     ).all()
     # With fewer than two successes every failure may still be part of the story notices tell.
     floor = int(successes[1][0] or 0) if len(successes) == 2 else 0
-    kept_polls = conn.execute(
-        select(func.max(col(PollSource.poll_id)))
-        .where(col(PollSource.outcome) == PollOutcome.SUCCEEDED)
-        .group_by(col(PollSource.source))
-    ).all()
-    kept_events = conn.execute(
-        select(func.max(seq)).where(col(EventRecord.type).like("watcher.%")).group_by(col(EventRecord.type))
-    ).all()
+    # One index seek per source and per notice type (a GROUP BY would read the whole index).
+    kept_polls = [
+        conn.execute(
+            select(func.max(col(PollSource.poll_id))).where(
+                col(PollSource.source) == source, col(PollSource.outcome) == PollOutcome.SUCCEEDED
+            )
+        ).scalar()
+        for source in Source
+    ]
+    kept_events = [
+        conn.execute(select(func.max(seq)).where(col(EventRecord.type) == t)).scalar()
+        for t in EventType
+        if t.startswith("watcher.")
+    ]
     return PruneBounds(
         deliveries_before=deliveries_before,
         delivery_sequence_below=first_event_at(deliveries_before),
         polls_before=polls_before,
         poll_id_below=min(int(first_run), floor),
-        kept_polls=tuple(sorted(int(r[0]) for r in kept_polls)),
+        kept_polls=tuple(sorted(int(p) for p in kept_polls if p is not None)),
         events_before=events_before,
         event_sequence_below=0 if events_before is None else min(first_event_at(events_before), last),
-        kept_events=tuple(sorted(int(r[0]) for r in kept_events)),
+        kept_events=tuple(sorted(int(e) for e in kept_events if e is not None)),
     )
 
 
