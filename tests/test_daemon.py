@@ -18,13 +18,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
+from watcher._time import utcnow
 from watcher.app import App, build_app
 from watcher.config import parse_config
 from watcher.daemon import Daemon
@@ -544,6 +547,41 @@ def test_polls_never_overlap(fake: SimulatedMetronome, tmp_path: Path) -> None:
         daemon.stop()
     assert results[0] is not None and results[0].ok
     assert db_rows(tmp_path / "w.db", "SELECT COUNT(*) FROM poll_runs") == [(1,)]
+
+
+def test_the_hourly_prune_job_deletes_what_the_windows_let_go_and_logs_one_line(
+    fake: SimulatedMetronome, tmp_path: Path
+) -> None:
+    fake.seed(5)
+    later = utcnow() + timedelta(days=100)
+    daemon = Daemon(make_app(fake, tmp_path), clock=lambda: later)
+    try:
+        for _ in range(3):
+            result = daemon.poll_once()
+            assert result is not None and result.ok
+        with capture_logs() as logs:
+            report = daemon.prune_once()
+    finally:
+        daemon.stop()
+    # Three successes, 100 days old: the last two stay (notices and has_baseline count on them).
+    assert report is not None and (report.polls, report.poll_sources, report.deliveries) == (1, 1, 0)
+    (line,) = [x for x in logs if x["event"] == "store.pruned"]
+    assert (line["polls"], line["poll_sources"], line["events"], line["complete"]) == (1, 1, 0, True)
+    assert db_rows(tmp_path / "w.db", "SELECT id FROM poll_runs ORDER BY id") == [(2,), (3,)]
+
+
+def test_the_prune_job_is_scheduled_hourly_from_a_few_minutes_after_start(
+    fake: SimulatedMetronome, tmp_path: Path
+) -> None:
+    start = utcnow()
+    daemon = Daemon(make_app(fake, tmp_path), clock=lambda: start)
+    try:
+        daemon.start()
+        job = daemon.scheduler.get_job("prune")
+        assert job.next_run_time == start + timedelta(minutes=5)
+        assert job.trigger.interval == timedelta(hours=1)
+    finally:
+        daemon.stop()
 
 
 def test_a_taken_health_port_is_a_config_error(fake: SimulatedMetronome, tmp_path: Path) -> None:

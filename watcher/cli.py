@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,7 +40,10 @@ from .events import PollOutcome, Source, change_line, customer_name, plain_value
 from .notices import failure_streak
 from .poll import PollResult
 from .store import SinkStatus, Store
+from .store.backup import backup
+from .store.check import check_store
 from .store.lease import LeaseKeeper
+from .store.prune import prune
 from .store.transfer import copy_store
 
 __all__ = ["main"]
@@ -149,6 +152,20 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         metavar="URL",
         help="postgresql://user@host:5432/db (a password in ${VAR}, or from PGPASSWORD)",
+    )
+    m = store_sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete delivered outbox rows, poll runs and events older than [store] keep_* says",
+    )
+    m.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    m = store_sub.add_parser(
+        "backup", parents=[common], help="a consistent copy of the SQLite store, while the daemon runs"
+    )
+    m.add_argument("file", metavar="FILE", type=Path, help="where the copy goes")
+    m.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    store_sub.add_parser(
+        "check", parents=[common], help="integrity_check and the store's own invariants (exit 1 on a failure)"
     )
     return p
 
@@ -555,6 +572,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
+    """``store migrate|prune|backup|check``."""
+    return int(_STORE_COMMANDS[args.store_command](args))
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
     """``store migrate --to URL``: the SQLite store of the config copied into PostgreSQL."""
     config = _config(args)
     if config.store.postgres:
@@ -583,6 +605,84 @@ def cmd_store(args: argparse.Namespace) -> int:
         f"Now set [store] url (and remove path) in the config, and start the watcher on it."
     )
     return 0
+
+
+def cmd_store_prune(args: argparse.Namespace) -> int:
+    """``store prune [--dry-run]``: what the ``[store] keep_*`` windows let go, in short batches."""
+    config = _config(args)
+    keep = config.store
+    store = _open_store(config)
+    try:
+        report = prune(store, keep, now=utcnow(), dry_run=args.dry_run)
+    finally:
+        store.close()
+
+    def age(d: timedelta) -> str:
+        seconds = d.total_seconds()
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds >= size and seconds % size == 0:
+                return f"{seconds / size:g}{unit}"
+        return f"{seconds:g}s"
+
+    verb = "would delete" if report.dry_run else "deleted"
+    kept = (
+        "the audit log is kept (keep_events unset)"
+        if keep.keep_events is None
+        else (f"{report.events} event(s) older than {age(keep.keep_events)}")
+    )
+    print(
+        f"{verb}: {report.deliveries} delivered outbox row(s) older than {age(keep.keep_deliveries)}; "
+        f"{report.polls} poll run(s) older than {age(keep.keep_polls)} (and {report.poll_sources} "
+        f"source row(s)); {kept}"
+    )
+    return 0
+
+
+def cmd_store_backup(args: argparse.Namespace) -> int:
+    """``store backup FILE [--force]``: a checked copy of the SQLite store, made while it runs."""
+    config = _config(args)
+    if config.store.postgres:
+        raise ConfigError(
+            "store.url: store backup copies a SQLite store; back up PostgreSQL with pg_dump "
+            "(docs/operations.md)"
+        )
+    store = _open_store(config)
+    try:
+        report = backup(store, args.file, force=args.force)
+    except FileExistsError:
+        print(f"{PROG}: {args.file} exists; --force replaces it", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(
+        f"backed up {store.description} to {report.path}: {report.bytes} bytes, schema version "
+        f"{report.schema_version}, last sequence {report.last_sequence}; integrity_check ok "
+        f"({report.seconds:.1f}s)"
+    )
+    return 0
+
+
+def cmd_store_check(args: argparse.Namespace) -> int:
+    """``store check``: each check with ok or FAILED; exit 1 when any failed."""
+    config = _config(args)
+    store = _open_store(config)
+    try:
+        findings = check_store(store)
+    finally:
+        store.close()
+    for f in findings:
+        print(f"{'ok' if f.ok else 'FAILED':<7}{f.name}" + (f": {f.detail}" if f.detail else ""))
+    failed = [f for f in findings if not f.ok]
+    print(f"store check: {len(findings)} checks, " + (f"{len(failed)} FAILED" if failed else "all ok"))
+    return 1 if failed else 0
+
+
+_STORE_COMMANDS = {
+    "migrate": cmd_store_migrate,
+    "prune": cmd_store_prune,
+    "backup": cmd_store_backup,
+    "check": cmd_store_check,
+}
 
 
 _COMMANDS = {

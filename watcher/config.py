@@ -183,6 +183,12 @@ class StoreConfig(_Model):
     path: Path = Path("metronome-watcher.db")
     #: ``postgresql://user@host:5432/db``: the password as ``${VAR}`` in it, or from ``PGPASSWORD``.
     url: Annotated[SecretStr, AfterValidator(_store_url)] | None = None
+    #: Housekeeping (``store prune``, hourly in the daemon): delivered outbox rows older than this go.
+    keep_deliveries: Duration = timedelta(days=30)
+    #: Poll runs (and each source's row of them) older than this go; the ones notices need stay.
+    keep_polls: Duration = timedelta(days=90)
+    #: Audit events older than this go, once no outbox row holds them; None: kept forever.
+    keep_events: Duration | None = None
 
     @model_validator(mode="after")
     def _one_engine(self) -> StoreConfig:
@@ -190,6 +196,12 @@ class StoreConfig(_Model):
             raise ValueError(
                 "both path (SQLite) and url (PostgreSQL) are set; keep the one you mean "
                 "(to move a SQLite store to PostgreSQL: metronome-watcher store migrate --to URL)"
+            )
+        if self.keep_events is not None and self.keep_events < self.keep_deliveries:
+            # An event goes only once its outbox rows have: a shorter window would not be kept.
+            raise ValueError(
+                "keep_events is shorter than keep_deliveries; an event is pruned only after its "
+                "deliveries, so keep_events must be at least keep_deliveries"
             )
         return self
 

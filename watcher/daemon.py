@@ -10,6 +10,8 @@ Scheduling (APScheduler 3.x, one background scheduler, two jobs):
   late picture beats a skipped one.
 * **deliver** on its own shorter interval, so a sink that was backing off is retried without waiting
   for the next poll; a poll that recorded events also delivers them right away.
+* **prune** hourly (first a few minutes after start-up), on the leader: what ``[store] keep_*`` lets
+  go, in short batches (:mod:`watcher.store.prune`), logged as one ``store.pruned`` line.
 
 Threads, and why: each poll runs in its own daemon thread, watched by the scheduler's job thread.
 The watcher enforces ``schedule.poll_timeout`` by setting that poll's *own* cancel flag (the cycle
@@ -65,6 +67,7 @@ from .poll import PollResult
 from .schedule import poll_trigger
 from .store import queries
 from .store.lease import LeaseKeeper
+from .store.prune import PruneReport, prune
 from .web import WebServer
 
 __all__ = ["Daemon"]
@@ -73,6 +76,10 @@ log = structlog.get_logger("watcher.daemon")
 
 #: How long :meth:`Daemon.stop` may take: Docker and Kubernetes send SIGKILL 10 s after SIGTERM.
 _STOP_BUDGET = 8.0
+#: Housekeeping: how often, and how long after start-up the first time (a daemon restarted more
+#: often than hourly still prunes).
+_PRUNE_EVERY = timedelta(hours=1)
+_PRUNE_FIRST = timedelta(minutes=5)
 
 
 # -- the daemon ---------------------------------------------------------------------------------
@@ -122,6 +129,8 @@ class Daemon:
         self._poll_cancel: threading.Event | None = None
         self._poll_started: float | None = None
         self._drains: set[threading.Thread] = set()
+        #: Held while a prune runs, so that :meth:`stop` lets its batch end before closing the store.
+        self._prune_lock = threading.Lock()
         self._stopped = False
         #: Leadership among replicas (a PostgreSQL store); None with SQLite.
         self.lease: LeaseKeeper | None = None
@@ -185,6 +194,31 @@ class Daemon:
         """Drain every sink once (each in its own thread), unless shutting down or standing by."""
         if not self.cancel.is_set() and self.leading:
             self._drain_all()
+
+    def prune_once(self) -> PruneReport | None:
+        """Delete what the ``[store] keep_*`` windows let go (on the leader); None when skipped or failed."""
+        if self.cancel.is_set() or not self.leading:
+            return None
+        with self._prune_lock:
+            try:
+                report = prune(
+                    self.app.store,
+                    self.config.store,
+                    now=self.clock(),
+                    should_stop=lambda: self.cancel.is_set() or not self.leading,
+                )
+            except Exception as exc:  # the next hour tries again; nothing is half-deleted
+                log.error("store.prune_failed", error=repr(exc))
+                return None
+        log.info(
+            "store.pruned",
+            **report.counts(),
+            batches=report.batches,
+            seconds=round(report.seconds, 3),
+            longest_batch_s=round(report.longest_batch, 4),
+            complete=report.complete,
+        )
+        return report
 
     # -- leadership -----------------------------------------------------------------------------
 
@@ -408,6 +442,16 @@ class Daemon:
             coalesce=True,
             misfire_grace_time=None,
         )
+        self.scheduler.add_job(
+            self.prune_once,
+            IntervalTrigger(seconds=_PRUNE_EVERY.total_seconds(), timezone="UTC"),
+            id="prune",
+            name="prune",
+            next_run_time=self.clock() + _PRUNE_FIRST,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
         self.scheduler.start()
         if self.lease is not None:
             self.lease.start()  # standing by until it has the lease: the jobs do nothing till then
@@ -450,6 +494,8 @@ class Daemon:
             drains = list(self._drains)
         for t in drains:
             t.join(max(0.0, deadline - time.monotonic()))
+        if self._prune_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._prune_lock.release()  # a prune stops after its batch in flight
         pending = [t.name.removeprefix("deliver:") for t in drains if t.is_alive()]
         if pending:
             log.warning("daemon.deliveries_left_pending", sinks=pending)

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Select,
     and_,
     cast,
+    delete,
     exists,
     func,
     insert,
@@ -55,6 +56,7 @@ __all__ = [
     "MANY_CUSTOMERS",
     "EventPage",
     "FailureCounts",
+    "PruneBounds",
     "ReplaySelection",
     "SinkStatus",
     "append_events",
@@ -77,6 +79,11 @@ __all__ = [
     "mark_attempt",
     "match_customers",
     "plan_counts",
+    "prunable_counts",
+    "prune_bounds",
+    "prune_deliveries",
+    "prune_events",
+    "prune_polls",
     "query_events",
     "record_refused_poll",
     "record_source",
@@ -819,3 +826,189 @@ def enable_sink(conn: Connection, sink: str) -> bool:
         .values(disabled=False, disabled_reason=None, consecutive_failures=0, next_attempt_at=None)
     )
     return was_disabled
+
+
+# -- housekeeping ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneBounds:
+    """How far one prune may go, found before it deletes anything. Each batch checks its rows again
+    in its own transaction, so a row that changed since (a replayed delivery) is left alone."""
+
+    #: Delivered outbox rows delivered before this time go.
+    deliveries_before: str
+    #: ... and they belong to events below this sequence (those detected before that time).
+    delivery_sequence_below: int
+    #: Poll runs started before this time go ...
+    polls_before: str
+    #: ... with an id below this: none after the success before the last one (notices count them).
+    poll_id_below: int
+    #: The last successful run of each source (``has_baseline``): kept whatever its age.
+    kept_polls: tuple[int, ...]
+    #: Audit events detected before this time go (None: the audit log is kept forever) ...
+    events_before: str | None
+    #: ... below this sequence: never the newest event, whose sequence the next one follows.
+    event_sequence_below: int
+    #: The newest event of each ``watcher.*`` type (the notices' state is read from them): kept.
+    kept_events: tuple[int, ...]
+
+
+def prune_bounds(
+    conn: Connection, *, deliveries_before: str, polls_before: str, events_before: str | None
+) -> PruneBounds:
+    """The bounds of a prune at these cut-offs (each found on an index, reading no range)."""
+    seq, detected = col(EventRecord.sequence), col(EventRecord.detected_at)
+    last = last_sequence(conn)
+
+    def first_event_at(when: str) -> int:
+        q = select(seq).where(detected >= when).order_by(detected, seq).limit(1)
+        found = conn.execute(q).scalar()
+        return int(found) if found is not None else last + 1
+
+    run_id = col(PollRun.id)
+    first_run = conn.execute(
+        select(run_id)
+        .where(col(PollRun.started_at) >= polls_before)
+        .order_by(col(PollRun.started_at))
+        .limit(1)
+    ).scalar()
+    if first_run is None:
+        first_run = int(conn.execute(select(func.coalesce(func.max(run_id), 0))).scalar() or 0) + 1
+    successes = conn.execute(
+        select(run_id).where(col(PollRun.outcome) == PollOutcome.SUCCEEDED).order_by(run_id.desc()).limit(2)
+    ).all()
+    # With fewer than two successes every failure may still be part of the story notices tell.
+    floor = int(successes[1][0] or 0) if len(successes) == 2 else 0
+    # One index seek per source and per notice type (a GROUP BY would read the whole index).
+    kept_polls = [
+        conn.execute(
+            select(func.max(col(PollSource.poll_id))).where(
+                col(PollSource.source) == source, col(PollSource.outcome) == PollOutcome.SUCCEEDED
+            )
+        ).scalar()
+        for source in Source
+    ]
+    kept_events = [
+        conn.execute(select(func.max(seq)).where(col(EventRecord.type) == t)).scalar()
+        for t in EventType
+        if t.startswith("watcher.")
+    ]
+    return PruneBounds(
+        deliveries_before=deliveries_before,
+        delivery_sequence_below=first_event_at(deliveries_before),
+        polls_before=polls_before,
+        poll_id_below=min(int(first_run), floor),
+        kept_polls=tuple(sorted(int(p) for p in kept_polls if p is not None)),
+        events_before=events_before,
+        event_sequence_below=0 if events_before is None else min(first_event_at(events_before), last),
+        kept_events=tuple(sorted(int(e) for e in kept_events if e is not None)),
+    )
+
+
+def _delivered_before(cutoff: str) -> list[Any]:
+    return [col(OutboxRow.status) == DeliveryState.DELIVERED, col(OutboxRow.delivered_at) < cutoff]
+
+
+def _prunable_events(bounds: PruneBounds, *, after: int) -> list[Any]:
+    seq = col(EventRecord.sequence)
+    conds = [
+        seq > after,
+        seq < bounds.event_sequence_below,
+        col(EventRecord.detected_at) < bounds.events_before,
+    ]
+    if bounds.kept_events:
+        conds.append(seq.not_in(bounds.kept_events))
+    return conds
+
+
+def _prunable_polls(bounds: PruneBounds, *, after: int) -> list[Any]:
+    run_id = col(PollRun.id)
+    conds = [run_id > after, run_id < bounds.poll_id_below, col(PollRun.started_at) < bounds.polls_before]
+    if bounds.kept_polls:
+        conds.append(run_id.not_in(bounds.kept_polls))
+    return conds
+
+
+def prune_deliveries(
+    conn: Connection, bounds: PruneBounds, *, after: int, limit: int
+) -> tuple[int, int | None]:
+    """Delete the delivered outbox rows of up to ``limit`` events above sequence ``after`` (pending
+    and dead rows stay: they are still to deliver, or to ``replay``). Returns (rows deleted, the
+    cursor to pass next; None when nothing is left)."""
+    seq = col(OutboxRow.sequence)
+    window = [seq > after, seq < bounds.delivery_sequence_below, *_delivered_before(bounds.deliveries_before)]
+    found = conn.execute(select(seq).where(*window).order_by(seq).limit(limit)).all()
+    if not found:
+        return 0, None
+    upto = int(found[-1][0])
+    deleted = conn.execute(delete(OutboxRow).where(*window, seq <= upto)).rowcount
+    return int(deleted or 0), upto if len(found) == limit else None
+
+
+def prune_events(conn: Connection, bounds: PruneBounds, *, after: int, limit: int) -> tuple[int, int | None]:
+    """Delete up to ``limit`` audit events above sequence ``after`` that no outbox row holds any
+    more (one pending, dead, or delivered within ``keep_deliveries`` keeps its event)."""
+    if bounds.events_before is None:
+        return 0, None
+    seq = col(EventRecord.sequence)
+    held = exists().where(col(OutboxRow.sequence) == seq)
+    found = [
+        int(r[0])
+        for r in conn.execute(
+            select(seq).where(*_prunable_events(bounds, after=after), ~held).order_by(seq).limit(limit)
+        )
+    ]
+    if not found:
+        return 0, None
+    deleted = conn.execute(delete(EventRecord).where(seq.in_(found))).rowcount
+    return int(deleted or 0), found[-1] if len(found) == limit else None
+
+
+def prune_polls(
+    conn: Connection, bounds: PruneBounds, *, after: int, limit: int
+) -> tuple[int, int, int | None]:
+    """Delete up to ``limit`` poll runs above id ``after``, each with its sources' rows. Returns
+    (runs deleted, source rows deleted, the cursor to pass next or None)."""
+    run_id = col(PollRun.id)
+    found = [
+        int(r[0] or 0)
+        for r in conn.execute(
+            select(run_id).where(*_prunable_polls(bounds, after=after)).order_by(run_id).limit(limit)
+        )
+    ]
+    if not found:
+        return 0, 0, None
+    sources = conn.execute(delete(PollSource).where(col(PollSource.poll_id).in_(found))).rowcount
+    runs = conn.execute(delete(PollRun).where(run_id.in_(found))).rowcount
+    return int(runs or 0), int(sources or 0), found[-1] if len(found) == limit else None
+
+
+def prunable_counts(conn: Connection, bounds: PruneBounds) -> dict[str, int]:
+    """What a prune at ``bounds`` would delete now: outbox rows, events, poll runs, source rows."""
+    seq = col(OutboxRow.sequence)
+    deliveries = conn.execute(
+        select(func.count()).where(
+            seq < bounds.delivery_sequence_below, *_delivered_before(bounds.deliveries_before)
+        )
+    ).scalar()
+    events = 0
+    if bounds.events_before is not None:
+        # An event goes once every outbox row it has would have gone first.
+        staying = exists().where(
+            col(OutboxRow.sequence) == col(EventRecord.sequence),
+            ~and_(*_delivered_before(bounds.deliveries_before)),
+        )
+        events = (
+            conn.execute(select(func.count()).where(*_prunable_events(bounds, after=0), ~staying)).scalar()
+            or 0
+        )
+    runs = select(col(PollRun.id)).where(*_prunable_polls(bounds, after=0))
+    polls = conn.execute(select(func.count()).select_from(runs.subquery())).scalar()
+    sources = conn.execute(select(func.count()).where(col(PollSource.poll_id).in_(runs))).scalar()
+    return {
+        "deliveries": int(deliveries or 0),
+        "events": int(events),
+        "polls": int(polls or 0),
+        "poll_sources": int(sources or 0),
+    }
