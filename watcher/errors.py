@@ -14,10 +14,10 @@ The tree, in the manner of httpx's::
     ├── PollCancelled        the cycle was abandoned on request (shutdown, poll timeout)
     ├── NotLeader            this replica does not hold the leader lease (any more): it committed
     │                        nothing
-    └── StoreError           the database cannot be used; ``kind`` says why (``StoreErrorKind``):
-                             disk_full, read_only, busy, corrupt, io, unavailable (cannot open or
-                             connect), foreign (another program's database: exit code 2), or
-                             other (e.g. written by a newer release)
+    └── StoreError           the database cannot be used (exit code 1); ``kind`` says why
+                             (``StoreErrorKind``): disk_full, read_only, busy, corrupt, io,
+                             unavailable (cannot open or connect), foreign (another program's
+                             database: exit code 2), other (e.g. written by a newer release)
 
 Third-party exceptions (httpx, sqlite3, psycopg, SQLAlchemy, pydantic) are translated at the
 boundary with ``raise ... from exc`` so callers only ever need to know this tree: every database

@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -960,3 +961,16 @@ def test_a_poll_that_cannot_even_be_recorded_fails_in_memory_and_the_next_one_go
     finally:
         holder.close()
         store.close()
+
+
+@sqlite_only
+def test_a_poll_lock_that_cannot_be_opened_is_a_failed_poll_in_one_line(
+    fake: SimulatedMetronome, engine: str, harness: Harness
+) -> None:
+    lock = Path(f"{harness.db}.lock")
+    lock.mkdir()  # in the way of the lock file
+
+    result = harness.poller.run()
+
+    assert (result.outcome, result.recorded) == ("failed", False)
+    assert result.error == f"database error: cannot open the poll lock {lock}: Is a directory"

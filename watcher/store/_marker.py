@@ -2,8 +2,8 @@
 
 A store is marked when it is created, or when a store of an earlier release (one without the
 marker) is first opened: a row in ``meta`` (``application = metronome-watcher``) on both engines,
-and on SQLite also the file header's ``application_id``, which tools such as ``file`` read and
-which :func:`check_file` reads without opening the file as a database.
+and on SQLite also the file header's ``application_id``, which :func:`check_file` reads without
+opening the file as a database.
 
 A database is used when it is marked, empty (no tables: it is created and marked), or an earlier
 release's store (``meta`` with a schema version, and the tables every release has had). Anything
