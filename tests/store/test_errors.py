@@ -186,7 +186,7 @@ def test_a_non_database_error_is_not_translated(tmp_path: Path) -> None:
 
 def test_a_disk_that_fills_up_says_disk_full_with_the_free_space(small_disk: SmallDisk) -> None:
     # An I/O error with next to nothing free is the full disk it is (SQLite reports some as I/O).
-    db = small_disk.root / "metronome-watcher.db"
+    db = small_disk.root / "store.db"  # (another test registers "metronome-watcher" as a secret)
     store = Store(db)
     try:
         small_disk.fill(leave=16 * 1024)
