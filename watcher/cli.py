@@ -247,13 +247,16 @@ def cmd_poll(args: argparse.Namespace) -> int:
             f"{result.pages} pages; {label}"
         )
         return 0
-    print(f"{_poll_label(result)} {result.outcome}: {result.error}", file=sys.stderr)
+    print(_poll_failure(result), file=sys.stderr)
     return 1
 
 
-def _poll_label(result: PollResult) -> str:
-    """``poll 12``, or ``poll`` when the database could not even record the poll run."""
-    return f"poll {result.poll_id}" if result.poll_id else "poll"
+def _poll_failure(result: PollResult) -> str:
+    """``poll 12 failed: ...``; ``poll failed: ...`` when the database could not even record the poll
+    run, and saying so when it could not record the failure."""
+    label = f"poll {result.poll_id}" if result.poll_id else "poll"
+    unrecorded = "" if result.recorded else " (the database could not record it)"
+    return f"{label} {result.outcome}: {result.error}{unrecorded}"
 
 
 def _print_poll_of_both(result: PollResult) -> int:
@@ -283,7 +286,7 @@ def _print_poll_of_both(result: PollResult) -> int:
     if parts:
         which = Source.CUSTOMERS if result.customers_ok else Source.PLANS
         print(f"poll {result.poll_id} {which} ok: {'; '.join(parts)}")
-    print(f"{_poll_label(result)} {result.outcome}: {result.error}", file=sys.stderr)
+    print(_poll_failure(result), file=sys.stderr)
     return 1
 
 
