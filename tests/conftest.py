@@ -30,6 +30,9 @@ from watcher.routing import Route
 from watcher.simulator import SimulatedMetronome
 from watcher.store import Store
 
+# Filesystems that fail, for every test (``small_disk``, ``read_only_dir``).
+from .disks import _small_disk_mount, read_only_dir, small_disk  # noqa: F401
+
 # The receivers' fixtures, for every test (``make_receiver``, ``receiver``, ``clock``, ``fake_time``).
 from .receivers import clock, fake_time, make_receiver, receiver  # noqa: F401
 

@@ -6,8 +6,11 @@ import csv
 import io
 import json
 import os
+import socket
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,9 +18,12 @@ import pytest
 from watcher.simulator import Fault, SimulatedMetronome
 
 from .conftest import TOKEN
+from .disks import SmallDisk
 
 
-def write_config(tmp_path: Path, fake: SimulatedMetronome, extra: str = "") -> Path:
+def write_config(
+    tmp_path: Path, fake: SimulatedMetronome, extra: str = "", *, db: Path | None = None
+) -> Path:
     path = tmp_path / "watcher.toml"
     path.write_text(
         f"""
@@ -27,7 +33,7 @@ max_attempts = 2
 max_retry_wait = "1s"
 
 [store]
-path = "{tmp_path / "watcher.db"}"
+path = "{db or tmp_path / "watcher.db"}"
 
 [logging]
 format = "json"
@@ -372,3 +378,144 @@ def test_poll_with_plans_says_what_each_source_did_and_which_one_failed(
     status = cli(config, "status").stdout.splitlines()
     assert "(failing: plans)" in status[0]
     assert status[2] == "plans watched: 1 plans, 3 memberships (0 ended)"
+
+
+# -- the database failing ---------------------------------------------------------------------------
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    """The one line a failed command printed (its JSON log records aside), with no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text and "sqlalche.me" not in text and "sqlalchemy" not in text, text
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def files_of(path: Path) -> dict[str, tuple[bytes, int]]:
+    """The database's file and any -wal, -shm or -journal beside it: bytes and mtime."""
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(path.parent.iterdir())
+        if p.name.startswith(path.name)
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("free_kib", [0, 16, 64, 256])
+def test_a_full_disk_fails_poll_in_one_line_and_once_freed_every_change_arrives_once(
+    fake: SimulatedMetronome, tmp_path: Path, small_disk: SmallDisk, free_kib: int
+) -> None:
+    db = small_disk.root / "metronome-watcher.db"
+    config = write_config(tmp_path, fake, db=db)
+    ids = [fake.create_customer(f"C{i:03d}", custom_fields={"notes": "n" * 200})["id"] for i in range(200)]
+    assert cli(config, "poll").returncode == 0
+    changed = ids[:60]
+    for cid in changed:
+        fake.set_name(cid, "Renamed " + "r" * 1000)
+    small_disk.fill(leave=free_kib * 1024)
+
+    line = one_line_error(cli(config, "poll"), 1)
+    status = cli(config, "status")
+
+    assert "database error: disk full writing " in line and f"{db}" in line, line
+    assert line.endswith((" free)", " free) (the database could not record it)")), line
+    if line.startswith("poll ") and line.endswith(" free)"):  # the failure is recorded: status shows it
+        assert "database error: disk full writing" in status.stdout
+    elif status.returncode:  # the store does not even open: status says so, in one line
+        assert "database error: disk full writing" in one_line_error(status, 1)
+
+    small_disk.free_up()
+    assert cli(config, "poll").returncode == 0
+    events = jsonl(cli(config, "events", "--format", "jsonl").stdout)
+    assert sorted((e["type"], e["customer_id"]) for e in events) == sorted(
+        ("customer.updated", cid) for cid in changed
+    )
+    delivered = jsonl((tmp_path / "events.jsonl").read_text())
+    assert sorted(e["id"] for e in delivered) == sorted(e["id"] for e in events)  # each once
+
+
+def test_every_command_refuses_another_programs_database_with_exit_2_and_writes_nothing(
+    fake: SimulatedMetronome, tmp_path: Path
+) -> None:
+    db = tmp_path / "app.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    con.execute("INSERT INTO invoices (total) VALUES (12.5)")
+    con.commit()
+    con.close()
+    before = files_of(db)
+    config = write_config(tmp_path, fake, db=db)
+
+    for args in (
+        ["poll"],
+        ["status"],
+        ["events"],
+        ["deliveries"],
+        ["replay", "--sink", "events"],
+        ["enable-sink", "events"],
+        ["store", "migrate", "--to", "postgresql://watcher@127.0.0.1:1/watcher"],
+    ):
+        line = one_line_error(cli(config, *args), 2)
+        assert line == (
+            f"metronome-watcher: database error: {db} is not a metronome-watcher database: it has "
+            "other tables (invoices) and no metronome-watcher marker; nothing was written to it "
+            "(check [store] path)"
+        ), args
+    assert cli(config, "run").returncode == 2
+    assert files_of(db) == before
+
+
+def test_a_file_that_is_not_a_database_is_one_line_and_left_as_it_was(
+    fake: SimulatedMetronome, tmp_path: Path
+) -> None:
+    db = tmp_path / "watcher.db"
+    db.write_bytes(b"these are not the bytes of a database\n" * 100)
+    before = files_of(db)
+    config = write_config(tmp_path, fake)
+
+    for command in ("poll", "status", "events"):
+        assert one_line_error(cli(config, command), 1) == (
+            f"metronome-watcher: database error: {db} is damaged or is not a SQLite database: "
+            "file is not a database"
+        )
+    assert files_of(db) == before
+
+
+def test_a_read_only_store_is_one_line(
+    fake: SimulatedMetronome, tmp_path: Path, read_only_dir: Callable[[], None]
+) -> None:
+    db = tmp_path / "ro" / "watcher.db"
+    config = write_config(tmp_path, fake, db=db)
+    fake.create_customer("Someone")
+    assert cli(config, "poll").returncode == 0
+    read_only_dir()
+
+    line = one_line_error(cli(config, "poll"), 1)
+
+    assert line.startswith(f"metronome-watcher: database error: cannot write {db}: "), line
+    assert line.endswith("(the file, its directory or its filesystem is read-only to this process)")
+
+
+def test_an_unreachable_postgresql_store_is_one_line_without_its_password(
+    fake: SimulatedMetronome, tmp_path: Path
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    config = tmp_path / "watcher.toml"
+    config.write_text(
+        f'[metronome]\nbase_url = "{fake.url}"\n\n[store]\nurl = "postgresql://watcher:${{DB_PASSWORD}}'
+        f'@127.0.0.1:{port}/watcher"\n'
+    )
+    password = "db-pass-SECRET-31415"
+
+    for command in ("status", "poll"):
+        proc = cli(config, command, env={"DB_PASSWORD": password})
+        line = one_line_error(proc, 1)
+        assert line.startswith(
+            "metronome-watcher: database error: cannot connect to "
+            f"postgresql://watcher:***@127.0.0.1:{port}/watcher: "
+        ), line
+        assert password not in proc.stdout + proc.stderr

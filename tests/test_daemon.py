@@ -34,6 +34,8 @@ from watcher.daemon import Daemon
 from watcher.errors import ConfigError
 from watcher.simulator import Fault, SimulatedMetronome
 
+from .disks import SmallDisk
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Looks like a real token so that a leak would be unmistakable.
 TOKEN = "mtr_test_daemon_SECRETtoken_7Hq2"
@@ -704,3 +706,60 @@ def test_the_wheel_installed_as_the_dockerfile_does_starts_and_answers_healthz(
         assert daemon.terminate()[0] == 0
     finally:
         daemon.kill()
+
+
+# -- the database failing under the daemon ----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("free_kib", [0, 64])
+def test_a_full_disk_fails_polls_without_a_crash_is_shown_and_once_freed_each_change_arrives_once(
+    fake: SimulatedMetronome,
+    tmp_path: Path,
+    small_disk: SmallDisk,
+    start_daemon: Callable[[str], DaemonProcess],
+    free_kib: int,
+) -> None:
+    # When not even the failure can be recorded, the daemon keeps it in memory for /readyz.
+    db = small_disk.root / "metronome-watcher.db"
+    delivered = tmp_path / "events.jsonl"
+    sink = f'\n[[sinks]]\ntype = "log"\nname = "events"\npath = "{delivered}"\n'
+    ids = [fake.create_customer(f"C{i:03d}", custom_fields={"notes": "n" * 200})["id"] for i in range(200)]
+    daemon = start_daemon(config_text(fake, db, extra=sink))
+    wait_until(lambda: daemon.logged("poll.completed"), "the baseline", context=daemon.tail)
+    changed = ids[:60]
+    for cid in changed:
+        fake.set_name(cid, "Renamed " + "r" * 1000)
+    small_disk.fill(leave=free_kib * 1024)
+
+    failed = wait_until(lambda: daemon.logged("poll.failed"), "a failed poll", context=daemon.tail)
+    ready = daemon.wait_status("/readyz", 503)  # two intervals without a success: stale
+    scraped = daemon.metrics()
+    small_disk.free_up()
+
+    assert failed[0]["error"].startswith(f"database error: disk full writing {db} ("), failed[0]
+    assert "database error: disk full writing" in ready["last_error"], ready
+    if free_kib == 0:  # nothing at all can be written: the failure lives in the daemon's memory
+        assert failed[0]["recorded"] is False
+        assert ready["unrecorded_failure"]["error"] == ready["last_error"], ready
+    assert sample(scraped, "watcher_polls_total", outcome="failed") >= 1
+    assert sample(scraped, "watcher_store_errors_total", kind="disk_full") >= 1
+
+    def all_delivered() -> list[dict[str, Any]] | None:
+        events = [e for e in jsonl(delivered) if e["type"].startswith("customer.")]
+        return events if len(events) >= len(changed) else None
+
+    events = wait_until(all_delivered, "the changes, once there is room", context=daemon.tail)
+    ready = daemon.wait_status("/readyz", 200)
+    rc, _ = daemon.terminate()
+
+    assert rc == 0
+    assert "unrecorded_failure" not in ready
+    events = [e for e in jsonl(delivered) if e["type"].startswith("customer.")]
+    assert sorted((e["type"], e["customer_id"]) for e in events) == sorted(
+        ("customer.updated", cid) for cid in changed
+    )
+    assert len({e["id"] for e in events}) == len(events)
+    assert not daemon.logged("poll.crashed")
+    assert not [x for x in daemon.lines if x["event"] == "<not json>"], daemon.tail()
+    assert not [x for x in daemon.lines if "exception" in x or "exc_info" in x], daemon.tail()

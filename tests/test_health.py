@@ -152,6 +152,32 @@ def test_readyz_keeps_the_last_error_while_the_next_poll_is_running(server: Serv
     assert body["last_error"] == "HTTP 503 from Metronome"
 
 
+def test_readyz_shows_a_failure_the_database_could_not_record(store: Store) -> None:
+    add_poll(store, "succeeded", finished=NOW - timedelta(seconds=30))
+    failure = {"error": "database error: disk full writing watcher.db (0 bytes free)", "at": format_ts(NOW)}
+    checks = Health(store, max_age=timedelta(minutes=3), clock=lambda: NOW, unrecorded=lambda: failure)
+
+    ok, body = checks.readiness()
+
+    assert ok  # the last success is still fresh: one failure is not unreadiness
+    assert body["last_error"] == failure["error"] and body["unrecorded_failure"] == failure
+
+
+def test_readyz_is_503_with_the_database_error_in_one_line_when_it_cannot_be_read(
+    server: Server, store: Store
+) -> None:
+    add_poll(store, "succeeded", finished=NOW - timedelta(seconds=30))
+    assert store.path is not None
+    store.close()  # its connections: the next read opens the file afresh
+    store.path.write_bytes(b"garbage " * 4096)  # damaged in the meantime
+
+    status, body = server.json("/readyz")
+
+    assert status == 503
+    assert body["ready"] is False
+    assert body["reason"].startswith(f"database error: {store.path} is damaged or is not a SQLite database: ")
+
+
 def test_metrics_is_prometheus_text_with_gauges_refreshed_from_the_store(
     server: Server, store: Store
 ) -> None:

@@ -1,7 +1,8 @@
 """The ``metronome-watcher`` command line.
 
-Exit codes: 0 success, 1 a run that failed (API down, poll refused), 2 bad usage or bad config.
-Configuration errors are one line on stderr, never a traceback.
+Exit codes: 0 success, 1 a run that failed (API down, poll refused, the database failing), 2 bad
+usage or bad config (another program's database at ``[store] path`` included). Configuration and
+database errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .config import (
 from .daemon import Daemon
 from .delivery import ReplaySelection, enable_sink, replay
 from .demo import run_demo
-from .errors import ConfigError, PollRefused, StoreError
+from .errors import ConfigError, PollRefused, StoreError, StoreErrorKind
 from .events import PollOutcome, Source, change_line, customer_name, plain_value, plan_headline
 from .notices import failure_streak
 from .poll import PollResult
@@ -178,8 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:
-        print(f"{PROG}: database error: {exc}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: {exc.reason}", file=sys.stderr)
+        return 2 if exc.kind is StoreErrorKind.FOREIGN else 1
     except KeyboardInterrupt:
         return 130
 
@@ -263,8 +264,16 @@ def cmd_poll(args: argparse.Namespace) -> int:
             f"{result.pages} pages; {label}"
         )
         return 0
-    print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)
+    print(_poll_failure(result), file=sys.stderr)
     return 1
+
+
+def _poll_failure(result: PollResult) -> str:
+    """``poll 12 failed: ...``; ``poll failed: ...`` when the database could not even record the poll
+    run, and saying so when it could not record the failure."""
+    label = f"poll {result.poll_id}" if result.poll_id else "poll"
+    unrecorded = "" if result.recorded else " (the database could not record it)"
+    return f"{label} {result.outcome}: {result.error}{unrecorded}"
 
 
 def _print_poll_of_both(result: PollResult) -> int:
@@ -294,7 +303,7 @@ def _print_poll_of_both(result: PollResult) -> int:
     if parts:
         which = Source.CUSTOMERS if result.customers_ok else Source.PLANS
         print(f"poll {result.poll_id} {which} ok: {'; '.join(parts)}")
-    print(f"poll {result.poll_id} {result.outcome}: {result.error}", file=sys.stderr)
+    print(_poll_failure(result), file=sys.stderr)
     return 1
 
 

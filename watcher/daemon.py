@@ -59,7 +59,7 @@ from . import metrics
 from ._time import Clock, format_ts, parse_ts, utcnow
 from .app import App
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .events import EventType, PollOutcome
 from .health import Health
 from .notices import announce
@@ -118,6 +118,9 @@ class Daemon:
         #: Set once, by :meth:`stop`: the whole daemon is shutting down.
         self.cancel = threading.Event()
         self.last_result: PollResult | None = None
+        #: The last poll's failure when the database could not record it (the disk is still full):
+        #: ``/readyz`` shows it until a poll is recorded again. None otherwise.
+        self.unrecorded_failure: dict[str, str] | None = None
         #: The one HTTP server (health, and the web view when ``[web]`` is on); None without a port.
         self.health: WebServer | None = None
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -276,6 +279,9 @@ class Daemon:
             run.result = result
             if result is not None:
                 self.last_result = result
+                self.unrecorded_failure = (
+                    None if result.recorded else {"error": result.error or "", "at": format_ts(self.clock())}
+                )
             if not self.cancel.is_set() and self.leading:
                 notices = self._track_failures()
             if result is not None and self.on_poll is not None:
@@ -319,6 +325,8 @@ class Daemon:
         try:
             with self.app.store.write() as conn:
                 queries.time_out_poll(conn, result.poll_id, error=error)
+        except StoreError as exc:
+            log.error("daemon.record_timeout_failed", poll_id=result.poll_id, error=exc.reason)
         except Exception as exc:
             log.error("daemon.record_timeout_failed", poll_id=result.poll_id, error=repr(exc))
         return dataclasses.replace(result, outcome=PollOutcome.FAILED, error=error)
@@ -327,6 +335,9 @@ class Daemon:
         """Record ``watcher.poll_failing`` / ``watcher.poll_recovered`` when due; returns how many."""
         try:
             return self._track_failures_unsafe()
+        except StoreError as exc:  # e.g. the disk is full: the next poll tries again
+            log.error("daemon.notice_failed", error=exc.reason)
+            return 0
         except Exception as exc:  # the next poll re-derives the state and tries again
             log.exception("daemon.notice_failed", error=repr(exc))
             return 0
@@ -408,6 +419,7 @@ class Daemon:
                 alive=self.liveness_problem,
                 sinks=list(self.app.deliverer.sinks),
                 ha=self.ha_state if self.lease is not None else None,
+                unrecorded=lambda: self.unrecorded_failure,
             )
             self.health = WebServer(checks, port=cfg.health.port, host=cfg.health.host, web=cfg.web)
             try:

@@ -38,7 +38,7 @@ from . import metrics
 from ._retry import Backoff
 from ._time import Clock, format_ts, utcnow
 from .config import DeliveryConfig
-from .errors import NotLeader
+from .errors import NotLeader, StoreError
 from .events import DeliveryState, OutcomeKind
 from .sinks import Outcome, Sink
 from .store import SinkState, Store, queries
@@ -104,6 +104,9 @@ class Deliverer:
         except NotLeader as exc:  # a replica that lost the leader lease: its marks did not land
             log.warning("delivery.not_leader", sink=name, error=str(exc))
             report.errors.append(str(exc))
+        except StoreError as exc:  # e.g. a full disk: what was sent and not marked is sent again
+            log.error("delivery.store_error", sink=name, error=exc.reason)
+            report.errors.append(exc.reason)
         except Exception as exc:  # a sink bug must not take the daemon down: log, retry later
             log.exception("delivery.error", sink=name, error=repr(exc))
             report.errors.append(repr(exc))
@@ -238,7 +241,12 @@ class Deliverer:
         )
 
     def _update_gauges(self, name: str) -> None:
-        for status in self.store.delivery_status(self.clock(), sinks=[name]):
+        try:
+            statuses = self.store.delivery_status(self.clock(), sinks=[name])
+        except StoreError as exc:  # the gauges stay as they were until the database answers
+            log.warning("delivery.gauges_stale", sink=name, error=exc.reason)
+            return
+        for status in statuses:
             metrics.OUTBOX_BACKLOG.labels(name).set(status.pending)
             metrics.OUTBOX_OLDEST_PENDING_AGE.labels(name).set(status.oldest_pending_age or 0)
 

@@ -14,14 +14,21 @@ The tree, in the manner of httpx's::
     ├── PollCancelled        the cycle was abandoned on request (shutdown, poll timeout)
     ├── NotLeader            this replica does not hold the leader lease (any more): it committed
     │                        nothing
-    └── StoreError           the database cannot be used (e.g. written by a newer release)
+    └── StoreError           the database cannot be used (exit code 1); ``kind`` says why
+                             (``StoreErrorKind``): disk_full, read_only, busy, corrupt, io,
+                             unavailable (cannot open or connect), foreign (another program's
+                             database: exit code 2), other (e.g. written by a newer release)
 
-Third-party exceptions (httpx, sqlite, pydantic) are translated at the boundary with
-``raise ... from exc`` so callers only ever need to know this tree. No message built here may
-contain a secret: errors are logged and stored in the poll history.
+Third-party exceptions (httpx, sqlite3, psycopg, SQLAlchemy, pydantic) are translated at the
+boundary with ``raise ... from exc`` so callers only ever need to know this tree: every database
+error is translated by the store (:mod:`watcher.store._errors`); one that is not a database's
+(a bug) stays what it is. No message built here may contain a secret: errors are logged and
+stored in the poll history.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 __all__ = [
     "APIDataError",
@@ -33,6 +40,7 @@ __all__ = [
     "PollCancelled",
     "PollRefused",
     "StoreError",
+    "StoreErrorKind",
     "WatcherError",
 ]
 
@@ -88,5 +96,32 @@ class NotLeader(WatcherError):
     it was committed."""
 
 
+class StoreErrorKind(StrEnum):
+    """What went wrong with the database, in the words an operator acts on."""
+
+    DISK_FULL = "disk_full"
+    READ_ONLY = "read_only"
+    #: Another process holds a lock longer than we wait (SQLite), a lock or deadlock timeout.
+    BUSY = "busy"
+    #: The file is damaged, or is not a database at all.
+    CORRUPT = "corrupt"
+    IO = "io"
+    #: The file cannot be opened, or the server cannot be reached (or the connection was lost).
+    UNAVAILABLE = "unavailable"
+    #: Another program's database: other tables and no metronome-watcher marker.
+    FOREIGN = "foreign"
+    OTHER = "other"
+
+
 class StoreError(WatcherError):
-    """The database cannot be used as it is."""
+    """The database cannot be used as it is: ``str(err)`` is one line that names the database
+    (its file, or its URL without the password) and says what happened; ``kind`` classifies it."""
+
+    def __init__(self, message: str, *, kind: StoreErrorKind = StoreErrorKind.OTHER) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def reason(self) -> str:
+        """The line operators see (``status``, ``/readyz``, the CLI, the logs)."""
+        return f"database error: {self}"

@@ -8,6 +8,9 @@
   with plans watched, ``failed_sources`` names the sources the latest poll failed on. Reading it from
   the database rather than from memory means a restarted process is ready at once when its data is
   fresh, and reports the truth even when polls run from another process (``metronome-watcher poll``).
+  When the database failed and could not even record the failure (a full disk), the daemon's
+  memory of it is shown as ``last_error`` (with ``unrecorded_failure``); when the database cannot
+  be read, ``/readyz`` fails with the database's error in one line.
   A standby replica (a PostgreSQL store) is ready as such (``"role": "standby"``): standing by is
   its job, and a rolling update must be able to proceed.
 * ``/metrics`` is Prometheus text. Gauges that are cheap to compute from the database (customers
@@ -38,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import metrics
 from ._time import Clock, format_ts, parse_ts, utcnow
+from .errors import StoreError
 from .events import CustomerStatus, PollOutcome
 from .store import Store
 
@@ -60,7 +64,8 @@ class Health:
 
     ``max_age`` is how old the last successful poll may be before ``/readyz`` fails;
     ``alive`` is the liveness probe (the daemon's); ``sinks`` names the sinks whose outbox
-    gauges ``/metrics`` refreshes (and that ``/status`` shows).
+    gauges ``/metrics`` refreshes (and that ``/status`` shows); ``unrecorded`` returns the last
+    poll's failure that the database could not record (``error``, ``at``), or None.
     """
 
     def __init__(
@@ -72,8 +77,10 @@ class Health:
         sinks: Sequence[str] = (),
         clock: Clock = utcnow,
         ha: Callable[[], dict[str, Any] | None] | None = None,
+        unrecorded: Callable[[], dict[str, str] | None] | None = None,
     ) -> None:
         self.store = store
+        self.unrecorded = unrecorded
         #: Leadership among replicas (``role``: leader or standby), when the store has replicas.
         self.ha = ha
         self.max_age = max_age
@@ -106,12 +113,15 @@ class Health:
             # it then says how the last attempt went (one poll runs at a time per database).
             latest = [p for p in self.store.last_polls(2) if p.outcome != PollOutcome.RUNNING][:1]
             failed = self.store.failed_sources(latest[0].id) if latest and latest[0].id is not None else ()
-        except Exception as exc:  # the database is part of the job: unreadable means not ready
+        except StoreError as exc:  # the database is part of the job: unreadable means not ready
+            return False, {"ready": False, "reason": exc.reason, **self._unrecorded()}
+        except Exception as exc:
             return False, {"ready": False, "reason": f"cannot read the database: {exc}"}
         last_error = next((p.error for p in latest if p.outcome != PollOutcome.SUCCEEDED and p.error), None)
         body: dict[str, Any] = {"ready": False, "max_age_seconds": max_age}
         if last_error:
             body["last_error"] = last_error
+        body.update(self._unrecorded())
         if failed:
             body["failed_sources"] = list(failed)
         if last is None:
@@ -129,10 +139,19 @@ class Health:
         body["ready"] = True
         return True, body
 
+    def _unrecorded(self) -> dict[str, Any]:
+        """The last poll's failure that only the daemon knows of, as ``/readyz`` adds it."""
+        failure = self.unrecorded() if self.unrecorded is not None else None
+        if failure is None:
+            return {}
+        return {"last_error": failure["error"], "unrecorded_failure": failure}
+
     def metrics(self) -> bytes:
         try:
             self.refresh_gauges()
-        except Exception as exc:  # stale gauges beat no metrics at all: counters are still right
+        except StoreError as exc:  # stale gauges beat no metrics at all: counters are still right
+            log.warning("health.gauge_refresh_failed", error=exc.reason)
+        except Exception as exc:
             log.warning("health.gauge_refresh_failed", error=repr(exc))
         return bytes(generate_latest(metrics.REGISTRY))
 

@@ -26,6 +26,7 @@ __all__ = [
     "POLLS",
     "POLL_DURATION",
     "REGISTRY",
+    "STORE_ERRORS",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -80,5 +81,11 @@ LEASE_LOST = Counter(
 LEASE_RENEW_FAILURES = Counter(
     "watcher_lease_renew_failures",
     "Renewals of the leader lease that failed (the database unreachable, or the lease gone).",
+    registry=REGISTRY,
+)
+STORE_ERRORS = Counter(
+    "watcher_store_errors",
+    "Database errors by kind (disk_full, read_only, busy, corrupt, io, unavailable, foreign, other).",
+    ["kind"],
     registry=REGISTRY,
 )

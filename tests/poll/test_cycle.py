@@ -8,11 +8,14 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import xxhash
+from sqlalchemy import event
+from structlog.testing import capture_logs
 
 from tests.conftest import TOKEN, Harness, check_page_memo, page_memo, rows, sqlite_only, stored_fingerprints
 from watcher.events import Listing
@@ -885,3 +888,89 @@ def test_empty_listings_share_a_digest_and_are_each_settled_in_their_own_listing
 
     only(harness.events(), type="customer.created", customer_id=cid)
     assert harness.store.customer_counts() == {"archived": 1}
+
+
+# -- the database failing ---------------------------------------------------------------------------
+
+
+@sqlite_only
+def test_a_full_database_fails_the_poll_with_its_reason_and_the_next_poll_gets_each_change_once(
+    fake: SimulatedMetronome, engine: str, seeded: Harness
+) -> None:
+    # A page limit on every connection of the store is a real SQLITE_FULL, wherever it is hit.
+    limit: list[int | None] = [None]
+
+    def cap(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_conn.execute(f"PRAGMA max_page_count = {limit[0] or 1_000_000_000}")
+
+    event.listen(seeded.store.engine, "checkout", cap)
+    changed = [c["id"] for c in fake.customers(archived=False)[:20]]
+    for cid in changed:
+        fake.set_name(cid, "Renamed " + "x" * 2000)
+    before = seeded.snapshot()
+    limit[0] = int(rows(seeded.store, "PRAGMA page_count")[0][0])
+
+    with capture_logs() as logs:
+        failed = seeded.poll()
+
+    assert failed.outcome == "failed" and failed.recorded
+    assert (failed.error or "").startswith(f"database error: database or disk is full writing {seeded.db} (")
+    assert seeded.snapshot() == before, "nothing of the cycle may land"
+    assert seeded.store.last_polls(1)[0].error == failed.error
+    (line,) = [e for e in logs if e["event"] == "poll.failed"]
+    assert line["error"] == failed.error and line["log_level"] == "error" and "exc_info" not in line
+
+    limit[0] = None  # room again
+    ok = seeded.poll()
+
+    assert ok.ok
+    assert sorted((e["type"], e["customer_id"]) for e in seeded.events()) == sorted(
+        ("customer.updated", cid) for cid in changed
+    )
+
+
+@sqlite_only
+def test_a_poll_that_cannot_even_be_recorded_fails_in_memory_and_the_next_one_goes_on(
+    fake: SimulatedMetronome, engine: str, seeded: Harness
+) -> None:
+    # Another process holds the write lock beyond the store's patience: nothing can be recorded.
+    store = Store(seeded.db, busy_timeout=0.1)
+    poller = Poller(store, seeded.client, routes=[Route("audit")])
+    renamed = fake.customers(archived=False)[0]["id"]
+    fake.set_name(renamed, "Renamed")
+    holder = sqlite3.connect(seeded.db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with capture_logs() as logs:
+            failed = poller.run()
+        holder.execute("ROLLBACK")
+
+        assert (failed.outcome, failed.recorded, failed.poll_id) == ("failed", False, 0)
+        assert (
+            failed.error
+            == f"database error: {seeded.db} is locked by another connection for too long: database is locked"
+        )
+        (line,) = [e for e in logs if e["event"] == "poll.failed"]
+        assert line["recorded"] is False and line["error"] == failed.error and "exc_info" not in line
+
+        ok = poller.run()
+        assert ok.ok and ok.recorded
+        assert [(e["type"], e["customer_id"]) for e in store.query_events()] == [
+            ("customer.updated", renamed)
+        ]
+    finally:
+        holder.close()
+        store.close()
+
+
+@sqlite_only
+def test_a_poll_lock_that_cannot_be_opened_is_a_failed_poll_in_one_line(
+    fake: SimulatedMetronome, engine: str, harness: Harness
+) -> None:
+    lock = Path(f"{harness.db}.lock")
+    lock.mkdir()  # in the way of the lock file
+
+    result = harness.poller.run()
+
+    assert (result.outcome, result.recorded) == ("failed", False)
+    assert result.error == f"database error: cannot open the poll lock {lock}: Is a directory"

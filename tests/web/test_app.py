@@ -427,3 +427,20 @@ def test_stop_is_prompt_with_a_keep_alive_connection_open(store: Store) -> None:
 
 def test_the_token_is_registered_as_a_secret(server: WebServer) -> None:
     assert _secrets.redact(f"token {WEB_TOKEN} here") == "token [redacted] here"
+
+
+def test_a_database_that_cannot_be_read_is_a_503_that_says_so_in_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "watcher.db"
+    store = Store(db)
+    store.close()  # its connections: the next request opens the file afresh
+    db.write_bytes(b"garbage " * 4096)  # damaged in the meantime
+    checks = Health(store, max_age=timedelta(hours=1))
+    line = f"database error: {db} is damaged or is not a SQLite database: file is not a database"
+    with WebServer(checks, port=0, host="127.0.0.1", web=WebConfig(enabled=True, token=WEB_TOKEN)) as s:
+        client = httpx.Client(base_url=s.url, auth=("u", WEB_TOKEN))
+        page, feed, ready = client.get("/"), client.get("/api/events"), client.get("/readyz")
+        client.close()
+
+    assert page.status_code == 503 and line in page.text
+    assert (feed.status_code, feed.json()) == (503, {"error": line})
+    assert ready.status_code == 503 and ready.json()["reason"] == line

@@ -44,7 +44,7 @@ from .. import metrics
 from .._time import Clock, format_ts, utcnow
 from ..config import DiffConfig, PlansConfig
 from ..diff import diff_records
-from ..errors import APIError, NotLeader, PollCancelled, PollRefused, WatcherError
+from ..errors import APIError, NotLeader, PollCancelled, PollRefused, StoreError, WatcherError
 from ..events import CustomerStatus, EventType, EventWriter, Listing, PollOutcome, Source
 from ..fingerprint import canonical, record_hash
 from ..routing import Route, Router
@@ -55,7 +55,7 @@ from .lock import PollLock
 from .memo import Memo
 from .plans import PlanRead, PlansResult
 from .scan import Scan, SeenPage
-from .source import CustomerSource, PlanSource
+from .source import CustomerSource, PlanSource, failure_reason
 
 __all__ = ["PollResult", "Poller"]
 
@@ -96,6 +96,9 @@ class PollResult:
     plans: PlansResult | None = None
     #: The sources that did not succeed, when the poll read more than one.
     failed_sources: tuple[str, ...] = ()
+    #: False when the database failed and could not even record the failure (the disk is still
+    #: full): ``error`` is then only here, in the log and in the metrics, and ``poll_id`` may be 0.
+    recorded: bool = True
 
     @property
     def ok(self) -> bool:
@@ -141,9 +144,15 @@ class Poller:
         self.plan_source = plan_source
 
     def run(self, *, cancel: threading.Event | None = None) -> PollResult:
-        """Run one cycle. Never raises for API trouble: the outcome says what happened."""
+        """Run one cycle. Never raises for API or database trouble: the outcome says what happened."""
         cancel = cancel or threading.Event()
         t0 = time.perf_counter()
+        try:
+            return self._run(cancel, t0)
+        except StoreError as exc:  # the database failed, and the failure could not be recorded
+            return self._unrecorded(None, exc.reason, time.perf_counter() - t0)
+
+    def _run(self, cancel: threading.Event, t0: float) -> PollResult:
         with ExitStack() as guard:
             try:
                 if self.store.path is not None:
@@ -286,9 +295,10 @@ class Poller:
             outcome, reason = PollOutcome.REFUSED, str(exc)
         else:
             outcome = PollOutcome.FAILED
-            reason = str(exc) if isinstance(exc, WatcherError) else f"internal error: {exc!r}"
+            reason = failure_reason(exc)
         # Nothing staged survives: the staging table went away with the cycle's connection.
         finished_at = format_ts(self.clock())
+        unrecorded: str | None = None
         try:
             with self.store.write() as conn:
                 queries.record_source(
@@ -305,6 +315,9 @@ class Poller:
                     )
         except NotLeader as lost:  # the new leader records the run as abandoned
             log.warning("poll.not_leader", poll_id=cycle.poll_id, error=str(lost))
+        except StoreError as full:  # e.g. the disk is still full: the result and the log say it
+            unrecorded = full.reason
+        recorded = {} if unrecorded is None else {"recorded": False, "record_error": unrecorded}
         if not settle:
             if outcome is PollOutcome.ABANDONED:
                 log.info("poll.source_abandoned", poll_id=cycle.poll_id, source=Source.CUSTOMERS)
@@ -316,10 +329,18 @@ class Poller:
                     outcome=outcome,
                     error=reason,
                     pages=cycle.pages,
+                    **recorded,
                 )
                 if not isinstance(exc, WatcherError):
                     raise exc
-            return PollResult(cycle.poll_id, outcome, pages=cycle.pages, duration=duration, error=reason)
+            return PollResult(
+                cycle.poll_id,
+                outcome,
+                pages=cycle.pages,
+                duration=duration,
+                error=reason,
+                recorded=unrecorded is None,
+            )
         metrics.POLLS.labels(outcome).inc()
         metrics.POLL_DURATION.observe(duration)
         if outcome is PollOutcome.ABANDONED:
@@ -336,10 +357,32 @@ class Poller:
                 error=reason,
                 duration_ms=round(duration * 1000),
                 pages=cycle.pages,
+                **recorded,
             )
             if not isinstance(exc, WatcherError):
                 raise exc
-        return PollResult(cycle.poll_id, outcome, pages=cycle.pages, duration=duration, error=reason)
+        return PollResult(
+            cycle.poll_id,
+            outcome,
+            pages=cycle.pages,
+            duration=duration,
+            error=reason,
+            recorded=unrecorded is None,
+        )
+
+    def _unrecorded(self, poll_id: int | None, reason: str, duration: float) -> PollResult:
+        """A poll that failed on the database where not even its failure could be recorded."""
+        metrics.POLLS.labels(PollOutcome.FAILED).inc()
+        metrics.POLL_DURATION.observe(duration)
+        log.error(
+            "poll.failed",
+            poll_id=poll_id,
+            outcome=PollOutcome.FAILED,
+            error=reason,
+            duration_ms=round(duration * 1000),
+            recorded=False,
+        )
+        return PollResult(poll_id or 0, PollOutcome.FAILED, duration=duration, error=reason, recorded=False)
 
     def _not_leader(self, cycle: _Cycle, exc: NotLeader, duration: float) -> PollResult:
         """The lease was lost during the cycle: it committed nothing, and this replica may write

@@ -5,11 +5,12 @@ Two pollers on one database would each see the other's changes as their own and 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
 
-from ..errors import PollRefused
+from ..errors import PollRefused, StoreError, StoreErrorKind
 
 __all__ = ["PollLock"]
 
@@ -23,7 +24,18 @@ class PollLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError as exc:  # beside the database: its directory's trouble is the database's
+            kind = {
+                errno.ENOSPC: StoreErrorKind.DISK_FULL,
+                errno.EROFS: StoreErrorKind.READ_ONLY,
+                errno.EACCES: StoreErrorKind.READ_ONLY,
+                errno.EPERM: StoreErrorKind.READ_ONLY,
+            }.get(exc.errno or 0, StoreErrorKind.UNAVAILABLE)
+            raise StoreError(
+                f"cannot open the poll lock {self.path}: {exc.strerror or exc}", kind=kind
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -46,7 +46,7 @@ from ..routing import Route, Router
 from ..store import Store
 from ..store.plans import PlanSession, StagedMember, StoredMember, StoredPlan
 from .memo import fingerprints_of, pack, pack_fingerprints, unpack
-from .source import PlanSource
+from .source import PlanSource, failure_reason
 
 __all__ = ["PlanRead", "PlansResult", "plan_view"]
 
@@ -376,10 +376,8 @@ class PlanRead:
             outcome, reason = PollOutcome.ABANDONED, "poll abandoned: shutting down"
         elif isinstance(exc, PollRefused):
             outcome, reason = PollOutcome.REFUSED, str(exc)
-        elif isinstance(exc, WatcherError):
-            outcome, reason = PollOutcome.FAILED, str(exc)
         else:
-            outcome, reason = PollOutcome.FAILED, f"internal error: {exc!r}"
+            outcome, reason = PollOutcome.FAILED, failure_reason(exc)
         with self.store.write() as conn:
             settled = PlanSession.finish(
                 conn,

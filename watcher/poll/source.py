@@ -1,7 +1,8 @@
 """What the poll cycle needs from its sources, customers and plans (``watcher.metronome.MetronomeClient``).
 
 A protocol, so that tests and benchmarks can hand the cycle any source: an in-memory one, or the
-real client wrapped to record or reorder what it serves.
+real client wrapped to record or reorder what it serves. And the words the poll history uses for a
+source that failed (:func:`failure_reason`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from ..errors import StoreError, WatcherError
 from ..events import Listing
 
-__all__ = ["CustomerSource", "Page", "PlanSource"]
+__all__ = ["CustomerSource", "Page", "PlanSource", "failure_reason"]
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a source failed, as the poll history records it: a database error in its one line
+    (``database error: ...``), any other of ours as it says, and a bug as an internal error."""
+    if isinstance(exc, StoreError):
+        return exc.reason
+    return str(exc) if isinstance(exc, WatcherError) else f"internal error: {exc!r}"
 
 
 class Page(Protocol):

@@ -19,9 +19,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import structlog
+
+from ._errors import Where, translate
 
 __all__ = ["Checkpointer"]
 
@@ -35,8 +36,10 @@ class Checkpointer:
     reader's snapshot holds back copies what it can and leaves the rest for the next one.
     """
 
-    def __init__(self, path: Path, configure: Callable[[sqlite3.Connection], None]) -> None:
-        self._path = path
+    def __init__(self, where: Where, configure: Callable[[sqlite3.Connection], None]) -> None:
+        assert where.path is not None
+        self._where = where
+        self._path = where.path
         self._configure = configure
         self._cond = threading.Condition()
         self._requested = 0
@@ -63,7 +66,7 @@ class Checkpointer:
                 except sqlite3.Error as exc:
                     if db is not None:
                         db.close()
-                    log.warning("store.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
+                    log.warning("store.checkpoint_failed", error=self._describe(exc))
                     return
                 self._thread = threading.Thread(
                     target=self._run, args=(db,), daemon=True, name=f"wal-checkpoint {self._path}"
@@ -93,6 +96,10 @@ class Checkpointer:
         thread.join(timeout)
         return not thread.is_alive()
 
+    def _describe(self, exc: sqlite3.Error) -> str:
+        error = translate(exc, self._where)
+        return f"{type(exc).__name__}: {exc}" if error is None else error.reason
+
     def _run(self, db: sqlite3.Connection) -> None:
         try:
             while True:
@@ -104,7 +111,7 @@ class Checkpointer:
                 try:
                     busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:
-                    log.warning("store.checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
+                    log.warning("store.checkpoint_failed", error=self._describe(exc))
                 else:
                     log.debug("store.checkpointed", frames=frames, copied=copied, busy=bool(busy))
                 with self._cond:

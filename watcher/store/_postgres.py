@@ -23,8 +23,9 @@ from sqlmodel import create_engine
 
 from .._secrets import redact, register
 from ..config import parse_postgres_url
-from ..errors import StoreError
+from ..errors import StoreError, StoreErrorKind
 from ._cycle_postgres import PostgresCycleSession
+from ._errors import Where, install
 from ._plans_postgres import PostgresPlanSession
 from .lease import Fence
 
@@ -63,9 +64,11 @@ class PostgresEngine:
         register(os.environ.get("PGPASSWORD"))
         self.url = parsed
         self.description = describe_url(parsed)
+        self.where = Where(self.description)
         if not _have_psycopg():
             raise StoreError(
-                f"the PostgreSQL store needs the psycopg driver, which is not installed: {_INSTALL}"
+                f"the PostgreSQL store needs the psycopg driver, which is not installed: {_INSTALL}",
+                kind=StoreErrorKind.UNAVAILABLE,
             )
         try:
             self.engine: Engine = create_engine(
@@ -84,7 +87,10 @@ class PostgresEngine:
                 },
             )
         except (ImportError, SQLAlchemyError) as exc:
-            raise StoreError(redact(f"cannot open database {self.description}: {exc}")) from None
+            raise StoreError(
+                redact(f"cannot open database {self.description}: {exc}"), kind=StoreErrorKind.UNAVAILABLE
+            ) from None
+        install(self.engine, self.where)
 
     def begin_write(self, conn: Connection) -> None:
         conn.execute(_WRITE_LOCK)

@@ -17,9 +17,11 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import create_engine
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreErrorKind
 from ._checkpoint import Checkpointer
 from ._cycle_sqlite import SqliteCycleSession
+from ._errors import Where, install
+from ._marker import check_file
 from ._plans_sqlite import SqlitePlanSession
 from .lease import Fence
 
@@ -41,6 +43,10 @@ class SqliteEngine:
     def __init__(self, path: Path, *, busy_timeout: float) -> None:
         self.path = path
         self.description = str(path)
+        self.where = Where(self.description, path)
+        # Before the first connection, which switches the file to WAL: another program's file is
+        # refused untouched.
+        check_file(path, self.where)
         try:
             if path.parent and not path.parent.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,10 +55,11 @@ class SqliteEngine:
                 connect_args={"check_same_thread": False, "timeout": busy_timeout},
             )
         except (OSError, SQLAlchemyError) as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
+            raise StoreError(f"cannot open {path}: {exc}", kind=StoreErrorKind.UNAVAILABLE) from exc
+        install(self.engine, self.where)
         event.listen(self.engine, "connect", _on_connect)
         event.listen(self.engine, "begin", _on_begin)
-        self._checkpointer = Checkpointer(path, lambda db: _on_connect(db, None))
+        self._checkpointer = Checkpointer(self.where, lambda db: _on_connect(db, None))
 
     def begin_write(self, conn: Connection) -> None:
         """Nothing to do: ``Store.write`` asks for ``BEGIN IMMEDIATE`` (see ``_on_begin``)."""

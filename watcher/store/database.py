@@ -6,6 +6,10 @@
 the same statements (:mod:`watcher.store.queries`) and the same promises: a writer's transaction
 queues behind every other writer's, and what it writes lands together or not at all.
 
+Every database error leaves the store as a :class:`~watcher.errors.StoreError` that says what
+happened in an operator's words (:mod:`watcher.store._errors`), and a database that is not the
+watcher's is refused before anything is written to it (:mod:`watcher.store._marker`).
+
 When the store is fenced (``fence``, set by :class:`~watcher.store.lease.LeaseKeeper` on a
 replica), every write transaction proves at its commit that this process still holds the leader
 lease at the epoch it began with, and rolls back with :class:`~watcher.errors.NotLeader` otherwise.
@@ -20,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import SQLModel
 
-from .._secrets import redact
 from ..config import is_postgres_url
 from ..errors import NotLeader, StoreError
-from . import queries
+from . import _marker, queries
+from ._errors import guarded, translating
 from ._postgres import PostgresEngine
 from ._sqlite import SqliteEngine
 from .cycle import CycleSession
@@ -54,11 +57,6 @@ class Store:
         self.fence: Fence | None = None
         try:
             self._ensure_schema()
-        except SQLAlchemyError as exc:
-            self._db.close()
-            raise StoreError(
-                redact(f"cannot open database {self.description}: {exc.__class__.__name__}: {exc}")
-            ) from exc
         except BaseException:
             self._db.close()
             raise
@@ -80,7 +78,8 @@ class Store:
 
     def close(self) -> None:
         """Close the store, letting a SQLite checkpoint in progress finish first (a few seconds)."""
-        self._db.close()
+        with translating(self._db.where):
+            self._db.close()
 
     def __enter__(self) -> Store:
         return self
@@ -106,7 +105,7 @@ class Store:
         fence = self.fence
         if fence is not None and fence.epoch is None:
             raise NotLeader("this replica does not hold the leader lease: it writes nothing")
-        with self.engine.connect() as conn:
+        with translating(self._db.where), self.engine.connect() as conn:
             conn = conn.execution_options(watcher_begin="IMMEDIATE")
             with conn.begin():
                 self._db.begin_write(conn)
@@ -116,7 +115,7 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
+        with translating(self._db.where), self.engine.connect() as conn, conn.begin():
             yield conn
 
     @contextmanager
@@ -127,19 +126,22 @@ class Store:
         its own connection open by then and this one's closing is not a checkpoint of the WAL.
         """
         db = self._db
-        session: CycleSession = db.session(self.fence)
-        try:
-            yield session
-        finally:
+        with translating(db.where):
+            session: CycleSession = db.session(self.fence)
             try:
-                self.request_checkpoint()
+                yield session
             finally:
-                session.close()
+                try:
+                    self.request_checkpoint()
+                finally:
+                    session.close()
 
     def plan_session(self) -> PlanSession:
         """The plans source's own connection for one poll (see :class:`~watcher.store.plans.PlanSession`);
-        the caller closes it, after :meth:`request_checkpoint` when it committed."""
-        return self._db.plan_session(self.fence)
+        the caller closes it, after :meth:`request_checkpoint` when it committed. Its database errors
+        are translated as the other transactions' are."""
+        with translating(self._db.where):
+            return guarded(self._db.plan_session(self.fence), self._db.where)
 
     # -- reads that are a transaction of their own ----------------------------------------------
 
@@ -196,8 +198,13 @@ class Store:
     # -- internals ------------------------------------------------------------------------------
 
     def _ensure_schema(self) -> None:
-        # A write transaction: two processes opening a new database at once create it once.
+        # A write transaction: two processes opening a new database at once create it once. Nothing
+        # is written before the database is known to be ours (or empty).
         with self.write() as conn:
+            facts = _marker.facts_of(conn)
+            if _marker.judge(facts) is _marker.Ownership.FOREIGN:
+                setting = "path" if self.dialect == "sqlite" else "url"
+                raise _marker.refusal(self.description, facts, setting=setting)
             current = queries.schema_version(conn)
             if current > SCHEMA_VERSION:
                 raise StoreError(
@@ -211,3 +218,5 @@ class Store:
                     MIGRATIONS[version](conn)
             if current != SCHEMA_VERSION:
                 queries.set_schema_version(conn, SCHEMA_VERSION)
+            if facts.needs_marking:
+                _marker.mark(conn, facts)

@@ -35,11 +35,9 @@ from typing import Protocol
 
 import structlog
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import SQLAlchemyError
 
 from .. import metrics
-from .._secrets import redact
-from ..errors import NotLeader, PollRefused
+from ..errors import NotLeader, PollRefused, StoreError
 
 __all__ = [
     "LEADER",
@@ -254,9 +252,9 @@ class LeaseKeeper:
                 ok = renew(conn, self.holder, epoch, self.ttl)
                 if not ok:
                     self.seen = current(conn)
-        except SQLAlchemyError as exc:
+        except StoreError as exc:  # the store's engine translates every database error
             metrics.LEASE_RENEW_FAILURES.inc()
-            error = redact(f"{type(exc).__name__}: {exc}".splitlines()[0])
+            error = str(exc)
             left = self._deadline - self._monotonic()
             log.warning(
                 "ha.lease_renew_failed", holder=self.holder, epoch=epoch, error=error, left_s=round(left, 1)
@@ -285,8 +283,8 @@ class LeaseKeeper:
         try:
             with self.store.engine.connect() as conn, conn.begin():
                 release(conn, self.holder, epoch)
-        except SQLAlchemyError as exc:  # it expires by itself
-            log.warning("ha.lease_release_failed", holder=self.holder, epoch=epoch, error=redact(str(exc)))
+        except StoreError as exc:  # it expires by itself
+            log.warning("ha.lease_release_failed", holder=self.holder, epoch=epoch, error=str(exc))
             return
         log.info("ha.lease_released", holder=self.holder, epoch=epoch)
 
@@ -340,10 +338,8 @@ class LeaseKeeper:
                     self.renew_once()
                 else:
                     self.try_acquire()
-            except SQLAlchemyError as exc:
-                log.warning(
-                    "ha.lease_unreachable", holder=self.holder, error=redact(str(exc).splitlines()[0])
-                )
+            except StoreError as exc:
+                log.warning("ha.lease_unreachable", holder=self.holder, error=str(exc))
             except Exception as exc:  # a bug in a callback must not end the campaign
                 log.exception("ha.lease_error", holder=self.holder, error=repr(exc))
 

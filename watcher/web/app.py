@@ -38,6 +38,7 @@ from starlette.routing import Route
 from .._secrets import redact, register
 from .._time import format_ts, parse_ts
 from ..config import WebConfig, parse_when
+from ..errors import StoreError
 from ..events import CustomerStatus, EventType
 from ..health import METRICS_CONTENT_TYPE, Health
 from ..notices import failure_streak
@@ -137,6 +138,9 @@ def _health_routes(health: Health) -> list[Route]:
         def endpoint(_request: Request) -> Response:
             try:
                 return check()
+            except StoreError as exc:
+                log.error("health.store_error", path=path, error=exc.reason)
+                return _json({"error": exc.reason}, 503)
             except Exception as exc:
                 log.exception("health.error", path=path, error=repr(exc))
                 return _json({"error": "internal error"}, 500)
@@ -263,6 +267,11 @@ def _safe(endpoint: Callable[[Request], Response], *, api: bool = False) -> Call
     def guarded(request: Request) -> Response:
         try:
             return endpoint(request)
+        except StoreError as exc:  # says nothing of customers: the page may show it
+            log.error("web.store_error", path=request.url.path, error=exc.reason)
+            if api:
+                return _json({"error": exc.reason}, 503)
+            return _Pages.render_error(503, f"The database cannot be read: {exc.reason}")
         except Exception as exc:
             log.exception("web.error", path=request.url.path, error=repr(exc))
             if api:
