@@ -121,3 +121,23 @@ def test_a_postgresql_store_is_pointed_at_pg_dump(tmp_path: Path, store_url: str
     (line,) = done.stderr.splitlines()
     assert "back up PostgreSQL with pg_dump" in line
     assert not (tmp_path / "copy.db").exists()
+
+
+@sqlite_only
+def test_a_backup_onto_a_full_disk_fails_in_one_line_and_leaves_no_file(
+    fake: SimulatedMetronome, tmp_path: Path, store_url: str, small_disk: Any
+) -> None:
+    Store(store_url).close()
+    config = tmp_path / "w.toml"
+    config.write_text(f'[metronome]\nbase_url = "{fake.url}"\n[store]\npath = "{store_url}"\n')
+    target = small_disk.root / "copy.db"
+    small_disk.fill(leave=16 * 1024)
+    assert Path(store_url).stat().st_size > small_disk.free  # the copy cannot fit
+
+    done = store_cli(config, "backup", str(target))
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"metronome-watcher: database error: disk full writing the backup {target} (16.4 kB free)"
+    ]
+    assert [p.name for p in small_disk.root.iterdir()] == ["filler"]  # neither the copy nor its temp file

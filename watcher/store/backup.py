@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StoreError
+from ._errors import Where, translate
 from .database import Store
 
 __all__ = ["BackupReport", "backup"]
@@ -60,7 +61,11 @@ def backup(store: Store, target: Path, *, force: bool = False) -> BackupReport:
             tmp.unlink()
         _sync_dir(target.parent)
     except sqlite3.Error as exc:
-        raise StoreError(f"backup of {store.description} failed: {type(exc).__name__}: {exc}") from exc
+        # Writing the copy is what usually fails (a full or read-only target): name the copy.
+        error = translate(exc, Where(f"the backup {target}", target))
+        if error is None:
+            raise
+        raise error from exc
     finally:
         tmp.unlink(missing_ok=True)
     return BackupReport(target, target.stat().st_size, version, last, time.perf_counter() - t0)
