@@ -362,8 +362,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     now = utcnow()
     since = _when(args.since, now=now, key="since")
     until = _when(args.until, now=now, key="until")
-    store = _open_store(config)
-    try:
+    with _open_store(config) as store:
         events = store.query_events(
             customer_id=args.customer,
             types=args.type,
@@ -372,8 +371,6 @@ def cmd_events(args: argparse.Namespace) -> int:
             after_sequence=args.after_sequence,
             limit=args.limit,
         )
-    finally:
-        store.close()
     out = sys.stdout
     if args.format == "jsonl":
         for e in events:
@@ -424,11 +421,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = _open_store(config)
-    try:
+    with _open_store(config) as store:
         statuses = store.delivery_status(utcnow(), sinks=config.targets)
-    finally:
-        store.close()
     if args.format == "json":
         sys.stdout.write(
             orjson.dumps([s.__dict__ for s in statuses], option=orjson.OPT_INDENT_2).decode() + "\n"
@@ -469,11 +463,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         until=_when(args.until, now=now, key="until"),
         dead_only=args.dead,
     )
-    store = _open_store(config)
-    try:
+    with _open_store(config) as store:
         counts = {target: replay(store, target, now=now, selection=selection) for target in targets}
-    finally:
-        store.close()
     for target, n in counts.items():
         print(f"re-queued {n} event(s) for {target}; they go out on the next delivery")
     return 0
@@ -481,13 +472,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_enable_sink(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = _open_store(config)
-    try:
+    with _open_store(config) as store:
         changed = {
             target: enable_sink(store, target) for target in config.targets_of(args.sink) or [args.sink]
         }
-    finally:
-        store.close()
     for target, done in changed.items():
         print(f"{target}: {'enabled' if done else 'was not disabled'}")
     return 0
@@ -507,17 +495,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return f"{seconds:.0f}s ago"
 
     config = _config(args)
-    store = _open_store(config)
     now = utcnow()
-    try:
+    with _open_store(config) as store:
         polls = store.last_polls(10)
         last_ok = store.last_successful_poll()
         streak = failure_streak(store)
         counts = store.customer_counts()
         plans, memberships, ended = store.plan_counts()
         deliveries = store.delivery_status(now, sinks=config.targets)
-    finally:
-        store.close()
     out = sys.stdout
 
     if last_ok is None:
@@ -620,11 +605,8 @@ def cmd_store_prune(args: argparse.Namespace) -> int:
     """``store prune [--dry-run]``: what the ``[store] keep_*`` windows let go, in short batches."""
     config = _config(args)
     keep = config.store
-    store = _open_store(config)
-    try:
+    with _open_store(config) as store:
         report = prune(store, keep, now=utcnow(), dry_run=args.dry_run)
-    finally:
-        store.close()
 
     def age(d: timedelta) -> str:
         seconds = d.total_seconds()
@@ -655,14 +637,12 @@ def cmd_store_backup(args: argparse.Namespace) -> int:
             "store.url: store backup copies a SQLite store; back up PostgreSQL with pg_dump "
             "(docs/operations.md)"
         )
-    store = _open_store(config)
-    try:
-        report = backup(store, args.file, force=args.force)
-    except FileExistsError:
-        print(f"{PROG}: {args.file} exists; --force replaces it", file=sys.stderr)
-        return 2
-    finally:
-        store.close()
+    with _open_store(config) as store:
+        try:
+            report = backup(store, args.file, force=args.force)
+        except FileExistsError:
+            print(f"{PROG}: {args.file} exists; --force replaces it", file=sys.stderr)
+            return 2
     print(
         f"backed up {store.description} to {report.path}: {report.bytes} bytes, schema version "
         f"{report.schema_version}, last sequence {report.last_sequence}; integrity_check ok "
@@ -674,11 +654,8 @@ def cmd_store_backup(args: argparse.Namespace) -> int:
 def cmd_store_check(args: argparse.Namespace) -> int:
     """``store check``: each check with ok or FAILED; exit 1 when any failed."""
     config = _config(args)
-    store = _open_store(config)
-    try:
+    with _open_store(config) as store:
         findings = check_store(store)
-    finally:
-        store.close()
     for f in findings:
         print(f"{'ok' if f.ok else 'FAILED':<7}{f.name}" + (f": {f.detail}" if f.detail else ""))
     failed = [f for f in findings if not f.ok]
