@@ -318,6 +318,14 @@ class Poller:
         except StoreError as full:  # e.g. the disk is still full: the result and the log say it
             unrecorded = full.reason
         recorded = {} if unrecorded is None else {"recorded": False, "record_error": unrecorded}
+        result = PollResult(
+            cycle.poll_id,
+            outcome,
+            pages=cycle.pages,
+            duration=duration,
+            error=reason,
+            recorded=unrecorded is None,
+        )
         if not settle:
             if outcome is PollOutcome.ABANDONED:
                 log.info("poll.source_abandoned", poll_id=cycle.poll_id, source=Source.CUSTOMERS)
@@ -333,14 +341,7 @@ class Poller:
                 )
                 if not isinstance(exc, WatcherError):
                     raise exc
-            return PollResult(
-                cycle.poll_id,
-                outcome,
-                pages=cycle.pages,
-                duration=duration,
-                error=reason,
-                recorded=unrecorded is None,
-            )
+            return result
         metrics.POLLS.labels(outcome).inc()
         metrics.POLL_DURATION.observe(duration)
         if outcome is PollOutcome.ABANDONED:
@@ -361,14 +362,7 @@ class Poller:
             )
             if not isinstance(exc, WatcherError):
                 raise exc
-        return PollResult(
-            cycle.poll_id,
-            outcome,
-            pages=cycle.pages,
-            duration=duration,
-            error=reason,
-            recorded=unrecorded is None,
-        )
+        return result
 
     def _unrecorded(self, poll_id: int | None, reason: str, duration: float) -> PollResult:
         """A poll that failed on the database where not even its failure could be recorded."""
