@@ -572,6 +572,31 @@ def test_the_hourly_prune_job_deletes_what_the_windows_let_go_and_logs_one_line(
     assert db_rows(tmp_path / "w.db", "SELECT id FROM poll_runs ORDER BY id") == [(2,), (3,)]
 
 
+def test_a_prune_on_a_full_disk_logs_one_line_and_deletes_nothing(
+    fake: SimulatedMetronome, small_disk: Any
+) -> None:
+    fake.seed(5)
+    later = utcnow() + timedelta(days=100)
+    daemon = Daemon(make_app(fake, small_disk.root), clock=lambda: later)
+    try:
+        for _ in range(3):
+            result = daemon.poll_once()
+            assert result is not None and result.ok
+        daemon.app.store.wait_for_checkpoint(5)
+        db_rows(small_disk.root / "w.db", "PRAGMA wal_checkpoint(TRUNCATE)")  # no WAL left to reuse
+        small_disk.fill(leave=0)
+        with capture_logs() as logs:
+            report = daemon.prune_once()
+        small_disk.free_up()
+    finally:
+        daemon.stop()
+    assert report is None
+    (line,) = [x for x in logs if x["event"] == "store.prune_failed"]
+    assert line["log_level"] == "error" and "exc_info" not in line
+    assert line["error"] == f"database error: disk full writing {small_disk.root / 'w.db'} (0 bytes free)"
+    assert db_rows(small_disk.root / "w.db", "SELECT count(*) FROM poll_runs") == [(3,)]
+
+
 def test_the_prune_job_is_scheduled_hourly_from_a_few_minutes_after_start(
     fake: SimulatedMetronome, tmp_path: Path
 ) -> None:

@@ -210,8 +210,11 @@ class Daemon:
                     now=self.clock(),
                     should_stop=lambda: self.cancel.is_set() or not self.leading,
                 )
-            except Exception as exc:  # the next hour tries again; nothing is half-deleted
-                log.error("store.prune_failed", error=repr(exc))
+            except StoreError as exc:  # the next hour tries again; nothing is half-deleted
+                log.error("store.prune_failed", error=exc.reason)
+                return None
+            except Exception as exc:  # a bug: logged with its traceback, and the daemon goes on
+                log.exception("store.prune_failed", error=repr(exc))
                 return None
         log.info(
             "store.pruned",
