@@ -8,15 +8,12 @@ event once, in order, to the last sequence.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .benchmarks import run
+
 EVENTS = 3000
 CUSTOMERS = 300
 
@@ -24,30 +21,8 @@ CUSTOMERS = 300
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-web") / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.benchmarks.bench_web",
-            "--events",
-            str(EVENTS),
-            "--customers",
-            str(CUSTOMERS),
-            "--repeat",
-            "2",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed: dict[str, Any] = json.loads(proc.stdout)
-    assert json.loads(out.read_text()) == printed
-    return printed
+    options = {"--events": EVENTS, "--customers": CUSTOMERS, "--repeat": 2, "--out": out}
+    return run("bench_web", options)
 
 
 def test_every_page_is_measured_and_shows_what_it_should(report: dict[str, Any]) -> None:

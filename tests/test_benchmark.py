@@ -8,15 +8,12 @@ that the cycles saw the whole account, and that what can be known exactly is exa
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .benchmarks import run
+
 CUSTOMERS = 300
 LATENCY_MS = 5
 
@@ -31,19 +28,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--latency-customers": CUSTOMERS,
         "--out": out,
     }
-    argv = [str(x) for option in options.items() for x in option]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_poll", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed: dict[str, Any] = json.loads(proc.stdout)
-    assert json.loads(out.read_text()) == printed
-    return printed
+    return run("bench_poll", options)
 
 
 def test_every_scenario_reads_the_whole_account(report: dict[str, Any]) -> None:

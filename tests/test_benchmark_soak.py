@@ -9,14 +9,11 @@ audit log reached the receiver.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .benchmarks import run
 
 
 @pytest.mark.slow
@@ -30,18 +27,7 @@ def test_the_soak_runs_the_daemon_and_reports_memory_descriptors_and_threads(tmp
         "--sample-every": 0.5,
         "--out": out,
     }
-    argv = [str(x) for option in options.items() for x in option]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_soak", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
-    assert json.loads(out.read_text()) == report
+    report = run("bench_soak", options, timeout=100)
 
     assert report["cycles"] == 12 and report["failed_polls"] == 0
     assert report["daemon_exit_code"] == 0  # SIGTERM: a clean stop

@@ -8,15 +8,12 @@ No timing is asserted (the figures belong to the benchmark).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .benchmarks import run
+
 POLLS_PER_HOUR = 360  # a 10 s interval
 
 
@@ -35,19 +32,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--db": tmp / "bench.db",
         "--out": tmp / "bench.json",
     }
-    argv = [str(x) for option in options.items() for x in option]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_store", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed: dict[str, Any] = json.loads(proc.stdout)
-    assert json.loads((tmp / "bench.json").read_text()) == printed
-    return printed
+    return run("bench_store", options)
 
 
 def test_every_hour_of_polls_is_written_and_pruned_hourly(report: dict[str, Any]) -> None:
