@@ -83,6 +83,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.benchmarks import emit, machine
+
 TOKEN = "bench-token"
 PAGE_LIMIT = 100
 ROOT = Path(__file__).resolve().parents[2]
@@ -910,17 +912,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
 
-    import platform
-
     workdir = Path(tempfile.mkdtemp(prefix="watcher-bench-", dir=args.workdir))
     try:
         results: dict[str, Any] = {
-            "machine": {
-                "uname": " ".join(platform.uname()),
-                "cpu": _cpu_model(),
-                "cores": os.cpu_count(),
-                "python": sys.version.split()[0],
-            },
+            "machine": machine(),
             "workdir": str(workdir),
             "page_limit": PAGE_LIMIT,
             "repeat": args.repeat,
@@ -973,21 +968,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

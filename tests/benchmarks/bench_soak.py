@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.benchmarks import emit, machine
 from tests.receivers import Receiver, Reply
 from watcher._time import utcnow
 from watcher.store import Store
@@ -251,11 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="watcher-soak-", dir=args.workdir))
     try:
         results = {
-            "machine": {
-                "uname": " ".join(platform.uname()),
-                "cores": os.cpu_count(),
-                "python": sys.version.split()[0],
-            },
+            "machine": machine(),
             "customers": args.customers,
             "churn_seconds": args.churn,
             "interval": "1s",
@@ -264,10 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
     return 0
 
 

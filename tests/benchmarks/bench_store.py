@@ -25,7 +25,6 @@ between batches left out (it changes no size). The clock is fake: a year takes m
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sqlite3
 import statistics
@@ -40,6 +39,7 @@ import orjson
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlmodel import col
 
+from tests.benchmarks import emit
 from watcher._logging import configure_logging
 from watcher._time import format_ts
 from watcher.config import DiffConfig, StoreConfig, parse_duration
@@ -149,7 +149,7 @@ class Year:
                     else None
                 )
                 outcome = PollOutcome.FAILED if failed else PollOutcome.SUCCEEDED
-                row = {
+                row: dict[str, Any] = {
                     "id": pid,
                     "started_at": format_ts(started),
                     "finished_at": format_ts(finished),
@@ -376,10 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging("warning", "json")  # to stderr: stdout is the report
     report = run(args)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
     return 0
 
 

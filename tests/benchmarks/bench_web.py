@@ -35,6 +35,8 @@ from typing import Any
 import httpx
 import orjson
 
+from tests.benchmarks import emit
+
 TOKEN = "bench-web-token-0123456789"
 PAGE_TARGET_MS = 100.0
 FEED_TARGET_EVENTS_PER_S = 20_000.0
@@ -197,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(Path(args.serve))
         return 0
     report = run(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 
